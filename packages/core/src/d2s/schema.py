@@ -176,6 +176,23 @@ def validate_key(key: str) -> None:
         raise SampleError("keys must be non-empty, without '.', '/' or a leading '_'", key=key)
 
 
+def convert_image(data: bytes, ext: str) -> bytes:
+    """Re-encode image bytes as ``ext`` (PNG losslessly, JPEG at quality 95)."""
+    import io
+
+    from PIL import Image
+
+    ext = normalise_ext(ext)
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if ext in ("jpg", "jpeg") and im.mode not in ("RGB", "L"):
+            im = im.convert("RGB")
+        buf = io.BytesIO()
+        im.save(buf, format={"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext],
+                **({"quality": 95} if ext in ("jpg", "jpeg") else {}))
+    return buf.getvalue()
+
+
 def sniff_image_ext(data: bytes) -> str | None:
     """The extension that matches the image bytes' magic number, or None."""
     if data[:3] == b"\xff\xd8\xff":

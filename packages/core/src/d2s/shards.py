@@ -16,6 +16,7 @@ nothing, a ``.tmp`` file, or a tar without stats: none of them looks complete, a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .schema import SCHEMA_VERSION, Sample, SampleError
+from .schema import SCHEMA_VERSION, Sample, SampleError, convert_image, normalise_ext
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,12 @@ class ShardWriter:
         # on exception: the temporary file is removed, nothing looks complete
     """
 
-    def __init__(self, directory: str | os.PathLike, split: str, index: int):
+    def __init__(self, directory: str | os.PathLike, split: str, index: int, *, image_ext: str | None = None):
+        """``image_ext``: if set, images in another format are re-encoded to it (and
+        ``meta["original_format"]`` records theirs). Readers built on Arrow (``datasets``)
+        need one image extension across a split; images already in that format are
+        stored byte for byte."""
+        self.image_ext = normalise_ext(image_ext) if image_ext else None
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.split = split
@@ -91,6 +97,13 @@ class ShardWriter:
         if sample.key in self._keys:
             raise SampleError("duplicate key within one shard", shard=self.path.name, key=sample.key)
         self._keys.add(sample.key)
+        if self.image_ext and normalise_ext(sample.image_ext, key=sample.key) != self.image_ext:
+            sample = dataclasses.replace(
+                sample,
+                image=convert_image(sample.image, self.image_ext),
+                image_ext=self.image_ext,
+                meta={**sample.meta, "original_format": sample.image_ext},
+            )
         self._tar.write(sample.to_wds())
         self.count += 1
 

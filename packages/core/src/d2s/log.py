@@ -1,0 +1,29 @@
+"""One logging setup for every entry point (console + optional file)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def setup_logging(level: str | int | None = None, file: str | Path | None = None) -> None:
+    """Configure the root logger once; later calls only add a file handler."""
+    level = level or os.environ.get("D2S_LOG_LEVEL", "INFO")
+    root = logging.getLogger()
+    if not any(getattr(h, "_d2s", False) for h in root.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
+        h._d2s = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(level)
+    if file is not None:
+        Path(file).parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(file)
+        fh.setFormatter(logging.Formatter(FORMAT))
+        fh._d2s = True  # type: ignore[attr-defined]
+        root.addHandler(fh)
+    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

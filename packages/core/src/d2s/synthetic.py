@@ -1,0 +1,443 @@
+"""The synthetic world: procedurally drawn scenes whose sparse and dense captions are exact.
+
+Why it looks the way it does (see docs/synthetic-world.md): D2S-VSE assumes that a short
+caption is one view of a scene whose other parts are predictable, as in real photos
+(a surfboard implies water). So the world has *scene types*. Each type has a
+background (colour and texture), a set of signature objects that usually appear, and a
+preferred row for each of them. Signature objects are shared between types, as "a man"
+and "a table" are shared between real photos, so negatives are locally similar. A
+sparse caption names one or two objects (sometimes the scene type); the dense
+description names the scene type, the background, every object with its attributes
+and position, and the relations between neighbours.
+
+Everything is a pure function of (world_seed, split seed, index): a sample does not
+depend on shard size, worker count or generation order, so any shard can be
+regenerated identically after an interruption.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .schema import Sample
+from .shards import ShardWriter, completed_shards, remove_incomplete, shard_name, write_manifest
+
+log = logging.getLogger(__name__)
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "hexagon", "heart", "bar")
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (40, 70, 225),
+    "yellow": (240, 215, 20),
+    "purple": (140, 40, 180),
+    "orange": (250, 130, 10),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+    "pink": (250, 120, 190),
+    "cyan": (20, 210, 220),
+}
+SIZES = ("small", "large")
+BACKGROUNDS = {
+    "sand": (214, 196, 150),
+    "slate": (112, 128, 144),
+    "mint": (170, 215, 185),
+    "lavender": (190, 180, 220),
+    "peach": (240, 190, 160),
+    "sky": (160, 200, 235),
+    "olive": (150, 150, 90),
+    "rose": (215, 160, 170),
+}
+TEXTURES = ("plain", "striped", "checkered", "dotted", "wavy", "grainy")
+SCENE_TYPES = (
+    "kitchen", "beach", "park", "street", "office", "farm", "harbor", "garden",
+    "market", "classroom", "station", "forest", "stadium", "library", "bakery", "airport",
+)
+ROW_WORDS = ("top", "middle", "bottom")
+COL_WORDS = ("left", "center", "right")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Parameters of a world. ``world_seed`` fixes the scene types; split seeds fix the samples."""
+
+    world_seed: int = 0
+    image_size: int = 64
+    grid: int = 3
+    min_objects: int = 3
+    max_objects: int = 6
+    num_scene_types: int = 12
+    signature_size: int = 6          # signature objects per scene type
+    signature_prob: float = 0.85     # chance an object is drawn from the scene's signature
+    background_prob: float = 0.85    # chance the background is the scene type's own
+    layout_prob: float = 0.75        # chance a signature object sits in its preferred row
+    relation_caption_prob: float = 0.15
+    scene_caption_prob: float = 0.2
+    captions_per_image: int = 5
+
+    def __post_init__(self) -> None:
+        checks = [
+            (16 <= self.image_size <= 1024, "image_size must be in [16, 1024]"),
+            (2 <= self.grid <= 6, "grid must be in [2, 6]"),
+            (1 <= self.min_objects <= self.max_objects <= self.grid * self.grid,
+             "need 1 <= min_objects <= max_objects <= grid*grid"),
+            (1 <= self.num_scene_types <= len(SCENE_TYPES), f"num_scene_types must be in [1, {len(SCENE_TYPES)}]"),
+            (1 <= self.signature_size <= len(SHAPES) * len(COLORS), "signature_size out of range"),
+            (self.captions_per_image >= 1, "captions_per_image must be >= 1"),
+        ]
+        for name in ("signature_prob", "background_prob", "layout_prob", "relation_caption_prob", "scene_caption_prob"):
+            checks.append((0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1]"))
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+def _split_id(split: str) -> int:
+    return SPLIT_IDS.get(split, 1000 + sum(ord(c) * 31**i for i, c in enumerate(split)) % 100000)
+
+
+@lru_cache(maxsize=16)
+def scene_types(cfg: WorldConfig) -> tuple[dict, ...]:
+    """The world's scene types: name, background, texture, signature objects with preferred rows."""
+    rng = np.random.default_rng([cfg.world_seed, 7919])
+    names = list(SCENE_TYPES[: cfg.num_scene_types])
+    # A shared pool smaller than types x signature, so signature objects recur across types.
+    pool_size = max(cfg.signature_size + 2, (cfg.num_scene_types * cfg.signature_size) // 3)
+    all_objs = [(s, c) for s in SHAPES for c in COLORS]
+    pool_idx = rng.choice(len(all_objs), size=min(pool_size, len(all_objs)), replace=False)
+    pool = [all_objs[i] for i in pool_idx]
+    bgs = list(BACKGROUNDS)
+    types = []
+    for i, name in enumerate(names):
+        sig_idx = rng.choice(len(pool), size=cfg.signature_size, replace=False)
+        signature = [
+            {"shape": pool[j][0], "color": pool[j][1], "row": int(rng.integers(cfg.grid))} for j in sig_idx
+        ]
+        types.append(
+            {
+                "name": name,
+                "background": bgs[i % len(bgs)],
+                "texture": TEXTURES[(i // len(bgs) + i) % len(TEXTURES)],
+                "signature": signature,
+            }
+        )
+    return tuple(types)
+
+
+def make_scene(cfg: WorldConfig, rng: np.random.Generator) -> dict:
+    """Draw one scene description (plain JSON-able data)."""
+    types = scene_types(cfg)
+    st = types[int(rng.integers(len(types)))]
+    if rng.random() < cfg.background_prob:
+        bg, tex = st["background"], st["texture"]
+    else:
+        bg, tex = str(rng.choice(list(BACKGROUNDS))), str(rng.choice(TEXTURES))
+    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    free = {(r, c) for r in range(cfg.grid) for c in range(cfg.grid)}
+    objects = []
+    used_sig: set[int] = set()
+    for _ in range(n):
+        avail_sig = [j for j in range(len(st["signature"])) if j not in used_sig]
+        if avail_sig and rng.random() < cfg.signature_prob:
+            j = int(rng.choice(avail_sig))
+            used_sig.add(j)
+            shape, color, pref_row = st["signature"][j]["shape"], st["signature"][j]["color"], st["signature"][j]["row"]
+        else:
+            shape, color, pref_row = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), None
+        cells = sorted(free)
+        if pref_row is not None and rng.random() < cfg.layout_prob:
+            in_row = [rc for rc in cells if rc[0] == pref_row]
+            cells = in_row or cells
+        r, c = cells[int(rng.integers(len(cells)))]
+        free.discard((r, c))
+        objects.append({"shape": shape, "color": color, "size": str(rng.choice(SIZES)), "row": r, "col": c})
+    objects.sort(key=lambda o: (o["row"], o["col"]))
+    return {"scene_type": st["name"], "background": bg, "texture": tex, "grid": cfg.grid, "objects": objects}
+
+
+def perturb_scene(scene: dict, rng: np.random.Generator) -> dict:
+    """A near-duplicate: the same scene with one object's colour, shape or size changed."""
+    out = json.loads(json.dumps(scene))
+    obj = out["objects"][int(rng.integers(len(out["objects"])))]
+    attr = str(rng.choice(["color", "shape", "size"]))
+    choices = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES)}[attr]
+    obj[attr] = str(rng.choice([v for v in choices if v != obj[attr]]))
+    return out
+
+
+# ---- language -----------------------------------------------------------------------
+
+def position_phrase(obj: dict, grid: int = 3) -> str:
+    """'top left', 'middle', 'bottom right' ... (3x3 words; larger grids use row/column numbers)."""
+    if grid != 3:
+        return f"row {obj['row'] + 1} column {obj['col'] + 1}"
+    r, c = ROW_WORDS[obj["row"]], COL_WORDS[obj["col"]]
+    if r == "middle" and c == "center":
+        return "center"
+    if c == "center":
+        return r
+    if r == "middle":
+        return c
+    return f"{r} {c}"
+
+
+def relations(scene: dict) -> list[tuple[int, str, int]]:
+    """Exact relations between objects in neighbouring cells: (i, 'above'|'left of', j)."""
+    out = []
+    objs = scene["objects"]
+    for i, a in enumerate(objs):
+        for j, b in enumerate(objs):
+            if a["col"] == b["col"] and b["row"] == a["row"] + 1:
+                out.append((i, "above", j))
+            if a["row"] == b["row"] and b["col"] == a["col"] + 1:
+                out.append((i, "left of", j))
+    return out
+
+
+def _np(obj: dict, attrs: tuple[str, ...] = ("size", "color")) -> str:
+    words = [obj[a] for a in ("size", "color") if a in attrs] + [obj["shape"]]
+    return " ".join(words)
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def describe(scene: dict) -> str:
+    """The exact dense description: scene type, background, every object, neighbour relations."""
+    objs = scene["objects"]
+    grid = scene.get("grid", 3)
+    parts = [
+        f"A {scene['scene_type']} scene on a {scene['texture']} {scene['background']} background "
+        f"with {len(objs)} objects."
+    ]
+    for o in objs:
+        parts.append(f"At the {position_phrase(o, grid)} there is {_article(_np(o))}.")
+    for i, rel, j in relations(scene):
+        parts.append(f"The {_np(objs[i])} is {rel} the {_np(objs[j])}.")
+    return " ".join(parts)
+
+
+def sparse_captions(scene: dict, cfg: WorldConfig, rng: np.random.Generator) -> list[str]:
+    """COCO-style short captions, each true of the scene and naming only part of it."""
+    objs = scene["objects"]
+    rels = relations(scene)
+    grid = scene.get("grid", 3)
+    caps: list[str] = []
+    attempts = 0
+    while len(caps) < cfg.captions_per_image and attempts < 50:
+        attempts += 1
+        attrs_options = [("color",), ("size", "color"), ("color",), ()]
+
+        def mention(o: dict) -> str:
+            return _article(_np(o, attrs_options[int(rng.integers(len(attrs_options)))]))
+
+        u = rng.random()
+        if rels and u < cfg.relation_caption_prob:
+            i, rel, j = rels[int(rng.integers(len(rels)))]
+            cap = f"{mention(objs[i])} {rel} {mention(objs[j])}"
+        elif u < cfg.relation_caption_prob + cfg.scene_caption_prob:
+            o = objs[int(rng.integers(len(objs)))]
+            cap = f"{_article(scene['scene_type'])} scene with {mention(o)}"
+        else:
+            k = 1 if (len(objs) == 1 or rng.random() < 0.5) else 2
+            picked = rng.choice(len(objs), size=k, replace=False)
+            phrases = [mention(objs[int(p)]) for p in picked]
+            cap = " and ".join(phrases)
+            v = rng.random()
+            if k == 1 and v < 0.4:
+                cap += f" at the {position_phrase(objs[int(picked[0])], grid)}"
+            elif v < 0.6:
+                cap += f" on a {scene['texture']} background"
+        if cap not in caps:
+            caps.append(cap)
+    while len(caps) < cfg.captions_per_image:  # tiny scenes may not yield enough distinct captions
+        caps.append(caps[len(caps) % max(1, len(caps))])
+    return caps
+
+
+# ---- pixels -------------------------------------------------------------------------
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    def ring(n: int, rad: float, phase: float) -> np.ndarray:
+        a = phase + np.arange(n) * 2 * np.pi / n
+        return np.stack([cx + rad * np.cos(a), cy + rad * np.sin(a)], 1)
+
+    if shape == "triangle":
+        pts = ring(3, r, -np.pi / 2)
+    elif shape == "diamond":
+        pts = ring(4, r, -np.pi / 2)
+    elif shape == "hexagon":
+        pts = ring(6, r, 0)
+    elif shape == "star":
+        outer, inner = ring(5, r, -np.pi / 2), ring(5, r * 0.45, -np.pi / 2 + np.pi / 5)
+        pts = np.stack([outer, inner], 1).reshape(-1, 2)
+    elif shape == "heart":
+        t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        pts = np.stack([cx + x * r / 17, cy + y * r / 17], 1)
+    else:
+        return None
+    return [tuple(p) for p in pts]
+
+
+def _background(scene: dict, size: int, rng: np.random.Generator) -> np.ndarray:
+    base = np.array(BACKGROUNDS[scene["background"]], np.float32)
+    yy, xx = np.mgrid[0:size, 0:size]
+    period = max(4, size // 12)
+    tex = scene["texture"]
+    if tex == "striped":
+        m = ((yy // (period // 2)) % 2).astype(np.float32)
+    elif tex == "checkered":
+        m = (((yy // period) + (xx // period)) % 2).astype(np.float32)
+    elif tex == "dotted":
+        m = (((yy % period) < period // 3) & ((xx % period) < period // 3)).astype(np.float32)
+    elif tex == "wavy":
+        m = (np.sin((yy + 2 * np.sin(xx * 2 * np.pi / (2 * period))) * 2 * np.pi / period) > 0).astype(np.float32)
+    elif tex == "grainy":
+        m = rng.random((size, size)).astype(np.float32)
+    else:
+        m = np.zeros((size, size), np.float32)
+    img = base[None, None, :] * (1.0 - 0.18 * m[..., None])
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def render(scene: dict, size: int, rng: np.random.Generator | None = None) -> Image.Image:
+    """Draw the scene: textured background, then each object in its grid cell."""
+    rng = rng or np.random.default_rng(0)
+    im = Image.fromarray(_background(scene, size, rng))
+    draw = ImageDraw.Draw(im)
+    cell = size / scene.get("grid", 3)
+    for o in scene["objects"]:
+        r = cell * (0.42 if o["size"] == "large" else 0.24)
+        jitter = cell * 0.5 - r - 1
+        cx = (o["col"] + 0.5) * cell + rng.uniform(-jitter, jitter) * 0.6
+        cy = (o["row"] + 0.5) * cell + rng.uniform(-jitter, jitter) * 0.6
+        col = COLORS[o["color"]]
+        shape = o["shape"]
+        poly = _polygon(shape, cx, cy, r)
+        if poly is not None:
+            draw.polygon(poly, fill=col)
+        elif shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
+        elif shape == "ring":
+            w = max(1, int(r * 0.4))
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=col, width=w)
+        elif shape == "square":
+            s = r * 0.85
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=col)
+        elif shape == "cross":
+            t = r * 0.33
+            draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=col)
+            draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=col)
+        elif shape == "bar":
+            t = r * 0.35
+            draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=col)
+        else:  # pragma: no cover - SHAPES and this function are kept in step by a test
+            raise ValueError(f"no renderer for shape {shape!r}")
+    return im
+
+
+# ---- samples and shards ---------------------------------------------------------------
+
+def make_sample(cfg: WorldConfig, split: str, index: int, seed: int = 0, group_size: int = 1) -> Sample:
+    """Sample ``index`` of ``split``: a pure function of its arguments.
+
+    With ``group_size`` k > 1, samples come in groups of k near-duplicates: the first of
+    each group is a fresh scene, the others change one object of it (hard negatives).
+    """
+    if group_size > 1:
+        g, member = divmod(index, group_size)
+        scene = make_scene(cfg, np.random.default_rng([seed, _split_id(split), g, 0]))
+        if member:
+            scene = perturb_scene(scene, np.random.default_rng([seed, _split_id(split), g, member, 1]))
+        scene["group"] = g
+    else:
+        scene = make_scene(cfg, np.random.default_rng([seed, _split_id(split), index, 0]))
+    rng = np.random.default_rng([seed, _split_id(split), index, 2])
+    caps = sparse_captions(scene, cfg, rng)
+    buf = io.BytesIO()
+    render(scene, cfg.image_size, rng).save(buf, format="PNG", optimize=False, compress_level=1)
+    key = f"{split}_{index:08d}"
+    return Sample(
+        key=key,
+        image=buf.getvalue(),
+        image_ext="png",
+        id=key,
+        dataset="synthetic-world",
+        split=split,
+        sparse=caps,
+        meta={"scene": json.dumps(scene, sort_keys=True), "world": json.dumps(asdict(cfg), sort_keys=True)},
+    )
+
+
+@dataclass
+class SplitSpec:
+    name: str
+    count: int
+    seed: int = 0
+    group_size: int = 1
+
+
+def _write_one_shard(args: tuple) -> dict:
+    out_dir, cfg, spec, index, start, stop = args
+    with ShardWriter(out_dir, spec.name, index) as w:
+        for i in range(start, stop):
+            w.write(make_sample(cfg, spec.name, i, spec.seed, spec.group_size))
+        w.stats["world"] = asdict(cfg)
+        w.stats["first_index"] = start
+    return {"split": spec.name, "index": index, "count": stop - start}
+
+
+def write_world(
+    out_dir: str | Path,
+    cfg: WorldConfig,
+    splits: list[SplitSpec],
+    *,
+    shard_size: int = 1000,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Write the splits as shards, skipping complete ones (resumable), then the manifest."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_incomplete(out_dir)
+    done = {Path(p).name for p in completed_shards(out_dir)}
+    jobs = []
+    for spec in splits:
+        if spec.count < 0:
+            raise ValueError(f"split {spec.name!r}: count must be >= 0")
+        for index, start in enumerate(range(0, spec.count, shard_size)):
+            if shard_name(spec.name, index) not in done:
+                jobs.append((out_dir, cfg, spec, index, start, min(spec.count, start + shard_size)))
+    total = sum(j[5] - j[4] for j in jobs)
+    with tqdm(total=total, desc="synthetic world", unit="img", disable=not progress) as bar:
+        if num_workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(num_workers) as ex:
+                for r in ex.map(_write_one_shard, jobs):
+                    bar.update(r["count"])
+        else:
+            for j in jobs:
+                bar.update(_write_one_shard(j)["count"])
+    return write_manifest(out_dir)
+
+
+def iter_world(cfg: WorldConfig, spec: SplitSpec) -> Iterator[Sample]:
+    for i in range(spec.count):
+        yield make_sample(cfg, spec.name, i, spec.seed, spec.group_size)

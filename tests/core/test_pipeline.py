@@ -1,0 +1,142 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from d2s.cli import main as d2s_main
+from d2s.config import ConfigError
+from d2s.pipeline import PipelineError, Runner, load_pipeline
+
+TOY = "tests.core.toy_stages"
+
+
+def pipeline_doc(**over):
+    doc = {
+        "name": "toy",
+        "vars": {"word": "ab"},
+        "stages": {
+            "make": {"type": f"{TOY}:Write", "params": {"text": "${vars.word}", "repeat": 2}},
+            "shout": {"type": f"{TOY}:Upper", "inputs": {"src": "${make.out}"}},
+        },
+    }
+    doc.update(over)
+    return doc
+
+
+def calls(run_dir: Path) -> dict:
+    p = run_dir / "calls.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def run(tmp_path, doc=None, overrides=(), **kw):
+    p = load_pipeline(doc=doc or pipeline_doc(), overrides=list(overrides), run_dir=tmp_path / "run")
+    return p, Runner(p).run(**kw)
+
+
+def test_runs_in_order_and_caches(tmp_path):
+    p, report = run(tmp_path)
+    out = p.stage("shout").outputs["out"]
+    assert out.read_text() == "ABAB"
+    assert [r["action"] for r in report] == ["run", "run"]
+    _, report = run(tmp_path)
+    assert [r["action"] for r in report] == ["skip", "skip"]
+    assert calls(tmp_path / "run") == {"make": 1, "shout": 1}
+
+
+def test_changed_param_reruns_stage_and_downstream(tmp_path):
+    run(tmp_path)
+    p, report = run(tmp_path, overrides=["vars.word=xy"])
+    assert [r["action"] for r in report] == ["run", "run"]
+    assert p.stage("shout").outputs["out"].read_text() == "XYXY"
+    # Changing only the downstream stage leaves the upstream one cached.
+    _, report = run(tmp_path, overrides=["vars.word=xy", "shout.params.fail=false", "make.params.repeat=2"])
+    assert [r["action"] for r in report] == ["skip", "skip"]
+
+
+def test_missing_output_reruns(tmp_path):
+    p, _ = run(tmp_path)
+    p.stage("make").outputs["out"].unlink()
+    _, report = run(tmp_path)
+    assert report[0]["status"] == "outputs missing" and report[0]["action"] == "run"
+
+
+def test_failed_stage_leaves_no_marker_and_reruns(tmp_path):
+    with pytest.raises(RuntimeError):
+        run(tmp_path, overrides=["shout.params.fail=true"])
+    p, report = run(tmp_path)
+    assert [r["action"] for r in report] == ["skip", "run"]
+    assert calls(tmp_path / "run") == {"make": 1, "shout": 2}
+
+
+def test_from_until_and_dry_run(tmp_path):
+    _, report = run(tmp_path, dry_run=True)
+    assert [r["action"] for r in report] == ["run", "run"] and calls(tmp_path / "run") == {}
+    _, report = run(tmp_path, until="make")
+    assert [r["stage"] for r in report] == ["make"]
+    _, report = run(tmp_path, from_stage="shout")
+    assert report[-1]["action"] == "run"
+    _, report = run(tmp_path, from_stage="shout")  # --from forces the named stage
+    assert report[-1]["action"] == "run"
+    assert calls(tmp_path / "run") == {"make": 1, "shout": 2}
+
+
+def test_from_requires_completed_upstream(tmp_path):
+    with pytest.raises(PipelineError, match="upstream stage 'make' has never completed"):
+        run(tmp_path, from_stage="shout")
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["stages"]["make"].update(type="no-such-type"), "stage 'make'.type: unknown stage type"),
+        (lambda d: d["stages"]["make"].update(type=f"{TOY}:NotAStage"), "not a d2s.pipeline.Stage"),
+        (lambda d: d["stages"]["make"]["params"].update(colour=1), r"stage 'make' params: unknown field\(s\) \['colour'\]"),
+        (lambda d: d["stages"]["make"]["params"].update(repeat="x"), "stage 'make' params.repeat: expected an integer"),
+        (lambda d: d["stages"]["make"]["params"].update(repeat=0), "stage 'make' params: repeat must be >= 1"),
+        (lambda d: d["stages"]["shout"].update(inputs={}), "stage 'shout' inputs.src: required input is missing"),
+        (lambda d: d["stages"]["shout"]["inputs"].update(src="/no/such/file"), "does not exist and no earlier stage"),
+        (lambda d: d["stages"]["shout"]["inputs"].update(bogus="x"), "has no input 'bogus'"),
+        (lambda d: d["stages"]["shout"]["inputs"].update(src="${nope.out}"), r"unknown reference \$\{nope.out\}"),
+        (lambda d: d["stages"]["make"]["params"].update(text="${shout.out}"), "runs later"),
+        (lambda d: d["stages"]["make"].update(outputs={"zzz": "x"}), "has no output 'zzz'"),
+        (lambda d: d.update(extra=1), r"unknown top-level field\(s\) \['extra'\]"),
+    ],
+)
+def test_validation_errors_name_stage_and_field(tmp_path, mutate, message):
+    doc = pipeline_doc()
+    mutate(doc)
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline(doc=doc, run_dir=tmp_path)
+    assert not (tmp_path / "calls.json").exists()
+
+
+def test_bad_override_and_unknown_from(tmp_path):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_pipeline(doc=pipeline_doc(), overrides=["vars.word"], run_dir=tmp_path)
+    p = load_pipeline(doc=pipeline_doc(), run_dir=tmp_path)
+    with pytest.raises(PipelineError, match="--from 'zzz': no such stage"):
+        Runner(p).run(from_stage="zzz")
+
+
+def test_optional_input_and_literal_input_path_fingerprint(tmp_path):
+    extra = tmp_path / "extra.txt"
+    extra.write_text("!")
+    doc = pipeline_doc()
+    doc["stages"]["shout"]["inputs"]["extra"] = str(extra)
+    p, _ = run(tmp_path, doc=doc)
+    assert p.stage("shout").outputs["out"].read_text() == "ABAB!"
+    extra.write_text("?!")  # an input file that changes invalidates the stage
+    _, report = run(tmp_path, doc=doc)
+    assert [r["action"] for r in report] == ["skip", "run"]
+
+
+def test_cli_writes_resolved_config_and_log(tmp_path, monkeypatch):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(pipeline_doc()))
+    rd = tmp_path / "cli-run"
+    assert d2s_main(["run", str(path), "--run-dir", str(rd), "vars.word=q"]) == 0
+    resolved = yaml.safe_load((rd / "resolved.yaml").read_text())
+    assert resolved["stages"]["make"]["params"] == {"text": "q", "repeat": 2}
+    assert list((rd / "logs").glob("*.log")) and (rd / "shout" / "out").read_text() == "QQ"
+    assert d2s_main(["run", str(path), "--run-dir", str(rd), "make.params.repeat=oops"]) == 2

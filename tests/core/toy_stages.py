@@ -1,0 +1,65 @@
+"""Small stage types for runner tests, referenced as 'tests.core.toy_stages:Name'."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from d2s.pipeline import Stage, StageContext
+
+
+@dataclass
+class WriteParams:
+    text: str = "hello"
+    repeat: int = 1
+
+    def __post_init__(self) -> None:
+        if self.repeat < 1:
+            raise ValueError("repeat must be >= 1")
+
+
+def _bump(ctx: StageContext) -> None:
+    counter = ctx.run_dir / "calls.json"
+    calls = json.loads(counter.read_text()) if counter.exists() else {}
+    calls[ctx.name] = calls.get(ctx.name, 0) + 1
+    counter.write_text(json.dumps(calls))
+
+
+class Write(Stage):
+    """Writes params.text * repeat into outputs.out."""
+
+    Params = WriteParams
+    outputs = {"out": "a text file"}
+
+    def run(self, ctx: StageContext) -> dict:
+        _bump(ctx)
+        ctx.outputs["out"].write_text(ctx.params.text * ctx.params.repeat)
+        return {"chars": len(ctx.params.text) * ctx.params.repeat}
+
+
+@dataclass
+class UpperParams:
+    fail: bool = False
+
+
+class Upper(Stage):
+    """Upper-cases inputs.src into outputs.out (fails on demand, before writing)."""
+
+    Params = UpperParams
+    inputs = {"src": "a text file", "extra?": "optional second text file"}
+    outputs = {"out": "a text file"}
+
+    def run(self, ctx: StageContext) -> dict:
+        _bump(ctx)
+        if ctx.params.fail:
+            raise RuntimeError("asked to fail")
+        text = Path(ctx.inputs["src"]).read_text()
+        if "extra" in ctx.inputs:
+            text += Path(ctx.inputs["extra"]).read_text()
+        ctx.outputs["out"].write_text(text.upper())
+        return {}
+
+
+class NotAStage:
+    pass
