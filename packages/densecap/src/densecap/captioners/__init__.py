@@ -1,0 +1,9 @@
+"""Caption sources: the plug-in point that turns samples into dense texts.
+
+See ``docs/caption-sources.md``. The built-in ones register themselves on import.
+"""
+
+from .base import CAPTION_SOURCES, CaptionSource, CaptionSourceError, SamplingParams
+from . import importer, oracle, vllm_offline, vllm_server  # noqa: F401  (registration)
+
+__all__ = ["CAPTION_SOURCES", "CaptionSource", "CaptionSourceError", "SamplingParams"]

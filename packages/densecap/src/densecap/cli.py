@@ -1,0 +1,208 @@
+"""The ``densecap`` command line.
+
+    densecap run --source folder -S path=photos/ --captioner vllm-server -C base_url=http://host:8000 --out out/
+    densecap run --config densecap.yaml --set num_workers=4 --rank 0 --world-size 8
+    densecap sources | captioners | filters       # what is registered, with parameters
+    densecap report OUT_DIR                       # rebuild the summary report
+
+Exit status: 0 done; 2 bad configuration; 3 finished but some captions failed (recorded
+with their error: rerun to fill them); 4 stopped because a caption source died.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+from d2s.config import ConfigError, from_dict, load_yaml, parse_override
+
+from .captioners import CAPTION_SOURCES, CaptionSourceError
+from .config import RunConfig
+from .filters import DEFAULT_FILTERS, FILTERS
+from .images import IMAGE_SOURCES
+from .registry import describe_params, doc_line
+
+log = logging.getLogger(__name__)
+
+
+def catalogue(registry, indent: str = "  ", params: bool = True) -> str:
+    lines = []
+    for name, cls in registry.items():
+        lines.append(f"{indent}{name}: {doc_line(cls)}")
+        if params:
+            for p in describe_params(cls):
+                lines.append(f"{indent}    {p}")
+    return "\n".join(lines)
+
+
+def _epilog() -> str:
+    return (
+        "image sources (--source, parameters with -S KEY=VALUE):\n" + catalogue(IMAGE_SOURCES, params=False)
+        + "\n\ncaption sources (--captioner, parameters with -C [INDEX:]KEY=VALUE):\n" + catalogue(CAPTION_SOURCES, params=False)
+        + f"\n\nfilters (--filters, default {','.join(DEFAULT_FILTERS)}; parameters with -F NAME.KEY=VALUE):\n"
+        + catalogue(FILTERS, params=False)
+        + "\n\n`densecap sources|captioners|filters` list every parameter with its default."
+    )
+
+
+def _set(doc: Any, path: list[str], value: Any, where: str) -> None:
+    """Dotted path into nested dicts and lists (list items by index)."""
+    cur = doc
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(cur, list):
+            if not part.isdigit() or int(part) >= len(cur):
+                raise ConfigError(f"{where}: {part!r} is not an index of a list of {len(cur)}")
+            if last:
+                cur[int(part)] = value
+            else:
+                cur = cur[int(part)]
+        elif isinstance(cur, dict):
+            if last:
+                cur[part] = value
+            else:
+                cur = cur.setdefault(part, {})
+        else:
+            raise ConfigError(f"{where}: cannot set {'.'.join(path)}")
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    doc: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    if args.source:
+        doc["source"] = {"type": args.source, "params": {}}
+    src = doc.setdefault("source", {"type": "shards", "params": {}})
+    if args.input:
+        src.setdefault("params", {})["path"] = args.input
+    for o in args.source_opt:
+        k, v = parse_override(o)
+        _set(src.setdefault("params", {}), k, v, f"-S {o}")
+    if args.captioner:
+        doc["captioners"] = []
+        for c in args.captioner:
+            typ, _, label = c.partition("=")
+            doc["captioners"].append({"type": typ, "params": {}, **({"label": label} if label else {})})
+    caps = doc.setdefault("captioners", [{"type": "synthetic-oracle"}])
+    for o in args.captioner_opt:
+        idx, sep, rest = o.partition(":")
+        if sep and idx.isdigit() and "=" not in idx:
+            i, o2 = int(idx), rest
+        else:
+            i, o2 = 0, o
+        if i >= len(caps):
+            raise ConfigError(f"-C {o}: there is no captioner #{i} (have {len(caps)})")
+        k, v = parse_override(o2)
+        _set(caps[i].setdefault("params", {}), k, v, f"-C {o}")
+    if args.filters is not None:
+        names = [] if args.filters.strip() in ("", "none") else [n.strip() for n in args.filters.split(",")]
+        doc["filters"] = [{"type": n, "params": {}} for n in names]
+    filters = doc.setdefault("filters", [{"type": n, "params": {}} for n in DEFAULT_FILTERS])
+    for o in args.filter_opt:
+        k, v = parse_override(o)
+        match = [f for f in filters if f["type"] == k[0]]
+        if not match or len(k) < 2:
+            raise ConfigError(f"-F {o}: expected FILTER.KEY=VALUE with FILTER one of {[f['type'] for f in filters]}")
+        _set(match[0].setdefault("params", {}), k[1:], v, f"-F {o}")
+    for name in ("out", "report", "rank", "world_size", "num_workers", "batch_size"):
+        v = getattr(args, name)
+        if v is not None:
+            doc[name] = v
+    if args.no_progress:
+        doc["progress"] = False
+    if args.recaption:
+        doc["recaption"] = True
+    for o in args.set:
+        k, v = parse_override(o)
+        _set(doc, k, v, f"--set {o}")
+    cfg = from_dict(RunConfig, doc, "config")
+    # validate every plug-in's params now, before any work
+    IMAGE_SOURCES.parse_params(cfg.source.type, cfg.source.params, "source.params")
+    for i, c in enumerate(cfg.captioners):
+        CAPTION_SOURCES.parse_params(c.type, c.params, f"captioners[{i}].params")
+    for i, f in enumerate(cfg.filters):
+        FILTERS.parse_params(f.type, f.params, f"filters[{i}].params")
+    return cfg
+
+
+def make_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="densecap", description=__doc__.split("\n\n")[0] + " Dense captions for any image collection.",
+                                 epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--log-level", default=None)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="caption, filter and write shards (resumable)", epilog=_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--config", help="YAML file with the config (fields of densecap.config.RunConfig)")
+    r.add_argument("--source", help=f"image source type: {', '.join(IMAGE_SOURCES.names())}")
+    r.add_argument("--input", help="shorthand for -S path=INPUT")
+    r.add_argument("-S", "--source-opt", action="append", default=[], metavar="KEY=VALUE", help="image source parameter")
+    r.add_argument("--captioner", action="append", metavar="TYPE[=LABEL]",
+                   help=f"caption source (repeat for several): {', '.join(CAPTION_SOURCES.names())}")
+    r.add_argument("-C", "--captioner-opt", action="append", default=[], metavar="[I:]KEY=VALUE",
+                   help="parameter of captioner I (default 0), e.g. -C sampling.temperature=0.7")
+    r.add_argument("--filters", help=f"comma-separated filter list or 'none' (default {','.join(DEFAULT_FILTERS)})")
+    r.add_argument("-F", "--filter-opt", action="append", default=[], metavar="FILTER.KEY=VALUE")
+    r.add_argument("--out", help="output shard directory")
+    r.add_argument("--report", help="report directory (default OUT/report)")
+    r.add_argument("--num-workers", dest="num_workers", type=int)
+    r.add_argument("--rank", type=int)
+    r.add_argument("--world-size", dest="world_size", type=int)
+    r.add_argument("--batch-size", dest="batch_size", type=int)
+    r.add_argument("--recaption", action="store_true", help="caption again samples that already have a text from the source")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. captioners.0.label=x")
+    r.add_argument("--print-config", action="store_true", help="print the parsed config and exit")
+    for name, reg, what in (("sources", IMAGE_SOURCES, "image sources"), ("captioners", CAPTION_SOURCES, "caption sources"),
+                            ("filters", FILTERS, "filters")):
+        sub.add_parser(name, help=f"list registered {what} and their parameters")
+    rep = sub.add_parser("report", help="(re)write the summary report of an output directory")
+    rep.add_argument("out")
+    rep.add_argument("--report", default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from d2s.log import setup_logging
+
+    ap = make_parser()
+    args = ap.parse_args(argv)
+    setup_logging(args.log_level)
+    if args.cmd in ("sources", "captioners", "filters"):
+        reg = {"sources": IMAGE_SOURCES, "captioners": CAPTION_SOURCES, "filters": FILTERS}[args.cmd]
+        print(catalogue(reg, indent=""))
+        return 0
+    if args.cmd == "report":
+        from pathlib import Path
+
+        from .report import write_report
+
+        print(json.dumps(write_report(args.out, args.report or Path(args.out) / "report"), indent=2))
+        return 0
+    from .run import RunAborted, run
+
+    try:
+        cfg = build_config(args)
+        if args.print_config:
+            from d2s.config import to_dict
+
+            print(json.dumps(to_dict(cfg), indent=2))
+            return 0
+        summary = run(cfg)
+    except (ConfigError, FileNotFoundError, CaptionSourceError) as exc:
+        log.error("%s", exc)
+        return 2
+    except RunAborted as exc:
+        log.error("%s", exc)
+        return 4
+    print(json.dumps(summary, indent=2))
+    if summary.get("caption_errors"):
+        log.error("%d caption(s) failed and are recorded with their error; rerun the same command to fill them",
+                  summary["caption_errors"])
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks: a tiny locally built VLM and a real vLLM server process."""

@@ -1,0 +1,159 @@
+"""Start and stop a real vLLM OpenAI-compatible server from ``.venv-vllm`` (tests, benchmarks).
+
+    python -m densecap.testing.vllm_server MODEL_DIR [--port P]   # serve until Ctrl-C
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[5]
+DEFAULT_VENV = REPO_ROOT / ".venv-vllm"
+SETUP_HINT = "run `bash scripts/setup_vllm_cpu.sh` at the repository root to build it"
+
+
+def vllm_python(venv: str | Path | None = None) -> Path:
+    """The .venv-vllm interpreter; a clear error when the environment is missing."""
+    venv = Path(venv or os.environ.get("D2S_VLLM_VENV", DEFAULT_VENV))
+    py = venv / "bin" / "python"
+    if not py.exists() or not (venv / ".d2s-vllm-stamp").exists():
+        raise FileNotFoundError(f"vLLM environment {venv} is missing or incomplete: {SETUP_HINT}")
+    return py
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(scratch: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_CACHE_ROOT=str(scratch / "vllm-cache"),
+        XDG_CACHE_HOME=str(scratch / "xdg-cache"),
+        HF_HUB_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+class VLLMServer:
+    """A vLLM server subprocess (own process group, so stop() ends all of its processes)."""
+
+    def __init__(self, model_dir: str | Path, *, name: str = "tiny-llava", port: int | None = None,
+                 scratch: str | Path | None = None, max_num_seqs: int = 8, venv: str | Path | None = None):
+        self.model_dir = Path(model_dir)
+        self.name = name
+        self.port = port or free_port()
+        self.scratch = Path(scratch or self.model_dir.parent / "vllm-scratch")
+        self.max_num_seqs = max_num_seqs
+        self.python = vllm_python(venv)
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.scratch / f"server-{self.port}.log"
+        self.start_seconds = 0.0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+            "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "2048",
+            "--max-num-seqs", str(self.max_num_seqs), "--served-model-name", self.name, "--enforce-eager",
+        ]
+
+    def start(self, timeout: float = 240.0) -> "VLLMServer":
+        import httpx
+
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), env=server_env(self.scratch), stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        while True:
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"vLLM server exited with code {self.proc.returncode}; log tail:\n{tail}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() - t0 > timeout:
+                self.stop()
+                raise TimeoutError(f"vLLM server not healthy after {timeout:.0f}s; log: {self.log_path}")
+            time.sleep(0.5)
+        self.start_seconds = time.time() - t0
+        log.info("vLLM server healthy on %s after %.1fs", self.base_url, self.start_seconds)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the whole server (all its processes), as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            except ProcessLookupError:
+                pass
+        # make sure no child outlives the leader
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc = None
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m densecap.testing.vllm_server", description=__doc__.split("\n\n")[0])
+    ap.add_argument("model_dir")
+    ap.add_argument("--port", type=int, default=None)
+    ap.add_argument("--name", default="tiny-llava")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    with VLLMServer(args.model_dir, name=args.name, port=args.port) as srv:
+        print(f"serving {args.name} at {srv.base_url} (Ctrl-C to stop)", flush=True)
+        try:
+            while srv.proc and srv.proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
