@@ -1,0 +1,78 @@
+"""Inference bundles: what ``bench`` (and anyone else) loads to embed images and texts.
+
+A bundle has the checkpoint layout (see :mod:`vse.checkpoint`) with ``format: vse-bundle``.
+``load_bundle(path)`` gives a :class:`Bundle` whose ``embed_images`` / ``embed_texts`` return
+L2-normalised CPU float32 tensors; texts take the sparse-caption path, through the student
+head when the model has one.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from d2s.shards import atomic_write_json
+
+from .checkpoint import load_checkpoint, load_processor, load_tokenizer, read_config
+from .data import ImageTransform, TextTokenizer
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path) -> Path:
+    """Copy a checkpoint's inference parts into a bundle directory (atomically)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    doc = read_config(checkpoint)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("model.safetensors",):
+        shutil.copy2(checkpoint / name, tmp / name)
+    for name in ("image_backbone", "text_backbone", "tokenizer", "processor"):
+        if (checkpoint / name).exists():
+            shutil.copytree(checkpoint / name, tmp / name)
+    doc = {**doc, "format": "vse-bundle", "source_checkpoint": str(checkpoint.resolve())}
+    atomic_write_json(tmp / "vse_config.json", doc)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+class Bundle:
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        self.path = Path(path)
+        self.model, self.config = load_checkpoint(self.path)
+        self.model.eval().to(device)
+        self.device = device
+        cfg = self.model.cfg
+        self.tokenizer = TextTokenizer(load_tokenizer(self.path))
+        self.transform = ImageTransform.from_processor(cfg.image.image_size, load_processor(self.path), cfg.image.mean, cfg.image.std)
+
+    @torch.no_grad()
+    def embed_images(self, images: list[bytes | Image.Image], batch_size: int = 64) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), batch_size):
+            px = torch.stack([self.transform(im if not isinstance(im, (bytearray, memoryview)) else bytes(im)) for im in images[i : i + batch_size]])
+            out.append(self.model.embed_images(px.to(self.device)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.cfg.embed_dim)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        out = []
+        max_len = self.model.cfg.text.max_length
+        for i in range(0, len(texts), batch_size):
+            ids, mask = self.tokenizer(texts[i : i + batch_size], max_len)
+            out.append(self.model.embed_texts(ids.to(self.device), mask.to(self.device)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.cfg.embed_dim)
+
+
+def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
+    return Bundle(path, device)
+
+
+def _open(image: Any) -> Image.Image:  # pragma: no cover - helper for callers with file paths
+    return Image.open(io.BytesIO(image)) if isinstance(image, bytes) else image

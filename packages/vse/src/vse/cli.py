@@ -1,0 +1,113 @@
+"""The ``vse`` command: train, export, build-assets, models, recipes.
+
+Examples::
+
+    vse build-assets --shards data/world --out runs/assets
+    vse train --recipe stage1 --model tiny-vit --shards data/world --out runs/s1 --steps 300
+    vse train --recipe stage2 --shards data/world --out runs/s2 --steps 300 init=runs/s1/best
+    vse train --config my_run.yaml optim.lr=1e-3 data.batch_size=64
+    accelerate launch --num_processes 2 --cpu -m vse.cli train ...      # 2 processes (gloo)
+    vse export runs/s2/best runs/s2/bundle
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from d2s.config import ConfigError, apply_overrides, load_yaml
+
+log = logging.getLogger(__name__)
+
+
+def _train_doc(args: argparse.Namespace) -> dict:
+    doc: dict = {}
+    if args.config:
+        p = Path(args.config)
+        doc = json.loads(p.read_text()) if p.suffix == ".json" else load_yaml(p)
+    for key in ("recipe", "model", "shards", "out", "assets", "init", "teacher", "steps", "epochs", "seed"):
+        v = getattr(args, key)
+        if v is not None:
+            doc[key] = v
+    if args.batch_size is not None:
+        doc.setdefault("data", {})["batch_size"] = args.batch_size
+    if args.lr is not None:
+        doc.setdefault("optim", {})["lr"] = args.lr
+    apply_overrides(doc, args.overrides)
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    from d2s.log import setup_logging
+
+    parser = argparse.ArgumentParser(prog="vse", description="D2S-VSE training (stage 1, stage 2, baseline)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a model with a recipe (resumes from <out>/state when present)")
+    t.add_argument("--config", help="YAML/JSON file of TrainConfig fields")
+    t.add_argument("--recipe", help="recipe name (vse recipes) or file")
+    t.add_argument("--model", help="model config name (vse models) or file")
+    t.add_argument("--shards", help="dataset dir with manifest.json")
+    t.add_argument("--out", help="output dir")
+    t.add_argument("--assets", help="assets dir for locally built (tiny) configs; default <out>/assets")
+    t.add_argument("--init", help="checkpoint dir to initialise from (stage 2)")
+    t.add_argument("--teacher", help="checkpoint dir of the teacher (recipes with teacher: teacher)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--epochs", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--batch-size", type=int, help="per-process batch size (data.batch_size)")
+    t.add_argument("--lr", type=float, help="base learning rate (optim.lr)")
+    t.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of TrainConfig fields, e.g. optim.schedule=cosine")
+
+    e = sub.add_parser("export", help="export an inference bundle from a checkpoint dir")
+    e.add_argument("checkpoint")
+    e.add_argument("out")
+
+    a = sub.add_parser("build-assets", help="build the tokenizer + tiny backbones of the CPU configs from shards")
+    a.add_argument("--shards", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--model", action="append", help="only this model config (repeatable); default: all locally built ones")
+    a.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("models", help="list model configs")
+    sub.add_parser("recipes", help="list recipes")
+    parser.add_argument("--log-level", default=None)
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+
+    try:
+        if args.cmd == "train":
+            from .train import parse_config, train
+
+            cfg = parse_config(_train_doc(args))
+            summary = train(cfg)
+            print(json.dumps(summary, indent=2))
+        elif args.cmd == "export":
+            from .bundle import export_bundle
+
+            print(export_bundle(args.checkpoint, args.out))
+        elif args.cmd == "build-assets":
+            from .assets import build_assets
+
+            print(json.dumps(build_assets(args.shards, args.out, args.model, seed=args.seed), indent=2))
+        elif args.cmd == "models":
+            from .models import get_model_config, list_models
+
+            for name in list_models():
+                print(f"{name:28s} {get_model_config(name).description}")
+        elif args.cmd == "recipes":
+            from .recipes import get_recipe, list_recipes
+
+            for name in list_recipes():
+                print(f"{name:12s} {get_recipe(name).description}")
+    except (ConfigError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Training data: the project's WebDataset shards streamed as batches.
+
+Per data-loader worker the pipeline is an explicit list of webdataset stages::
+
+    endless shard list (reshuffled each epoch with (seed, epoch))
+    -> node + worker split of the shards          (rank r of R, worker w of W: shard i goes to r*W+w == i % (R*W))
+    -> tarfile_to_samples                         (raw records, handler re-raises with the shard name)
+    -> [sample-level node + worker split]         (only when there are fewer shards than R*W readers)
+    -> parse the JSON (Sample), drop samples the recipe cannot use (no kept dense text)
+    -> shuffle buffer (seeded per reader)
+    -> batched (raw samples, images still encoded)
+    -> skip the batches a resumed run already consumed
+    -> collate: decode + resize images, pick ONE sparse caption per image, tokenize + augment
+
+The stream never ends (epochs follow each other inside each worker), so the data loader's
+round robin over workers is exact and the data position of a run is one number, the count
+of batches consumed; a resumed run skips that many raw batches before decoding anything.
+Every random choice is seeded by (seed, reader, epoch or batch index), never by the process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from d2s.schema import Sample, SampleError
+
+from .models import TokenAugConfig
+
+log = logging.getLogger(__name__)
+
+
+def image_id_int(sample_id: str) -> int:
+    """A 63-bit integer id of an image (used to mask pairs that share an image)."""
+    return int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+class ImageTransform:
+    """Image bytes or PIL image -> normalised float tensor [3, S, S] (resize like the HF processor)."""
+
+    def __init__(self, size: int, mean: list[float], std: list[float]):
+        self.size = size
+        self.mean = np.asarray(mean, np.float32)[:, None, None]
+        self.std = np.asarray(std, np.float32)[:, None, None]
+
+    @classmethod
+    def from_processor(cls, size: int, processor: Any | None, default_mean, default_std) -> "ImageTransform":
+        mean = getattr(processor, "image_mean", None) or default_mean
+        std = getattr(processor, "image_std", None) or default_std
+        return cls(size, list(mean), list(std))
+
+    def __call__(self, image: bytes | Image.Image) -> torch.Tensor:
+        im = image if isinstance(image, Image.Image) else Image.open(io.BytesIO(image))
+        im = im.convert("RGB")
+        if im.size != (self.size, self.size):
+            im = im.resize((self.size, self.size), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return torch.from_numpy((arr - self.mean) / self.std)
+
+
+class TextTokenizer:
+    """Wraps an HF tokenizer: texts -> padded ids + mask, with the optional caption augmentation
+    (each inner token altered with probability p: [MASK], a random token, or deleted)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        self.mask_id = tokenizer.mask_token_id
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.vocab_size = len(tokenizer)
+        specials = set(tokenizer.all_special_ids)
+        self.first_regular = max(specials) + 1 if max(specials) < 1000 else 1000
+
+    def __call__(
+        self,
+        texts: list[str],
+        max_length: int,
+        aug: TokenAugConfig | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tok(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        if aug is not None and aug.prob > 0:
+            rng = rng or np.random.default_rng()
+            enc = [self._augment(ids, aug, rng) for ids in enc]
+        n = max(len(x) for x in enc)
+        ids = torch.full((len(enc), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(enc), n), dtype=torch.bool)
+        for i, x in enumerate(enc):
+            ids[i, : len(x)] = torch.as_tensor(x)
+            mask[i, : len(x)] = True
+        return ids, mask
+
+    def _augment(self, ids: list[int], aug: TokenAugConfig, rng: np.random.Generator) -> list[int]:
+        out = [ids[0]]
+        u = rng.random(len(ids))
+        for t, p in zip(ids[1:-1], u[1:-1]):
+            if p >= aug.prob:
+                out.append(t)
+                continue
+            r = p / aug.prob
+            if r < aug.mask:
+                out.append(self.mask_id)
+            elif r < aug.mask + aug.random:
+                out.append(int(rng.integers(self.first_regular, self.vocab_size)))
+            # else: deleted
+        out.append(ids[-1])
+        return out
+
+
+@dataclass
+class TextField:
+    """One text tensor of a batch: which text, how long, augmented or not."""
+
+    source: str          # "sparse" (one caption drawn per image) or "dense" (a kept dense text)
+    max_length: int
+    augment: bool
+
+
+class Collate:
+    """A list of raw samples -> a batch dict of tensors (runs in the data-loader workers)."""
+
+    def __init__(self, transform: ImageTransform, tokenizer: TextTokenizer, fields: dict[str, TextField], aug: TokenAugConfig):
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.fields = fields
+        self.aug = aug
+
+    def __call__(self, samples: list[Sample], seed: list[int]) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng(seed)
+        batch: dict[str, torch.Tensor] = {
+            "pixels": torch.stack([self.transform(s.image) for s in samples]),
+            "image_ids": torch.tensor([image_id_int(s.id) for s in samples], dtype=torch.long),
+        }
+        sparse = [s.sparse[int(rng.integers(len(s.sparse)))] for s in samples]
+        dense = None
+        for name, f in self.fields.items():
+            if f.source == "sparse":
+                texts = sparse
+            else:
+                if dense is None:
+                    dense = [_pick_dense(s, rng) for s in samples]
+                texts = dense
+            ids, mask = self.tokenizer(texts, f.max_length, self.aug if f.augment else None, rng)
+            batch[f"{name}_ids"], batch[f"{name}_mask"] = ids, mask
+        return batch
+
+
+def _pick_dense(s: Sample, rng: np.random.Generator) -> str:
+    kept = s.kept_dense()
+    return kept[int(rng.integers(len(kept)))].text
+
+
+def _reader_seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Endless batches from the shards for process ``rank`` of ``world_size`` (see module doc)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        batch_size: int,
+        collate: Collate,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        need_sparse: bool = True,
+        need_dense: bool = False,
+        start_batch: int = 0,
+    ):
+        super().__init__()
+        if not urls:
+            raise ValueError("no training shards")
+        self.urls = list(urls)
+        self.batch_size = batch_size
+        self.collate = collate
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.need_sparse = need_sparse
+        self.need_dense = need_dense
+        self.start_batch = start_batch
+
+    def _epoch_shards(self, reader: int, readers: int) -> Iterator[dict]:
+        split_shards = len(self.urls) >= readers
+        for epoch in itertools.count():
+            order = list(self.urls)
+            random.Random(_reader_seed(self.seed, epoch)).shuffle(order)
+            for i, url in enumerate(order):
+                # node + worker split at shard level: every reader gets a disjoint subset
+                if not split_shards or i % readers == reader:
+                    yield {"url": url}
+
+    def _usable(self, s: Sample) -> bool:
+        return (not self.need_sparse or bool(s.sparse)) and (not self.need_dense or bool(s.kept_dense()))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader, readers = self.rank * workers + worker, self.world_size * workers
+        # batches of this worker that earlier runs consumed (the loader takes workers round robin)
+        skip = max(0, -(-(self.start_batch - worker) // workers))
+        sample_split = len(self.urls) < readers
+
+        def split_samples(src):
+            # sample-level node + worker split, used only when shards are too few to split
+            for i, rec in enumerate(src):
+                if not sample_split or i % readers == reader:
+                    yield rec
+
+        def parse(src):
+            for rec in src:
+                s = Sample.from_wds(rec)
+                if self._usable(s):
+                    yield s
+
+        def skip_and_collate(src):
+            for k, raw in enumerate(src):
+                if k < skip:
+                    continue
+                yield self.collate(raw, [self.seed, reader, k])
+
+        pipeline = wds.DataPipeline(
+            lambda: self._epoch_shards(reader, readers),
+            wds.tarfile_to_samples(handler=wds.reraise_exception),
+            split_samples,
+            parse,
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(_reader_seed(self.seed, reader, 1))),
+            wds.batched(self.batch_size, collation_fn=list, partial=False),
+            skip_and_collate,
+        )
+        return iter(pipeline)
+
+
+def check_split_usable(urls: list[str], need_dense: bool, recipe_name: str) -> None:
+    """Fail early (naming the shard) when the recipe needs dense texts the shards do not have."""
+    if not need_dense:
+        return
+    from d2s.shards import iter_samples
+
+    for i, s in enumerate(iter_samples(urls[:1])):
+        if s.kept_dense():
+            return
+        if i >= 200:
+            break
+    raise SampleError(
+        f"recipe {recipe_name!r} needs a kept dense text per image, but the first samples of {urls[0]} have none "
+        "(run densecap on these shards first)"
+    )
+
+
+def iter_eval_batches(urls: list[str], batch_size: int, max_images: int | None) -> Iterator[list[Sample]]:
+    """Samples of an evaluation split in order, in lists of ``batch_size``."""
+    from d2s.shards import iter_samples
+
+    batch: list[Sample] = []
+    for i, s in enumerate(iter_samples(urls)):
+        if max_images is not None and i >= max_images:
+            break
+        batch.append(s)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

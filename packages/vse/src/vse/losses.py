@@ -1,0 +1,147 @@
+"""Losses, as pure functions plus small modules behind a registry (recipes name them).
+
+- ``triplet``: VSE++ bidirectional hinge loss, margin 0.2, summed over anchors; hardest
+  negative per anchor after ``warmup_steps`` (before that the mean over negatives);
+  pairs whose image ids are equal are never negatives.
+- ``infonce``: symmetric cross-entropy over similarities / temperature (learnable or fixed),
+  other captions of the same image masked out.
+- ``distill``: ``1 - cos`` (default) or ``mse`` between student and teacher embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d2s.config import from_dict
+
+
+def negatives_mask(ids_a: torch.Tensor | None, ids_b: torch.Tensor | None, n: int, m: int, device) -> torch.Tensor:
+    """True where (row, column) is a valid negative: not the diagonal, not the same image id."""
+    if ids_a is None or ids_b is None:
+        return ~torch.eye(n, m, dtype=torch.bool, device=device)
+    return ids_a[:, None] != ids_b[None, :]
+
+
+def triplet_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    ids: torch.Tensor | None = None,
+    *,
+    margin: float = 0.2,
+    hardest: bool = True,
+) -> torch.Tensor:
+    """Hinge loss over the batch's similarity matrix; row i of ``img`` matches row i of ``txt``."""
+    scores = img @ txt.t()
+    pos = scores.diagonal()
+    neg = negatives_mask(ids, ids, *scores.shape, scores.device)
+    cost_txt = (margin + scores - pos[:, None]).clamp(min=0) * neg   # image anchors, caption negatives
+    cost_img = (margin + scores - pos[None, :]).clamp(min=0) * neg   # caption anchors, image negatives
+    if hardest:
+        return cost_txt.max(dim=1).values.sum() + cost_img.max(dim=0).values.sum()
+    n_row = neg.sum(1).clamp(min=1)
+    n_col = neg.sum(0).clamp(min=1)
+    return (cost_txt.sum(1) / n_row).sum() + (cost_img.sum(0) / n_col).sum()
+
+
+def infonce_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor | None, temperature: torch.Tensor | float):
+    logits = (img @ txt.t()) / temperature
+    n = logits.shape[0]
+    same = ~negatives_mask(ids, ids, n, n, logits.device)
+    other_pos = same & ~torch.eye(n, dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(other_pos, float("-inf"))
+    labels = torch.arange(n, device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, metric: str = "cos", reduction: str = "sum"):
+    teacher = teacher.detach()
+    if metric == "cos":
+        per = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
+    elif metric == "mse":
+        per = ((student - teacher) ** 2).sum(-1)
+    else:
+        raise ValueError(f"distill metric {metric!r}; known: cos, mse")
+    return per.sum() if reduction == "sum" else per.mean()
+
+
+# ---- loss modules (what recipes instantiate) ----------------------------------------------
+
+
+@dataclass
+class TripletParams:
+    margin: float = 0.2
+    max_violation: bool = True
+    warmup_epochs: float = 1.0   # mean over negatives for this many epochs, then the hardest
+
+
+@dataclass
+class InfoNCEParams:
+    temperature: float = 0.07
+    learnable: bool = True
+
+
+@dataclass
+class DistillParams:
+    metric: Literal["cos", "mse"] = "cos"
+    reduction: Literal["sum", "mean"] = "sum"
+
+
+class TripletLoss(nn.Module):
+    Params = TripletParams
+    arity = "align"
+
+    def __init__(self, p: TripletParams, steps_per_epoch: int):
+        super().__init__()
+        self.p = p
+        self.warmup_steps = int(round(p.warmup_epochs * steps_per_epoch))
+
+    def forward(self, a, b, ids, step: int):
+        hardest = self.p.max_violation and step >= self.warmup_steps
+        return triplet_loss(a, b, ids, margin=self.p.margin, hardest=hardest)
+
+
+class InfoNCELoss(nn.Module):
+    Params = InfoNCEParams
+    arity = "align"
+
+    def __init__(self, p: InfoNCEParams, steps_per_epoch: int):
+        super().__init__()
+        init = torch.tensor(math.log(1.0 / p.temperature))
+        if p.learnable:
+            self.logit_scale = nn.Parameter(init)
+        else:
+            self.register_buffer("logit_scale", init)
+
+    def forward(self, a, b, ids, step: int):
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        return infonce_loss(a, b, ids, 1.0 / scale)
+
+
+class DistillLoss(nn.Module):
+    Params = DistillParams
+    arity = "distill"
+
+    def __init__(self, p: DistillParams, steps_per_epoch: int):
+        super().__init__()
+        self.p = p
+
+    def forward(self, a, b, ids, step: int):
+        return distill_loss(a, b, self.p.metric, self.p.reduction)
+
+
+LOSSES: dict[str, type[nn.Module]] = {"triplet": TripletLoss, "infonce": InfoNCELoss, "distill": DistillLoss}
+
+
+def build_loss(kind: str, params: dict[str, Any], steps_per_epoch: int, where: str) -> nn.Module:
+    cls = LOSSES.get(kind)
+    if cls is None:
+        from d2s.config import ConfigError
+
+        raise ConfigError(f"{where}.kind: unknown loss {kind!r}; known: {sorted(LOSSES)}")
+    return cls(from_dict(cls.Params, params, f"{where}.params"), steps_per_epoch)

@@ -1,0 +1,101 @@
+"""Recipes: what a training run optimises, as data (JSON files in ``vse/configs/recipes/``).
+
+A recipe says which parameter groups train or stay frozen, where weights come from
+(``init``: ``none`` = the model config's backbones, ``checkpoint`` = the run's ``init``
+checkpoint), whether a frozen teacher text encoder is kept (``teacher``: ``none``,
+``init`` = a frozen copy of the init checkpoint's text encoder, ``teacher`` = the one in the
+run's ``teacher`` checkpoint), the learning-rate multipliers per group, and the loss terms.
+
+Each loss term names two *embeddings* the step computes on demand:
+
+    image          images through the image encoder
+    sparse         one sparse caption per image (through the student head when the recipe has one)
+    dense          the image's dense text through the trained text encoder (no student head)
+    teacher_dense  the dense text through the frozen teacher (no gradient)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from d2s.config import ConfigError, from_dict, load_yaml
+
+from .losses import LOSSES
+from .models import GROUPS
+
+EMBEDDINGS = ("image", "sparse", "dense", "teacher_dense")
+
+
+@dataclass
+class LossSpec:
+    kind: str
+    inputs: list[str]
+    weight: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOSSES:
+            raise ValueError(f"kind: unknown loss {self.kind!r}; known: {sorted(LOSSES)}")
+        if len(self.inputs) != 2 or any(e not in EMBEDDINGS for e in self.inputs):
+            raise ValueError(f"inputs: need two of {list(EMBEDDINGS)}, got {self.inputs}")
+
+
+@dataclass
+class Recipe:
+    losses: list[LossSpec]
+    name: str = "custom"
+    description: str = ""
+    student_head: bool = False
+    init: Literal["none", "checkpoint"] = "none"
+    teacher: Literal["none", "init", "teacher"] = "none"
+    freeze: list[str] = field(default_factory=list)
+    lr_mult: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.losses:
+            raise ValueError("losses: a recipe needs at least one loss term")
+        for g in list(self.freeze) + list(self.lr_mult):
+            if g not in GROUPS:
+                raise ValueError(f"freeze/lr_mult: unknown parameter group {g!r}; groups: {list(GROUPS)}")
+        if "student" in self.freeze and self.student_head:
+            pass  # allowed: a frozen head still runs
+        if self.needs("teacher_dense") and self.teacher == "none":
+            raise ValueError("teacher: a loss uses 'teacher_dense' but the recipe has teacher 'none'")
+        if self.teacher == "init" and self.init != "checkpoint":
+            raise ValueError("teacher: 'init' needs init 'checkpoint'")
+
+    def needs(self, embedding: str) -> bool:
+        return any(embedding in spec.inputs for spec in self.losses)
+
+    @property
+    def needs_dense(self) -> bool:
+        return self.needs("dense") or self.needs("teacher_dense")
+
+
+def _recipe_dir():
+    return resources.files("vse") / "configs" / "recipes"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.name[: -len(".json")] for p in _recipe_dir().iterdir() if p.name.endswith(".json"))
+
+
+def get_recipe(name_or_path: str | Path | dict) -> Recipe:
+    """A registered recipe by name, a JSON/YAML file, or a dict; errors name the field."""
+    if isinstance(name_or_path, dict):
+        return from_dict(Recipe, name_or_path, "recipe")
+    p = Path(str(name_or_path))
+    if p.suffix in (".json", ".yaml", ".yml") and p.exists():
+        doc = json.loads(p.read_text()) if p.suffix == ".json" else load_yaml(p)
+        doc.setdefault("name", p.stem)
+        return from_dict(Recipe, doc, f"recipe {p}")
+    path = _recipe_dir() / f"{name_or_path}.json"
+    if not path.is_file():
+        raise ConfigError(f"recipe: unknown recipe {name_or_path!r}; registered: {list_recipes()}")
+    doc = json.loads(path.read_text())
+    doc["name"] = str(name_or_path)
+    return from_dict(Recipe, doc, f"recipe {name_or_path!r}")

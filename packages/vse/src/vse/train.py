@@ -1,0 +1,521 @@
+"""The training loop: one function for every recipe, driven by a typed :class:`TrainConfig`.
+
+Accelerate handles devices, mixed precision, gradient accumulation, processes and the
+tracker. Embeddings are gathered across processes WITH gradient
+(``torch.distributed.nn.functional.all_gather``) so the loss sees the global batch, as a
+single process with the same batch would; DDP then averages the parameter gradients.
+
+Output directory::
+
+    run_config.json   the resolved TrainConfig + recipe + model config (plain JSON)
+    assets/           tokenizer + tiny backbones, when the model builds them locally
+    state/            latest resumable state (accelerate save_state: model, optimizer, RNG, progress)
+    last/             model checkpoint of the last step           (vse.checkpoint layout)
+    best/             model checkpoint with the best val rSum       (only when validating)
+    bundle/           inference bundle exported from best (or last)
+    logs/             TensorBoard
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from d2s.config import ConfigError, from_dict, to_dict
+from d2s.shards import atomic_write_json, split_shards, split_size
+
+from .checkpoint import load_checkpoint, load_processor, load_tokenizer, save_checkpoint
+from .data import Collate, ImageTransform, ShardStream, TextField, TextTokenizer, check_split_usable, iter_eval_batches
+from .losses import build_loss
+from .models import GROUPS, VSEModel, create_model, get_model_config, processor_source, tokenizer_source
+from .recipes import Recipe, get_recipe
+
+log = logging.getLogger(__name__)
+
+
+# ---- configuration ----------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    grad_clip: float = 2.0                      # 0 disables clipping
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    decay_epochs: list[float] = field(default_factory=lambda: [9.0, 15.0, 20.0, 25.0])  # "step": lr x decay_factor at each
+    decay_factor: float = 0.3
+    warmup_steps: int = 0                       # linear warm-up (all schedules)
+    min_lr_ratio: float = 0.0                   # "cosine": floor as a fraction of lr
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("warmup_steps and grad_clip must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 128                       # per process and micro-step
+    shuffle_buffer: int = 1000
+    num_workers: int = 1
+    val_max_images: int | None = 1000
+    val_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.num_workers < 0 or self.shuffle_buffer < 1:
+            raise ValueError("num_workers must be >= 0 and shuffle_buffer >= 1")
+
+
+@dataclass
+class TrainConfig:
+    shards: str
+    out: str
+    recipe: str = "baseline"                   # registered name or a recipe file
+    model: str = "tiny-vit"                    # registered name or a model config file
+    model_overrides: dict[str, Any] = field(default_factory=dict)   # {"text.max_length": 16, ...}
+    assets: str | None = None                  # assets dir for locally built configs (default: <out>/assets)
+    init: str | None = None                    # checkpoint dir (recipes with init: checkpoint)
+    teacher: str | None = None                 # checkpoint dir (recipes with teacher: teacher)
+    steps: int | None = None                   # optimizer steps; else epochs x steps per epoch
+    epochs: float | None = None
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_accum: int = 1
+    log_every: int = 20
+    val_every: int | None = None               # steps; None: only at the end; 0: never
+    save_every: int = 200                      # steps between resumable states (and at the end)
+    resume: bool = True                        # continue from <out>/state when it exists
+    threads: int | None = None                 # torch.set_num_threads per process
+    tracker: Literal["tensorboard", "none"] = "tensorboard"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    kill_at_step: int | None = None            # testing only: SIGKILL this process after that step
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of 'steps' and 'epochs'")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError("steps must be >= 1")
+        if self.grad_accum < 1 or self.save_every < 1 or self.log_every < 1:
+            raise ValueError("grad_accum, save_every and log_every must be >= 1")
+
+
+def parse_config(doc: dict[str, Any], where: str = "train config") -> TrainConfig:
+    return from_dict(TrainConfig, doc, where)
+
+
+# ---- pieces ------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based)."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.schedule == "constant":
+        return warm
+    if cfg.schedule == "step":
+        epoch = step / max(1, steps_per_epoch)
+        return warm * cfg.decay_factor ** sum(epoch >= e for e in cfg.decay_epochs)
+    span = max(1, total_steps - cfg.warmup_steps)
+    t = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
+    return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every process; gradients flow back to each process's own part."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class Objective(nn.Module):
+    """The model plus the recipe's loss terms; ``forward(batch, step)`` -> (total, {term: value}).
+
+    It is what DDP wraps, so learnable loss parameters (an InfoNCE temperature) are synchronised too.
+    """
+
+    def __init__(self, model: VSEModel, recipe: Recipe, steps_per_epoch: int):
+        super().__init__()
+        self.model = model
+        self.recipe = recipe
+        self.losses = nn.ModuleList(
+            build_loss(s.kind, s.params, steps_per_epoch, f"recipe.losses[{i}]") for i, s in enumerate(recipe.losses)
+        )
+        self.names = [f"{s.kind}_{s.inputs[0]}_{s.inputs[1]}" for s in recipe.losses]
+
+    def embeddings(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        r, m = self.recipe, self.model
+        out: dict[str, torch.Tensor] = {}
+        if r.needs("image"):
+            out["image"] = m.embed_images(batch["pixels"])
+        if r.needs("sparse"):
+            out["sparse"] = m.embed_texts(batch["sparse_ids"], batch["sparse_mask"], use_student=True)
+        if r.needs("dense"):
+            out["dense"] = m.embed_texts(batch["dense_ids"], batch["dense_mask"], use_student=False)
+        return out
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int, teacher_dense: torch.Tensor | None = None):
+        embs = {k: gather_with_grad(v) for k, v in self.embeddings(batch).items()}
+        if teacher_dense is not None:
+            embs["teacher_dense"] = gather_no_grad(teacher_dense)
+        ids = gather_no_grad(batch["image_ids"])
+        parts = {}
+        total = 0.0
+        for name, spec, loss in zip(self.names, self.recipe.losses, self.losses):
+            value = loss(embs[spec.inputs[0]], embs[spec.inputs[1]], ids, step)
+            parts[name] = value.detach()
+            total = total + spec.weight * value
+        return total, parts
+
+
+class Progress:
+    """The data position and bookkeeping of a run, saved with the resumable state."""
+
+    def __init__(self) -> None:
+        self.step = 0              # optimizer steps done
+        self.batches = 0           # micro-batches consumed (the data position)
+        self.best_rsum = -1.0
+        self.best_step = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def text_fields(recipe: Recipe, model: VSEModel) -> dict[str, TextField]:
+    t = model.cfg.text
+    fields = {}
+    if recipe.needs("sparse"):
+        fields["sparse"] = TextField("sparse", t.max_length, augment=True)
+    if recipe.needs("dense"):
+        fields["dense"] = TextField("dense", t.dense_max_length, augment=True)
+    if recipe.needs("teacher_dense"):
+        fields["teacher"] = TextField("dense", t.dense_max_length, augment=False)
+    return fields
+
+
+@torch.no_grad()
+def evaluate(model: VSEModel, urls: list[str], tokenizer: TextTokenizer, transform: ImageTransform, data: DataConfig, device) -> dict[str, float]:
+    """Retrieval metrics of ``model`` on an evaluation split (all sparse captions of each image)."""
+    from d2s.retrieval import retrieval_metrics
+
+    was_training = model.training
+    model.eval()
+    imgs, txts, owner = [], [], []
+    n = 0
+    for samples in iter_eval_batches(urls, data.val_batch_size, data.val_max_images):
+        px = torch.stack([transform(s.image) for s in samples]).to(device)
+        imgs.append(model.embed_images(px).float().cpu())
+        caps = [c for s in samples for c in s.sparse]
+        owner += [n + i for i, s in enumerate(samples) for _ in s.sparse]
+        n += len(samples)
+        for j in range(0, len(caps), data.val_batch_size):
+            ids, mask = tokenizer(caps[j : j + data.val_batch_size], model.cfg.text.max_length)
+            txts.append(model.embed_texts(ids.to(device), mask.to(device)).float().cpu())
+    model.train(was_training)
+    metrics = retrieval_metrics(torch.cat(imgs), torch.cat(txts), torch.tensor(owner, dtype=torch.long))
+    return {k: float(v) for k, v in metrics.to_dict().items()}
+
+
+def _needs_assets(model_name: str, overrides: dict) -> bool:
+    cfg = get_model_config(model_name, **overrides)
+    return cfg.image.backbone.build is not None or cfg.text.backbone.build is not None or cfg.tokenizer.build is not None
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) one training run; returns a summary dict. Works under ``accelerate launch``."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out).resolve()
+    recipe = get_recipe(cfg.recipe)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=None if cfg.tracker == "none" else cfg.tracker,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # --- model, tokenizer, teacher: from the recipe's sources
+    assets = cfg.assets
+    if recipe.init == "checkpoint":
+        if not cfg.init:
+            raise ConfigError(f"init: recipe {recipe.name!r} initialises from a checkpoint; pass init=<checkpoint dir>")
+        model, init_doc = load_checkpoint(cfg.init, student_head=recipe.student_head)
+        if init_doc["model"].get("name") != cfg.model:
+            log.info("model: using the init checkpoint's config %r (asked for %r)", init_doc["model"].get("name"), cfg.model)
+        hf_tokenizer = load_tokenizer(cfg.init)
+        processor = load_processor(cfg.init)
+    else:
+        if assets is None and _needs_assets(cfg.model, cfg.model_overrides):
+            assets = str(out / "assets")
+            from .assets import build_assets, have_assets
+
+            if main and not have_assets(assets, cfg.model):
+                build_assets(cfg.shards, assets, [cfg.model])
+            accelerator.wait_for_everyone()
+        model = create_model(cfg.model, assets_dir=assets, student_head=recipe.student_head, **cfg.model_overrides)
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        hf_tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(model.cfg, assets))
+        psrc = processor_source(model.cfg, assets)
+        processor = AutoImageProcessor.from_pretrained(psrc) if psrc else None
+    teacher = None
+    if recipe.teacher != "none":
+        src = cfg.init if recipe.teacher == "init" else cfg.teacher
+        if not src:
+            raise ConfigError(f"teacher: recipe {recipe.name!r} needs a teacher checkpoint; pass teacher=<checkpoint dir>")
+        teacher = copy.deepcopy(model.text) if recipe.teacher == "init" else load_checkpoint(src, student_head=False)[0].text
+        teacher.requires_grad_(False).eval().to(accelerator.device)
+    for group, params in model.param_groups().items():
+        if group in recipe.freeze:
+            for _, p in params:
+                p.requires_grad_(False)
+
+    # --- data
+    urls = split_shards(cfg.shards, cfg.data.train_split)
+    check_split_usable(urls, recipe.needs_dense, recipe.name)
+    n_train = split_size(cfg.shards, cfg.data.train_split)
+    global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.grad_accum
+    steps_per_epoch = max(1, n_train // global_batch)
+    total_steps = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
+    tokenizer = TextTokenizer(hf_tokenizer)
+    transform = ImageTransform.from_processor(model.cfg.image.image_size, processor, model.cfg.image.mean, model.cfg.image.std)
+    collate = Collate(transform, tokenizer, text_fields(recipe, model), model.cfg.text.token_aug)
+
+    # --- optimisation
+    objective = Objective(model, recipe, steps_per_epoch)
+    groups = []
+    for group, params in model.param_groups().items():
+        trainable = [p for _, p in params if p.requires_grad]
+        if trainable:
+            groups.append({"params": trainable, "lr": cfg.optim.lr * recipe.lr_mult.get(group, 1.0), "name": group})
+    loss_params = [p for p in objective.losses.parameters() if p.requires_grad]
+    if loss_params:
+        groups.append({"params": loss_params, "lr": cfg.optim.lr, "weight_decay": 0.0, "name": "loss"})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.optim, steps_per_epoch, total_steps)
+    )
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    progress = Progress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+
+    run_doc = {
+        "train": to_dict(cfg),
+        "recipe": to_dict(recipe),
+        "model": model.cfg.to_dict(),
+        "assets": assets,
+        "num_processes": accelerator.num_processes,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "train_size": n_train,
+    }
+    state_dir = out / "state"
+    if cfg.resume and (state_dir / "progress.json").exists():
+        accelerator.load_state(str(state_dir))
+        log.info("resumed from %s at step %d (batch %d)", state_dir, progress.step, progress.batches)
+    elif main:
+        atomic_write_json(out / "run_config.json", run_doc)
+    if cfg.tracker != "none":
+        accelerator.init_trackers("vse", config=_flat_scalars(run_doc))
+
+    val_urls = None
+    if cfg.val_every != 0:
+        try:
+            val_urls = split_shards(cfg.shards, cfg.data.val_split)
+        except KeyError:
+            log.warning("no %r split in %s: no validation, the last checkpoint is the result", cfg.data.val_split, cfg.shards)
+
+    stream = ShardStream(
+        urls,
+        batch_size=cfg.data.batch_size,
+        collate=collate,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        need_sparse=recipe.needs("sparse"),
+        need_dense=recipe.needs_dense,
+        start_batch=progress.batches,
+    )
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=cfg.data.num_workers, persistent_workers=False,
+        prefetch_factor=4 if cfg.data.num_workers else None,
+    )
+    unwrapped: VSEModel = accelerator.unwrap_model(objective).model
+    extra = {"recipe": to_dict(recipe), "train": to_dict(cfg)}
+
+    def save_model(path: Path, metrics: dict | None = None) -> None:
+        save_checkpoint(path, unwrapped, tokenizer=hf_tokenizer, processor=processor,
+                        extra={**extra, "step": progress.step, "metrics": metrics or {}})
+
+    def save_state() -> None:
+        tmp = out / "state.tmp"
+        accelerator.wait_for_everyone()
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if main:
+            atomic_write_json(tmp / "progress.json", progress.state_dict())
+            old = out / "state.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if state_dir.exists():
+                state_dir.rename(old)
+            tmp.rename(state_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def validate() -> dict | None:
+        metrics = None
+        if val_urls is not None and main:
+            metrics = evaluate(unwrapped, val_urls, tokenizer, transform, cfg.data, accelerator.device)
+            accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=progress.step)
+            log.info("step %d val rsum %.2f (i2t R@1 %.1f, t2i R@1 %.1f)", progress.step, metrics["rsum"],
+                     metrics["i2t_r1"], metrics["t2i_r1"])
+            if metrics["rsum"] > progress.best_rsum:
+                progress.best_rsum, progress.best_step = metrics["rsum"], progress.step
+                save_model(out / "best", metrics)
+        accelerator.wait_for_everyone()
+        return metrics
+
+    from tqdm import tqdm
+
+    objective.train()
+    t0, seen0, step0 = time.time(), progress.batches, progress.step
+    running: dict[str, float] = {}
+    first_loss = last_loss = None
+    bar = tqdm(total=total_steps, initial=progress.step, desc=f"vse {recipe.name}", disable=not main, unit="step")
+    it = iter(loader)
+    while progress.step < total_steps:
+        batch = next(it)
+        progress.batches += 1
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        teacher_dense = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_dense = teacher(batch["teacher_ids"], batch["teacher_mask"])
+        with accelerator.accumulate(objective):
+            with accelerator.autocast():
+                loss, parts = objective(batch, progress.step, teacher_dense)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                accelerator.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for k, v in parts.items():
+            running[k] = running.get(k, 0.0) + float(v)
+        running["total"] = running.get("total", 0.0) + float(loss.detach())
+        running["n"] = running.get("n", 0) + 1
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        progress.step += 1
+        bar.update(1)
+        if progress.step % cfg.log_every == 0 or progress.step == total_steps:
+            n = running.pop("n")
+            means = {f"loss/{k}": v / n for k, v in running.items()}
+            running = {}
+            means["lr"] = scheduler.get_last_lr()[0]
+            means["samples_per_s"] = (progress.batches - seen0) * cfg.data.batch_size * accelerator.num_processes / max(1e-9, time.time() - t0)
+            accelerator.log(means, step=progress.step)
+            bar.set_postfix(loss=f"{means['loss/total']:.3f}")
+            last_loss = means["loss/total"]
+            if first_loss is None:
+                first_loss = last_loss
+        if cfg.val_every and progress.step % cfg.val_every == 0 and progress.step < total_steps:
+            validate()
+        if progress.step % cfg.save_every == 0 and progress.step < total_steps:
+            save_state()
+        if cfg.kill_at_step is not None and progress.step == cfg.kill_at_step:
+            log.warning("kill_at_step=%d: killing this process (test of resumption)", progress.step)
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    elapsed = time.time() - t0
+    metrics = validate() if progress.step > 0 else None
+    if main:
+        save_model(out / "last", metrics)
+    save_state()
+    result_dir = out / "best" if (out / "best").exists() else out / "last"
+    if main:
+        from .bundle import export_bundle
+
+        export_bundle(result_dir, out / "bundle")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    summary = {
+        "recipe": recipe.name,
+        "model": model.cfg.name,
+        "steps": progress.step,
+        "steps_this_run": progress.step - step0,
+        "seconds": round(elapsed, 2),
+        "samples_per_s": round((progress.batches - seen0) * cfg.data.batch_size * accelerator.num_processes / max(1e-9, elapsed), 1),
+        "first_loss": first_loss,
+        "last_loss": last_loss,
+        "best_rsum": progress.best_rsum if progress.best_step >= 0 else None,
+        "best_step": progress.best_step if progress.best_step >= 0 else None,
+        "final_metrics": metrics,
+        "checkpoint": str(result_dir),
+        "bundle": str(out / "bundle"),
+    }
+    if main:
+        atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _flat_scalars(doc: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_scalars(v, key + "/"))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        elif v is not None:
+            out[key] = json.dumps(v)
+    return out
