@@ -147,6 +147,7 @@ class Worker:
         if refill and rp.exists():  # keep the image rejects of the first pass
             rejects = [r for r in map(json.loads, rp.read_text().splitlines()) if r.get("kind") == "image"]
         counts: Counter = Counter()
+        retries0 = sum(getattr(c, "retries", 0) for c in self.captioners)
         self.chain.reset()
         t0 = time.perf_counter()
         with ShardWriter(self.out, unit.split, unit.index) as w:
@@ -179,6 +180,8 @@ class Worker:
                 caption_seconds=round(cap_s, 3),
                 filled=refill,
                 captioners=[c.label for c in self.captioners],
+                max_in_flight={c.label: getattr(c, "max_in_flight", 1) for c in self.captioners},
+                retries=sum(getattr(c, "retries", 0) for c in self.captioners) - retries0,
                 filters=[f.name for f in self.chain.filters],
             )
             stats = dict(w.stats)

@@ -83,6 +83,8 @@ class VLLMServerSource(CaptionSource):
         self._sem: asyncio.Semaphore | None = None
         self._consecutive_failures = 0
         self.retries = 0
+        self.in_flight = 0
+        self.max_in_flight = 0  # observed request concurrency (reported in shard stats)
 
     async def start(self) -> None:
         import httpx
@@ -140,10 +142,14 @@ class VLLMServerSource(CaptionSource):
     async def _post(self, body: dict) -> dict:
         import httpx
 
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             r = await self.client.post("/v1/chat/completions", json=body)
         except (httpx.TransportError, httpx.TimeoutException) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc or 'connection failed'}") from None
+        finally:
+            self.in_flight -= 1
         if r.status_code >= 500 or r.status_code == 429:
             raise _Retryable(f"HTTP {r.status_code}: {r.text[:200]}")
         if r.status_code != 200:
