@@ -501,8 +501,15 @@ def evaluate_protocol(
     ties: TieRule = "stable",
     device: str | torch.device | None = None,
     curve_ks: Sequence[int] = CURVE_KS,
+    engine: Literal["exact", "faiss"] = "exact",
+    faiss_k: int = 100,
 ) -> ProtocolResult:
-    """Evaluate under a named protocol; folds are sequential image ranges with their own captions."""
+    """Evaluate under a named protocol; folds are sequential image ranges with their own captions.
+
+    ``engine="faiss"`` ranks with :func:`faiss_ranks` (censored at ``faiss_k``); exact is the default.
+    """
+    if engine not in ("exact", "faiss"):
+        raise RetrievalInputError(f"engine: expected 'exact' or 'faiss', got {engine!r}")
     p = get_protocol(protocol) if isinstance(protocol, str) else protocol
     img, txt = check_embeddings(img_emb, txt_emb)
     n, m = img.shape[0], txt.shape[0]
@@ -520,9 +527,11 @@ def evaluate_protocol(
     for f in range(p.n_folds):
         a, b = f * fold, (f + 1) * fold
         sel = ((mapping >= a) & (mapping < b)).nonzero().flatten()
-        ranks = retrieval_ranks(
-            img[a:b], txt[sel.to(txt.device)], mapping[sel] - a, chunk_size=chunk_size, ties=ties, device=device
-        )
+        fi, ft, fm = img[a:b], txt[sel.to(txt.device)], mapping[sel] - a
+        if engine == "faiss":
+            ranks = faiss_ranks(fi, ft, fm, k=faiss_k)
+        else:
+            ranks = retrieval_ranks(fi, ft, fm, chunk_size=chunk_size, ties=ties, device=device)
         folds.append(ranks.metrics())
         c = ranks.curves(curve_ks)
         curves_i2t.append(c["i2t"])
@@ -535,7 +544,7 @@ def evaluate_protocol(
         protocol=p.name,
         n_images=n,
         n_texts=m,
-        ties=ties,
+        ties=ties if engine == "exact" else f"faiss (ranks censored at {faiss_k})",
         metrics=RetrievalMetrics.mean(folds),
         folds=folds if p.n_folds > 1 else [],
         curves={"i2t": avg(curves_i2t), "t2i": avg(curves_t2i)},

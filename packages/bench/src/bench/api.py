@@ -1,0 +1,299 @@
+"""The Python API: embed an evaluation set, evaluate protocols, write / read result files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol as TypingProtocol, Sequence
+
+import numpy as np
+import torch
+
+from d2s.retrieval import (
+    DEFAULT_CHUNK_SIZE,
+    ProtocolResult,
+    RetrievalInputError,
+    check_mapping,
+    evaluate_protocol,
+    get_protocol,
+)
+from d2s.shards import atomic_write_json, atomic_write_text
+
+from .data import EvalSet
+
+log = logging.getLogger(__name__)
+
+RESULTS_FORMAT = "d2s-bench-retrieval"
+RESULTS_VERSION = 1
+
+
+class Encoder(TypingProtocol):
+    """What bench needs from a model: ``vse.bundle.Bundle`` has exactly this."""
+
+    def embed_images(self, images: list, batch_size: int = 64) -> torch.Tensor: ...
+    def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor: ...
+
+
+@dataclass
+class RetrievalSettings:
+    """How to evaluate (typed; the CLI and the stage both build one)."""
+
+    protocols: list[str] = field(default_factory=lambda: ["custom"])
+    long_text: bool = True  # also image <-> long text, where the data has long texts
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    ties: Literal["stable", "optimistic", "pessimistic"] = "stable"
+    engine: Literal["exact", "faiss"] = "exact"
+    faiss_k: int = 100
+    image_batch_size: int = 64
+    text_batch_size: int = 256
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        for p in self.protocols:
+            get_protocol(p)
+        if "long_text" in self.protocols:
+            raise RetrievalInputError("protocols: 'long_text' is chosen with long_text=true, not in the sparse list")
+        if self.chunk_size < 1 or self.image_batch_size < 1 or self.text_batch_size < 1 or self.faiss_k < 1:
+            raise RetrievalInputError("chunk_size, batch sizes and faiss_k must be >= 1")
+
+
+@dataclass
+class Embeddings:
+    """Image and text embeddings plus the caption -> image mapping (and optional long texts)."""
+
+    img: torch.Tensor
+    txt: torch.Tensor
+    txt_to_img: torch.Tensor
+    dense: torch.Tensor | None = None
+    dense_img: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.txt_to_img = check_mapping(self.txt_to_img, self.img.shape[0], self.txt.shape[0])
+        if (self.dense is None) != (self.dense_img is None):
+            raise RetrievalInputError("dense and dense_img come together")
+        if self.dense is not None:
+            if self.dense_img.shape[0] != self.dense.shape[0]:
+                raise RetrievalInputError(f"{self.dense.shape[0]} dense texts but {self.dense_img.shape[0]} dense_img entries")
+            if self.dense_img.numel() != torch.unique(self.dense_img).numel():
+                raise RetrievalInputError("dense_img: one long text per image (an image index repeats)")
+
+
+# ------------------------------------------------------------------------ files of embeddings
+def _read_array(path: Path, key: str | None = None) -> np.ndarray:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if suffix == ".json":
+        return np.asarray(json.loads(path.read_text()), dtype=np.int64)
+    if suffix in (".txt", ".csv"):
+        return np.loadtxt(path, dtype=np.int64, ndmin=1)
+    if suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        d = load_file(str(path))
+        if key is None:
+            if len(d) != 1:
+                raise RetrievalInputError(f"{path}: holds {sorted(d)}; say which tensor (file.safetensors:KEY)")
+            return next(iter(d.values()))
+        if key not in d:
+            raise RetrievalInputError(f"{path}: no tensor {key!r}; tensors: {sorted(d)}")
+        return d[key]
+    raise RetrievalInputError(f"{path}: unsupported file type {suffix!r} (.npy, .safetensors, .json, .txt)")
+
+
+def _split_key(spec: str | Path) -> tuple[Path, str | None]:
+    s = str(spec)
+    if ".safetensors:" in s:
+        p, k = s.rsplit(":", 1)
+        return Path(p), k
+    return Path(s), None
+
+
+def load_embeddings(
+    path: str | Path | None = None,
+    *,
+    img: str | Path | None = None,
+    txt: str | Path | None = None,
+    txt_to_img: str | Path | None = None,
+) -> Embeddings:
+    """Either one safetensors file with ``img``, ``txt`` (and ``txt_to_img``, ``dense``,
+    ``dense_img``) tensors, as :func:`save_embeddings` writes, or separate files
+    (``.npy`` / ``.safetensors[:KEY]``; mapping also ``.json`` list or ``.txt``)."""
+    if path is not None:
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        d = load_file(str(path))
+        missing = [k for k in ("img", "txt") if k not in d]
+        if missing:
+            raise RetrievalInputError(f"{path}: lacks tensor(s) {missing}; tensors: {sorted(d)}")
+        t = {k: torch.from_numpy(v) for k, v in d.items()}
+        return Embeddings(t["img"], t["txt"], t.get("txt_to_img"), t.get("dense"), t.get("dense_img"))
+    if img is None or txt is None:
+        raise RetrievalInputError("give an embeddings file, or both img and txt embedding files")
+    a = torch.from_numpy(np.ascontiguousarray(_read_array(*_split_key(img))))
+    b = torch.from_numpy(np.ascontiguousarray(_read_array(*_split_key(txt))))
+    m = None if txt_to_img is None else torch.from_numpy(_read_array(*_split_key(txt_to_img)).astype(np.int64))
+    return Embeddings(a, b, m)
+
+
+def save_embeddings(emb: Embeddings, path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    d = {"img": emb.img.contiguous(), "txt": emb.txt.contiguous(), "txt_to_img": emb.txt_to_img.contiguous()}
+    if emb.dense is not None:
+        d["dense"], d["dense_img"] = emb.dense.contiguous(), emb.dense_img.contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.cpu() for k, v in d.items()}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------ model side
+def load_encoder(bundle: str | Path, device: str | None = None) -> Encoder:
+    """A trained model through its bundle (``vse.bundle.load_bundle``); vse is imported lazily."""
+    try:
+        from vse.bundle import load_bundle
+    except ImportError as exc:
+        raise RetrievalInputError(f"evaluating a model bundle needs the vse package ({exc})") from None
+    return load_bundle(bundle) if device is None else load_bundle(bundle, device=device)
+
+
+def _read_images(items: Sequence[bytes | str]) -> list[bytes]:
+    return [Path(x).read_bytes() if isinstance(x, str) else x for x in items]
+
+
+def embed_eval_set(encoder: Encoder, data: EvalSet, settings: RetrievalSettings | None = None) -> Embeddings:
+    """Encode images (reading files batch by batch), captions and long texts."""
+    from tqdm import tqdm
+
+    s = settings or RetrievalSettings()
+    step = max(s.image_batch_size, 1) * 8
+    chunks = []
+    for i in tqdm(range(0, len(data.images), step), desc="embed images", unit="batch"):
+        chunks.append(encoder.embed_images(_read_images(data.images[i : i + step]), batch_size=s.image_batch_size))
+    img = torch.cat(chunks).float()
+    txt = encoder.embed_texts(list(data.captions), batch_size=s.text_batch_size).float()
+    dense = dense_img = None
+    if s.long_text and data.dense:
+        dense = encoder.embed_texts(list(data.dense), batch_size=s.text_batch_size).float()
+        dense_img = torch.as_tensor(data.dense_img, dtype=torch.long)
+    return Embeddings(img, txt, torch.as_tensor(data.txt_to_img, dtype=torch.long), dense, dense_img)
+
+
+def evaluate_embeddings(emb: Embeddings, settings: RetrievalSettings | None = None) -> dict[str, ProtocolResult]:
+    """Every requested sparse-caption protocol, plus long-text retrieval where there are long texts."""
+    s = settings or RetrievalSettings()
+    kw = dict(chunk_size=s.chunk_size, ties=s.ties, device=s.device, engine=s.engine, faiss_k=s.faiss_k)
+    out: dict[str, ProtocolResult] = {}
+    for p in s.protocols:
+        t0 = time.perf_counter()
+        out[p] = evaluate_protocol(p, emb.img, emb.txt, emb.txt_to_img, **kw)
+        log.info("%s: rsum %.2f (%.2fs)", p, out[p].metrics.rsum, time.perf_counter() - t0)
+    if s.long_text:
+        if emb.dense is None:
+            log.info("no long texts in this data: long-text retrieval skipped")
+        else:
+            sub = emb.img[emb.dense_img]
+            out["long_text"] = evaluate_protocol("long_text", sub, emb.dense, None, **kw)
+            log.info("long_text: rsum %.2f", out["long_text"].metrics.rsum)
+    return out
+
+
+# ------------------------------------------------------------------------ result files
+@dataclass
+class BenchResults:
+    name: str
+    benchmarks: dict[str, ProtocolResult]
+    source: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": RESULTS_FORMAT,
+            "version": RESULTS_VERSION,
+            "name": self.name,
+            "created": self.created,
+            "seconds": round(self.seconds, 3),
+            "source": self.source,
+            "settings": self.settings,
+            "benchmarks": {k: v.to_dict() for k, v in self.benchmarks.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "results") -> "BenchResults":
+        if d.get("format") != RESULTS_FORMAT:
+            raise RetrievalInputError(f"{where}: not a bench results file (format {d.get('format')!r})")
+        try:
+            return cls(
+                name=d["name"],
+                benchmarks={k: ProtocolResult.from_dict(v) for k, v in d["benchmarks"].items()},
+                source=d.get("source", {}),
+                settings=d.get("settings", {}),
+                seconds=float(d.get("seconds", 0.0)),
+                created=d.get("created", ""),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RetrievalInputError(f"{where}: malformed results ({exc!r})") from None
+
+
+COLUMNS = [
+    ("i2t_r1", "i2t R@1"), ("i2t_r5", "R@5"), ("i2t_r10", "R@10"),
+    ("t2i_r1", "t2i R@1"), ("t2i_r5", "R@5"), ("t2i_r10", "R@10"),
+    ("rsum", "rSum"), ("i2t_medr", "i2t medr"), ("i2t_meanr", "meanr"), ("t2i_medr", "t2i medr"), ("t2i_meanr", "meanr"),
+]  # fmt: skip
+
+
+def markdown_table(results: BenchResults) -> str:
+    head = ["benchmark", "images", "texts"] + [c[1] for c in COLUMNS]
+    lines = [f"# Retrieval: {results.name}", ""]
+    if results.source:
+        lines += [", ".join(f"{k}: `{v}`" for k, v in results.source.items()), ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.benchmarks.items():
+        m = r.metrics.to_dict()
+        cells = [name, str(r.n_images), str(r.n_texts)] + [f"{m[k]:.2f}" if k != "rsum" else f"**{m[k]:.2f}**" for k, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Recalls in %, ranks 1-based; ties: {results.settings.get('ties', 'stable')}. "
+              "coco_1k_5fold averages five sequential 1K folds."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: BenchResults, out_dir: str | Path) -> tuple[Path, Path]:
+    """``results.json`` (named fields) and ``results.md``, written atomically into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.md", markdown_table(results))
+    atomic_write_json(out / "results.json", results.to_dict())  # last: the completion marker
+    return out / "results.json", out / "results.md"
+
+
+def read_results(path: str | Path) -> BenchResults:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: no such results file") from None
+    except json.JSONDecodeError as exc:
+        raise RetrievalInputError(f"{p}: not JSON ({exc})") from None
+    return BenchResults.from_dict(d, str(p))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
