@@ -151,6 +151,8 @@ def _float(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_finite(x: torch.Tensor, name: str) -> None:
+    if bool(torch.isfinite(x.mul(0).sum())):  # fast path: 0 * finite sums to 0; NaN/inf give NaN
+        return
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten()
@@ -276,16 +278,19 @@ def _rank_tiles(get_tile, n_images: int, grouped: _Grouped, chunk_size: int, tie
         m_img.append(mi)
         m_txt.append(mt)
         if ties == "optimistic":
-            ci = (s > mi[:, None]).sum(1)
-            ct = (s > mt[None, :]).sum(0)
+            ci = (s > mi[:, None]).sum(1, dtype=torch.int32)
+            ct = (s > mt[None, :]).sum(0, dtype=torch.int32)
         elif ties == "pessimistic":
-            ci = ((s >= mi[:, None]) & ~pos).sum(1)
-            ct = ((s >= mt[None, :]) & ~pos).sum(0)
+            ci = ((s >= mi[:, None]) & ~pos).sum(1, dtype=torch.int32)
+            ct = ((s >= mt[None, :]) & ~pos).sum(0, dtype=torch.int32)
         else:
-            first = (pos & (s == mi[:, None])).to(torch.uint8).argmax(1)  # earliest best positive
-            ci = (s > mi[:, None]).sum(1) + ((s == mi[:, None]) & (cols[None, :] < first[:, None])).sum(1)
+            eq_i = s == mi[:, None]
+            first = (pos & eq_i).to(torch.uint8).argmax(1)  # earliest best positive
+            ci = (s > mi[:, None]).sum(1, dtype=torch.int32)
+            ci += (eq_i & (cols[None, :] < first[:, None])).sum(1, dtype=torch.int32)
             rpos = torch.arange(nr, device=device)[:, None]
-            ct = (s > mt[None, :]).sum(0) + ((s == mt[None, :]) & (rpos < rows[None, :])).sum(0)
+            ct = (s > mt[None, :]).sum(0, dtype=torch.int32)
+            ct += ((s == mt[None, :]) & (rpos < rows[None, :])).sum(0, dtype=torch.int32)
         i2t[a:b] += ci
         t2i[c0:c1] += ct
 
