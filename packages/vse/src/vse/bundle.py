@@ -8,11 +8,8 @@ head when the model has one.
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
-from typing import Any
-
 import torch
 from PIL import Image
 
@@ -72,7 +69,3 @@ class Bundle:
 
 def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
     return Bundle(path, device)
-
-
-def _open(image: Any) -> Image.Image:  # pragma: no cover - helper for callers with file paths
-    return Image.open(io.BytesIO(image)) if isinstance(image, bytes) else image

@@ -75,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("models", help="list model configs")
     sub.add_parser("recipes", help="list recipes")
     parser.add_argument("--log-level", default=None)
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may sit anywhere among the train options
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if args.cmd != "train" or "=" not in e or e.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if args.cmd == "train":
+        args.overrides = list(args.overrides) + extra
     setup_logging(args.log_level)
 
     try:

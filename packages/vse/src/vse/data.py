@@ -210,9 +210,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         import webdataset as wds
 
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        loader_worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The loader takes workers round robin starting with worker 0, and global batch i came
+        # from worker i % W in the first run; after resuming at batch b, loader worker w plays
+        # the part of worker (w + b) % W and skips the batches that part already produced.
+        worker = (loader_worker + self.start_batch) % workers
         reader, readers = self.rank * workers + worker, self.world_size * workers
-        # batches of this worker that earlier runs consumed (the loader takes workers round robin)
         skip = max(0, -(-(self.start_batch - worker) // workers))
         sample_split = len(self.urls) < readers
 

@@ -61,8 +61,6 @@ class Recipe:
         for g in list(self.freeze) + list(self.lr_mult):
             if g not in GROUPS:
                 raise ValueError(f"freeze/lr_mult: unknown parameter group {g!r}; groups: {list(GROUPS)}")
-        if "student" in self.freeze and self.student_head:
-            pass  # allowed: a frozen head still runs
         if self.needs("teacher_dense") and self.teacher == "none":
             raise ValueError("teacher: a loss uses 'teacher_dense' but the recipe has teacher 'none'")
         if self.teacher == "init" and self.init != "checkpoint":

@@ -304,12 +304,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         psrc = processor_source(model.cfg, assets)
         processor = AutoImageProcessor.from_pretrained(psrc) if psrc else None
     teacher = None
+    teacher_sha = None
     if recipe.teacher != "none":
         src = cfg.init if recipe.teacher == "init" else cfg.teacher
         if not src:
             raise ConfigError(f"teacher: recipe {recipe.name!r} needs a teacher checkpoint; pass teacher=<checkpoint dir>")
         teacher = copy.deepcopy(model.text) if recipe.teacher == "init" else load_checkpoint(src, student_head=False)[0].text
         teacher.requires_grad_(False).eval().to(accelerator.device)
+        teacher_sha = state_fingerprint(teacher)
     for group, params in model.param_groups().items():
         if group in recipe.freeze:
             for _, p in params:
@@ -366,9 +368,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     val_urls = None
     if cfg.val_every != 0:
         try:
+            import d2s.retrieval  # noqa: F401
+
             val_urls = split_shards(cfg.shards, cfg.data.val_split)
         except KeyError:
             log.warning("no %r split in %s: no validation, the last checkpoint is the result", cfg.data.val_split, cfg.shards)
+        except ImportError:
+            log.warning("d2s.retrieval is not installed: no validation, the last checkpoint is the result")
 
     stream = ShardStream(
         urls,
@@ -385,6 +391,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.data.num_workers, persistent_workers=False,
         prefetch_factor=4 if cfg.data.num_workers else None,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG (restored on resume) untouched
     )
     unwrapped: VSEModel = accelerator.unwrap_model(objective).model
     extra = {"recipe": to_dict(recipe), "train": to_dict(cfg)}
@@ -500,12 +507,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "best_rsum": progress.best_rsum if progress.best_step >= 0 else None,
         "best_step": progress.best_step if progress.best_step >= 0 else None,
         "final_metrics": metrics,
+        "teacher_sha": [teacher_sha, state_fingerprint(teacher)] if teacher is not None else None,
         "checkpoint": str(result_dir),
         "bundle": str(out / "bundle"),
     }
     if main:
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """SHA-256 over a module's state (names, dtypes, bytes): equal iff bit-identical."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(v.dtype).encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _flat_scalars(doc: dict, prefix: str = "") -> dict[str, Any]:
