@@ -98,6 +98,7 @@ class TrainConfig:
     epochs: float | None = None
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    cpu: bool = False                          # force CPU (gloo between processes under torchrun/accelerate launch)
     grad_accum: int = 1
     log_every: int = 20
     val_every: int | None = None               # steps; None: only at the end; 0: never
@@ -269,6 +270,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out).resolve()
     recipe = get_recipe(cfg.recipe)
     accelerator = Accelerator(
+        cpu=cfg.cpu,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=None if cfg.tracker == "none" else cfg.tracker,
