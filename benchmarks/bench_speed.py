@@ -123,14 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("reference per-query loops (numpy)", t_loop, f"bench is {t_loop / t_bench:.1f}x faster"))
         log.info("ranks identical to the reference loops (%d i2t, %d t2i)", n, m)
 
+    print(f"\n| {n} x {m}, dim {d} | seconds | ratio |\n|---|---|---|")
+    for name, sec, ratio in rows:
+        print(f"| {name} | {sec:.2f} | {ratio} |", flush=True)
+
     large = []
     for engine in [e for e in args.large_engines.split(",") if e]:
         log.info("large: %s on %d x %d, dim %d ...", engine, args.large_images, args.large_texts, args.large_dim)
         large.append(run_large(engine, args.large_images, args.large_texts, args.large_dim, args.chunk_size, args.faiss_k))
-
-    print(f"\n| {n} x {m}, dim {d} | seconds | ratio |\n|---|---|---|")
-    for name, sec, ratio in rows:
-        print(f"| {name} | {sec:.2f} | {ratio} |")
     if large:
         print(f"\n| {args.large_images} x {args.large_texts}, dim {args.large_dim} | seconds | peak RSS GiB | of which inputs |\n|---|---|---|---|")
         for r in large:
