@@ -176,3 +176,12 @@ def test_two_process_accelerate_run(world, assets, tmp_path):
     # the optimizer state has one entry per process' RNG; both processes saved their random state
     assert (out / "state" / "random_states_0.pkl").exists() and (out / "state" / "random_states_1.pkl").exists()
     load_bundle(out / "bundle")
+
+
+def test_validation_selects_best_on_val(world, assets, tmp_path):
+    s = train(parse_config(cfg_doc(world, assets, tmp_path / "run", steps=4, val_every=2, data={"val_max_images": 40})))
+    assert s["best_step"] in (2, 4) and s["best_rsum"] is not None
+    best = json.loads((Path(s["checkpoint"]) / "vse_config.json").read_text())
+    assert Path(s["checkpoint"]).name == "best" and best["step"] == s["best_step"]
+    assert best["metrics"]["rsum"] == pytest.approx(s["best_rsum"])
+    assert 0 <= best["metrics"]["rsum"] <= 600
