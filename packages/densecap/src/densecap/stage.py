@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from d2s.config import to_dict
 from d2s.pipeline import Stage, StageContext
 
 from .config import DensecapConfig, PluginConfig, RunConfig
@@ -27,8 +26,6 @@ class DensecapStage(Stage):
         source = p.source
         if ctx.inputs.get("shards"):
             source = PluginConfig(source.type, {**source.params, "path": str(ctx.inputs["shards"])}, source.label)
-        d = to_dict(p)
-        d["source"] = to_dict(source)
         cfg = RunConfig(**{**{k: getattr(p, k) for k in DensecapConfig.__dataclass_fields__}, "source": source,
                            "out": str(ctx.outputs["shards"]), "report": str(ctx.outputs["report"])})
         summary = run(cfg)
