@@ -12,7 +12,15 @@ from d2s.config import to_dict
 from d2s.pipeline import Stage, StageContext
 from d2s.retrieval import DEFAULT_CHUNK_SIZE
 
-from .api import BenchResults, RetrievalSettings, embed_eval_set, evaluate_embeddings, load_encoder, write_results
+from .api import (
+    BenchResults,
+    RetrievalSettings,
+    embed_eval_set,
+    evaluate_embeddings,
+    load_encoder,
+    save_embeddings,
+    write_results,
+)
 from .data import load_shards
 
 
@@ -28,6 +36,7 @@ class BenchRetrievalParams:
     text_batch_size: int = 256
     device: str | None = None
     name: str = ""
+    save_embeddings: bool = True  # embeddings.safetensors beside the results (the report's examples use them)
 
     def __post_init__(self) -> None:
         self.settings()  # validates protocols and sizes
@@ -50,7 +59,7 @@ class BenchRetrievalStage(Stage):
     Params = BenchRetrievalParams
     inputs = {"bundle": "model bundle directory (vse.bundle)", "shards": "shards directory with the split"}
     outputs = {"results": "directory with results.json and results.md"}
-    version = "1"
+    version = "2"
 
     def run(self, ctx: StageContext) -> dict:
         p: BenchRetrievalParams = ctx.params
@@ -65,6 +74,8 @@ class BenchRetrievalStage(Stage):
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         write_results(results, tmp)
+        if p.save_embeddings:
+            save_embeddings(emb, tmp / "embeddings.safetensors")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)  # the directory appears only when complete

@@ -12,12 +12,12 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from d2s.config import to_dict
 from d2s.pipeline import Stage, StageContext
 
-from .train import DataConfig, OptimConfig, parse_config, train
+from .train import AlignLossOverride, DataConfig, OptimConfig, parse_config, train
 
 
 @dataclass
@@ -25,6 +25,8 @@ class VseTrainParams:
     recipe: str = "baseline"
     model: str = "tiny-vit"
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    lr_mult: dict[str, float] = field(default_factory=dict)   # over the recipe's (random-init backbones: 1.0)
+    align_loss: AlignLossOverride | None = None                # e.g. {kind: infonce} for random-init models
     steps: int | None = None
     epochs: float | None = None
     seed: int = 0
@@ -34,6 +36,7 @@ class VseTrainParams:
     save_every: int = 200
     log_every: int = 20
     threads: int | None = None
+    tracker: Literal["tensorboard", "none"] = "tensorboard"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -52,13 +55,17 @@ class VseTrainStage(Stage):
         "teacher?": "checkpoint dir of a teacher text encoder (recipes with teacher: teacher)",
         "assets?": "assets dir of the tiny configs (vse-assets); default: built in the work dir",
     }
-    outputs = {"checkpoint": "model checkpoint dir (best on val rSum)", "bundle": "inference bundle dir (vse.bundle)"}
+    outputs = {
+        "checkpoint": "model checkpoint dir (best on val rSum)",
+        "bundle": "inference bundle dir (vse.bundle)",
+        "run": "training run dir (metrics.jsonl, summary.json, resumable state, tensorboard)",
+    }
     version = "1"
 
     def run(self, ctx: StageContext) -> dict:
         p: VseTrainParams = ctx.params
         doc = to_dict(p)
-        doc.update(shards=ctx.inputs["shards"], out=str(ctx.work_dir / "run"))
+        doc.update(shards=ctx.inputs["shards"], out=str(ctx.outputs["run"]))
         for k in ("init", "teacher", "assets"):
             if ctx.inputs.get(k):
                 doc[k] = ctx.inputs[k]

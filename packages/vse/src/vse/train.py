@@ -34,13 +34,13 @@ import torch
 from torch import nn
 
 from d2s.config import ConfigError, from_dict, to_dict
-from d2s.shards import atomic_write_json, split_shards, split_size
+from d2s.shards import atomic_write_json, atomic_write_text, split_shards, split_size
 
 from .checkpoint import load_checkpoint, load_processor, load_tokenizer, save_checkpoint
 from .data import Collate, ImageTransform, ShardStream, TextField, TextTokenizer, check_split_usable, iter_eval_batches
 from .losses import build_loss
 from .models import GROUPS, VSEModel, create_model, get_model_config, processor_source, tokenizer_source
-from .recipes import Recipe, get_recipe
+from .recipes import Recipe, get_recipe, with_align_loss
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,20 @@ class DataConfig:
 
 
 @dataclass
+class AlignLossOverride:
+    kind: str = "infonce"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConfig:
     shards: str
     out: str
     recipe: str = "baseline"                   # registered name or a recipe file
     model: str = "tiny-vit"                    # registered name or a model config file
     model_overrides: dict[str, Any] = field(default_factory=dict)   # {"text.max_length": 16, ...}
+    lr_mult: dict[str, float] = field(default_factory=dict)  # per-group lr multipliers, over the recipe's
+    align_loss: AlignLossOverride | None = None  # replace the recipe's alignment loss terms (e.g. infonce)
     assets: str | None = None                  # assets dir for locally built configs (default: <out>/assets)
     init: str | None = None                    # checkpoint dir (recipes with init: checkpoint)
     teacher: str | None = None                 # checkpoint dir (recipes with teacher: teacher)
@@ -117,6 +125,11 @@ class TrainConfig:
             raise ValueError("steps must be >= 1")
         if self.grad_accum < 1 or self.save_every < 1 or self.log_every < 1:
             raise ValueError("grad_accum, save_every and log_every must be >= 1")
+        from .models import GROUPS
+
+        bad = sorted(set(self.lr_mult) - set(GROUPS))
+        if bad:
+            raise ValueError(f"lr_mult: unknown parameter group(s) {bad}; groups: {list(GROUPS)}")
 
 
 def parse_config(doc: dict[str, Any], where: str = "train config") -> TrainConfig:
@@ -269,6 +282,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out).resolve()
     recipe = get_recipe(cfg.recipe)
+    if cfg.align_loss is not None:
+        recipe = with_align_loss(recipe, cfg.align_loss.kind, cfg.align_loss.params)
     accelerator = Accelerator(
         cpu=cfg.cpu,
         mixed_precision=cfg.mixed_precision,
@@ -336,7 +351,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     for group, params in model.param_groups().items():
         trainable = [p for _, p in params if p.requires_grad]
         if trainable:
-            groups.append({"params": trainable, "lr": cfg.optim.lr * recipe.lr_mult.get(group, 1.0), "name": group})
+            mult = cfg.lr_mult.get(group, recipe.lr_mult.get(group, 1.0))
+            groups.append({"params": trainable, "lr": cfg.optim.lr * mult, "name": group})
     loss_params = [p for p in objective.losses.parameters() if p.requires_grad]
     if loss_params:
         groups.append({"params": loss_params, "lr": cfg.optim.lr, "weight_decay": 0.0, "name": "loss"})
@@ -425,6 +441,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if val_urls is not None and main:
             metrics = evaluate(unwrapped, val_urls, tokenizer, transform, cfg.data, accelerator.device)
             accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=progress.step)
+            history.write(progress.step, {f"val/{k}": v for k, v in metrics.items()})
             log.info("step %d val rsum %.2f (i2t R@1 %.1f, t2i R@1 %.1f)", progress.step, metrics["rsum"],
                      metrics["i2t_r1"], metrics["t2i_r1"])
             if metrics["rsum"] > progress.best_rsum:
@@ -436,6 +453,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     objective.train()
+    history = History(out / "metrics.jsonl", progress.step, main)
     t0, seen0, step0 = time.time(), progress.batches, progress.step
     running: dict[str, float] = {}
     first_loss = last_loss = None
@@ -473,6 +491,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             means["lr"] = scheduler.get_last_lr()[0]
             means["samples_per_s"] = (progress.batches - seen0) * cfg.data.batch_size * accelerator.num_processes / max(1e-9, time.time() - t0)
             accelerator.log(means, step=progress.step)
+            history.write(progress.step, means)
             bar.set_postfix(loss=f"{means['loss/total']:.3f}")
             last_loss = means["loss/total"]
             if first_loss is None:
@@ -516,6 +535,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if main:
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+class History:
+    """``metrics.jsonl`` in the run dir: one line per log step and per validation.
+
+    On resume, lines past the restored step are dropped first, so the file always
+    describes exactly one run from step 0 (what the report's training curves plot).
+    """
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
 
 
 def state_fingerprint(module: nn.Module) -> str:
