@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
+
 from d2s.schema import DenseText, Sample
 
 from .registry import Registry
@@ -193,7 +195,8 @@ class NearDuplicateFilter(Filter):
         super().__init__(params)
         if params.num_perm % params.bands:
             raise ValueError("near-duplicate: num_perm must be a multiple of bands")
-        self.seeds = [hashlib.blake2b(str(i).encode(), digest_size=8).digest() for i in range(params.num_perm)]
+        seeds = [int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") for i in range(params.num_perm)]
+        self.seeds = np.array(seeds, dtype=np.uint64)[:, None]
         self.reset()
 
     def reset(self):
@@ -204,11 +207,16 @@ class NearDuplicateFilter(Filter):
         w = words(text)
         k = self.params.shingle
         sh = {" ".join(w[i : i + k]) for i in range(max(1, len(w) - k + 1))} or {""}
-        enc = [s.encode() for s in sh]
-        return tuple(
-            min(int.from_bytes(hashlib.blake2b(e, digest_size=8, key=seed).digest(), "little") for e in enc)
-            for seed in self.seeds
-        )
+        # One 64-bit hash per shingle, then one cheap mix per permutation (vectorised):
+        # h_i(x) = splitmix64(x ^ seed_i); the signature is the minimum over shingles.
+        x = np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") for s in sh],
+                     dtype=np.uint64)[None, :]
+        z = x ^ self.seeds
+        with np.errstate(over="ignore"):
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+        return tuple(z.min(axis=1).tolist())
 
     def check(self, dense, sample):
         sig = self.signature(dense.text)
