@@ -69,3 +69,20 @@ def test_distill_cos_and_mse():
     ss = s.clone().requires_grad_()
     DistillLoss(DistillParams(), 1)(ss, tt, None, 0).backward()
     assert tt.grad is None and ss.grad is not None
+
+
+def test_infonce_sum_reduction_is_batch_times_mean():
+    import torch.nn.functional as F
+
+    from vse.losses import infonce_loss
+
+    g = torch.Generator().manual_seed(0)
+    a = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    b = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    mean = infonce_loss(a, b, None, 0.1)
+    total = infonce_loss(a, b, None, 0.1, "sum")
+    assert torch.allclose(total, 6 * mean)
+    # and the mean agrees with a direct computation
+    logits = a @ b.t() / 0.1
+    direct = (-(logits.diag() - logits.logsumexp(1)).mean() - (logits.diag() - logits.logsumexp(0)).mean()) / 2
+    assert torch.allclose(mean, direct, atol=1e-6)

@@ -49,14 +49,15 @@ def triplet_loss(
     return (cost_txt.sum(1) / n_row).sum() + (cost_img.sum(0) / n_col).sum()
 
 
-def infonce_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor | None, temperature: torch.Tensor | float):
+def infonce_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor | None, temperature: torch.Tensor | float,
+                 reduction: str = "mean"):
     logits = (img @ txt.t()) / temperature
     n = logits.shape[0]
     same = ~negatives_mask(ids, ids, n, n, logits.device)
     other_pos = same & ~torch.eye(n, dtype=torch.bool, device=logits.device)
     logits = logits.masked_fill(other_pos, float("-inf"))
     labels = torch.arange(n, device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    return (F.cross_entropy(logits, labels, reduction=reduction) + F.cross_entropy(logits.t(), labels, reduction=reduction)) / 2
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, metric: str = "cos", reduction: str = "sum"):
@@ -84,6 +85,9 @@ class TripletParams:
 class InfoNCEParams:
     temperature: float = 0.07
     learnable: bool = True
+    # "sum" matches the paper's convention (triplet and distillation summed over the batch),
+    # so that a recipe's 1:1 weights mean the same thing with either alignment loss.
+    reduction: Literal["mean", "sum"] = "mean"
 
 
 @dataclass
@@ -112,6 +116,7 @@ class InfoNCELoss(nn.Module):
 
     def __init__(self, p: InfoNCEParams, steps_per_epoch: int):
         super().__init__()
+        self.p = p
         init = torch.tensor(math.log(1.0 / p.temperature))
         if p.learnable:
             self.logit_scale = nn.Parameter(init)
@@ -120,7 +125,7 @@ class InfoNCELoss(nn.Module):
 
     def forward(self, a, b, ids, step: int):
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
-        return infonce_loss(a, b, ids, 1.0 / scale)
+        return infonce_loss(a, b, ids, 1.0 / scale, self.p.reduction)
 
 
 class DistillLoss(nn.Module):
