@@ -151,7 +151,7 @@ def vllm_server(tmp_path_factory):
     try:
         vllm_python()
     except FileNotFoundError as exc:
-        pytest.fail(f"{exc} (run `bash scripts/setup_vllm_cpu.sh`)", pytrace=False)
+        pytest.fail(str(exc), pytrace=False)  # names scripts/setup_vllm_cpu.sh
     model = build_tiny_llava(tmp_path_factory.mktemp("tiny-vlm") / "tiny-llava")
     srv = VLLMServer(model, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-scratch"), max_num_seqs=8)
     try:
