@@ -1,15 +1,35 @@
 """The densecap configuration: one dataclass tree, parsed with d2s.config.from_dict.
 
-The same :class:`DensecapConfig` is what ``densecap run --config`` reads and what the
-``densecap`` pipeline stage takes as ``params``.
+The same :class:`DensecapConfig` is what ``densecap run --config`` reads (as
+:class:`RunConfig`) and what the ``densecap`` pipeline stage takes as ``params`` (as
+:class:`StageConfig`). Parsing it also parses every plug-in's ``params`` through the
+plug-in's registry, so a wrong plug-in name or parameter fails when the configuration is
+read (``d2s run --dry-run`` included), naming the field, e.g.
+``captioners[0].params: unknown field(s) ['temperatur']``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from d2s.config import ConfigError
+
 from .filters import DEFAULT_FILTERS
+
+# Placeholder used only while validating a source whose 'path' the pipeline stage fills in
+# from its 'shards' input at run time.
+_PATH_FROM_INPUT = "<path from the stage's shards input>"
+
+# Paths of built-in sources that must exist before a run starts (they are the user's data,
+# never an earlier stage's output, which a pipeline passes as the stage's 'shards' input):
+# source type -> {param: "file" | "dir"}.
+_SOURCE_PATHS: dict[str, dict[str, str]] = {
+    "folder": {"path": "dir", "captions": "file"},
+    "karpathy": {"path": "file", "image_root": "dir"},
+}
 
 
 @dataclass
@@ -19,6 +39,27 @@ class PluginConfig:
     type: str
     params: dict[str, Any] = field(default_factory=dict)
     label: str = ""  # caption sources: recorded as DenseText.source (default: the type)
+
+
+def _parse_plugin(registry: Any, plugin: PluginConfig, where: str, params: dict[str, Any] | None = None) -> Any:
+    """Parse ``plugin.params`` with the plug-in's Params; ConfigError names ``where``."""
+    try:
+        registry.get(plugin.type)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.type: {exc}") from None
+    return registry.parse_params(plugin.type, plugin.params if params is None else params, f"{where}.params")
+
+
+def _check_source_paths(source: PluginConfig) -> None:
+    for key, kind in _SOURCE_PATHS.get(source.type, {}).items():
+        value = source.params.get(key)
+        if not value or value == _PATH_FROM_INPUT:
+            continue
+        p = Path(str(value))
+        if kind == "dir" and not p.is_dir():
+            raise ConfigError(f"source.params.{key}: {p} is not a directory")
+        if kind == "file" and not p.is_file():
+            raise ConfigError(f"source.params.{key}: {p} does not exist")
 
 
 @dataclass
@@ -39,6 +80,59 @@ class DensecapConfig:
         labels = [c.label or c.type for c in self.captioners]
         if len(set(labels)) != len(labels):
             raise ValueError(f"captioners need distinct labels (DenseText.source), got {labels}")
+        try:
+            # a missing source 'path' is allowed here: the pipeline stage takes it from its
+            # 'shards' input, and a run without one fails when it builds the source
+            self.validate_plugins(path_from_input=True)
+        except ConfigError as exc:
+            # a plain ValueError, so that from_dict prefixes it with where the config sits
+            # (e.g. "stage 'captions' params: ...")
+            raise ValueError(str(exc)) from None
+
+    def validate_plugins(self, *, path_from_input: bool = False) -> None:
+        """Parse every plug-in's params with its registry and check the source's data paths."""
+        from .captioners import CAPTION_SOURCES
+        from .filters import FILTERS
+        from .images import IMAGE_SOURCES
+
+        src_params = dict(self.source.params)
+        if path_from_input and "path" not in src_params:
+            try:
+                P = getattr(IMAGE_SOURCES.get(self.source.type), "Params", None)
+            except ConfigError as exc:
+                raise ConfigError(f"source.type: {exc}") from None
+            if P is not None and "path" in {f.name for f in dataclasses.fields(P)}:
+                src_params["path"] = _PATH_FROM_INPUT
+        _parse_plugin(IMAGE_SOURCES, self.source, "source", src_params)
+        _check_source_paths(self.source)
+        for i, c in enumerate(self.captioners):
+            _parse_plugin(CAPTION_SOURCES, c, f"captioners[{i}]")
+        for i, f in enumerate(self.filters):
+            _parse_plugin(FILTERS, f, f"filters[{i}]")
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
+
+
+@dataclass
+class StageConfig(DensecapConfig):
+    """``params`` of the ``densecap`` pipeline stage: the config plus this machine's share.
+
+    With ``world_size`` N > 1, units go round-robin to ranks 0..N-1 (as ``densecap run
+    --rank/--world-size``); several machines writing to one shared output directory each run
+    the stage with their own ``rank``.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_rank(self.rank, self.world_size)
 
 
 @dataclass
@@ -52,5 +146,4 @@ class RunConfig(DensecapConfig):
         super().__post_init__()
         if not self.out:
             raise ValueError("out (the output shard directory) is required")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank={self.rank} world_size={self.world_size}")
+        _check_rank(self.rank, self.world_size)

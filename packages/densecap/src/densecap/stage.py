@@ -4,31 +4,45 @@ from __future__ import annotations
 
 from d2s.pipeline import Stage, StageContext
 
-from .config import DensecapConfig, PluginConfig, RunConfig
+from .config import DensecapConfig, PluginConfig, RunConfig, StageConfig
 from .run import run
 
 
 class DensecapStage(Stage):
     """Dense captions for a set of images: image source -> caption sources -> filters -> shards.
 
-    ``params`` is a :class:`densecap.config.DensecapConfig`. The input ``shards`` (a shard
-    directory, e.g. the synthetic world) overrides ``source.params.path``; without it the
-    configured source is used as is.
+    ``params`` is a :class:`densecap.config.StageConfig` (the densecap config plus ``rank`` /
+    ``world_size``). Every plug-in's params are parsed when the pipeline is validated. The
+    input ``shards`` (a shard directory, e.g. the synthetic world) overrides
+    ``source.params.path``; without it the configured source is used as is.
+
+    Several machines: give the stage one shared output directory (``outputs.shards`` or a
+    shared ``run_dir``) and run the pipeline on each machine with ``<stage>.params.rank=R
+    <stage>.params.world_size=N``. Each machine captions its units (round-robin); a machine
+    that finds other ranks' units still unfinished stops with an error saying so, and the one
+    that completes the set writes the manifest and report and goes on to the next stages (a
+    rerun on any machine once all have finished does the same).
     """
 
-    Params = DensecapConfig
+    Params = StageConfig
     inputs = {"shards?": "directory of shards (source type 'shards' unless params.source says otherwise)"}
     outputs = {"shards": "shards with dense texts, manifest.json and rejects/", "report": "summary report directory"}
     version = "1"
 
     def run(self, ctx: StageContext) -> dict:
-        p: DensecapConfig = ctx.params
+        p: StageConfig = ctx.params
         source = p.source
         if ctx.inputs.get("shards"):
             source = PluginConfig(source.type, {**source.params, "path": str(ctx.inputs["shards"])}, source.label)
-        cfg = RunConfig(**{**{k: getattr(p, k) for k in DensecapConfig.__dataclass_fields__}, "source": source,
-                           "out": str(ctx.outputs["shards"]), "report": str(ctx.outputs["report"])})
+        base = {k: getattr(p, k) for k in DensecapConfig.__dataclass_fields__}
+        cfg = RunConfig(**{**base, "source": source, "out": str(ctx.outputs["shards"]), "report": str(ctx.outputs["report"]),
+                           "rank": p.rank, "world_size": p.world_size})
         summary = run(cfg)
         if not summary.get("complete"):
+            if p.world_size > 1:
+                raise RuntimeError(
+                    f"densecap stage {ctx.name}: rank {p.rank}/{p.world_size} finished its {summary.get('units_total', 0)} "
+                    f"unit(s), but other ranks' units in {ctx.outputs['shards']} are not complete yet. Once every rank "
+                    "has finished, run the pipeline again (any rank) to write the manifest and report and go on.")
             raise RuntimeError(f"densecap stage {ctx.name}: not all shards complete: {summary}")
         return {k: summary[k] for k in ("units_total", "captions_requested", "captions_kept", "caption_errors") if k in summary}
