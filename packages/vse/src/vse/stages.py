@@ -2,22 +2,84 @@
 
 ``vse-train``: train one recipe from shards; outputs the checkpoint (best on val, else last)
 and the inference bundle. The run directory is the stage's work dir, so an interrupted stage
-resumes from its saved state when the runner starts it again.
+resumes from its saved state when the runner starts it again. With ``params.launch`` set, the
+training runs as ``accelerate launch ... -m vse.cli train --config <work>/train_config.json``
+in child processes (several GPUs, several machines, or gloo processes on CPU).
 
 ``vse-assets``: the tokenizer + tiny backbones of the CPU configs, built from the shards.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from d2s.config import to_dict
 from d2s.pipeline import Stage, StageContext
+from d2s.shards import atomic_write_text
 
-from .train import AlignLossOverride, DataConfig, OptimConfig, parse_config, train
+from .train import AlignLossOverride, DataConfig, OptimConfig, TrainConfig, parse_config, train
+
+
+@dataclass
+class LaunchConfig:
+    """How ``vse-train`` starts its processes through ``accelerate launch`` (flags of the same name).
+
+    ``num_processes`` is the total over all machines. With several machines, each runs the
+    pipeline with its own ``machine_rank`` and the run dir must be on a shared filesystem.
+    ``cpu: true`` runs gloo processes on CPU (launched with ``--multi_gpu`` and the training
+    config's ``cpu: true``: accelerate's own ``--cpu`` launcher starts one process only).
+    """
+
+    num_processes: int
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # default: the stage's mixed_precision
+    multi_gpu: bool = True            # --multi_gpu when more than one process
+    cpu: bool = False
+    extra_args: list[str] = field(default_factory=list)  # more `accelerate launch` flags, before -m
+
+    def __post_init__(self) -> None:
+        if self.num_processes < 1 or self.num_machines < 1:
+            raise ValueError("launch.num_processes and launch.num_machines must be >= 1")
+        if self.num_processes < self.num_machines:
+            raise ValueError(f"launch.num_processes ({self.num_processes}) is the total over all machines; "
+                             f"it must be >= num_machines ({self.num_machines})")
+        if not 0 <= self.machine_rank < self.num_machines:
+            raise ValueError(f"launch.machine_rank must be in [0, num_machines), got {self.machine_rank}")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("launch.main_process_ip is required with num_machines > 1")
+        if self.main_process_port is not None and not 0 < self.main_process_port < 65536:
+            raise ValueError(f"launch.main_process_port must be a TCP port, got {self.main_process_port}")
+        bad = [a for a in self.extra_args if a in ("-m", "--module")]
+        if bad:
+            raise ValueError("launch.extra_args: flags of accelerate launch only (the stage adds -m vse.cli train)")
+
+    def command(self, config_file: Path, mixed_precision: str) -> list[str]:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch",
+               "--num_processes", str(self.num_processes), "--num_machines", str(self.num_machines),
+               "--machine_rank", str(self.machine_rank), "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+        if self.main_process_ip:
+            cmd += ["--main_process_ip", self.main_process_ip]
+        if self.main_process_port is not None:
+            cmd += ["--main_process_port", str(self.main_process_port)]
+        if self.num_processes > 1 and (self.multi_gpu or self.cpu):
+            cmd.append("--multi_gpu")
+        elif self.cpu:
+            cmd.append("--cpu")
+        return cmd + list(self.extra_args) + ["-m", "vse.cli", "train", "--config", str(config_file)]
 
 
 @dataclass
@@ -39,6 +101,7 @@ class VseTrainParams:
     tracker: Literal["tensorboard", "none"] = "tensorboard"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    launch: LaunchConfig | None = None                         # None: train in the runner's process
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -65,11 +128,18 @@ class VseTrainStage(Stage):
     def run(self, ctx: StageContext) -> dict:
         p: VseTrainParams = ctx.params
         doc = to_dict(p)
+        doc.pop("launch")
         doc.update(shards=ctx.inputs["shards"], out=str(ctx.outputs["run"]))
         for k in ("init", "teacher", "assets"):
             if ctx.inputs.get(k):
                 doc[k] = ctx.inputs[k]
-        summary = train(parse_config(doc, f"stage {ctx.name!r} params"))
+        if p.launch is not None:
+            if p.launch.mixed_precision is not None:
+                doc["mixed_precision"] = p.launch.mixed_precision
+            if p.launch.cpu:
+                doc["cpu"] = True
+        cfg = parse_config(doc, f"stage {ctx.name!r} params")
+        summary = train(cfg) if p.launch is None else launch_train(ctx, p.launch, cfg)
         for name, src in (("checkpoint", Path(summary["checkpoint"])), ("bundle", Path(summary["bundle"]))):
             dst = ctx.outputs[name]
             if dst.resolve() != src.resolve():
@@ -79,6 +149,85 @@ class VseTrainStage(Stage):
                 shutil.rmtree(dst, ignore_errors=True)
                 tmp.rename(dst)
         return {k: summary[k] for k in ("recipe", "model", "steps", "seconds", "samples_per_s", "best_rsum", "best_step", "last_loss")}
+
+
+def launch_train(ctx: StageContext, launch: LaunchConfig, cfg: TrainConfig, tail_lines: int = 60) -> dict:
+    """Run ``vse.cli train`` under ``accelerate launch``; returns the run's summary.json.
+
+    The resolved config goes to ``<work>/train_config.json``; the children's output is streamed
+    to the stage's log and kept in ``<work>/launch.log``. A failure raises with its last lines.
+    """
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    assets = _prebuild_assets(cfg)
+    if assets is not None:
+        cfg = dataclasses.replace(cfg, assets=str(assets))
+    config_file = ctx.work_dir / "train_config.json"
+    atomic_write_text(config_file, json.dumps(to_dict(cfg), indent=2) + "\n")
+    cmd = launch.command(config_file, cfg.mixed_precision)
+    ctx.log.info("launching: %s", " ".join(cmd))
+    summary_path = Path(cfg.out) / "summary.json"
+    summary_path.unlink(missing_ok=True)  # a summary from an earlier run must not pass for this one
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    errors: list[str] = []  # the first error lines: a rank's root cause often scrolls out of the tail
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(ctx.work_dir / "launch.log", "a") as logf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env=env, start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                logf.write(line)
+                line = line.rstrip("\n")
+                tail.append(line)
+                if ("Error" in line or "error:" in line) and len(errors) < 12 and line not in errors:
+                    errors.append(line)
+                ctx.log.info("%s", line)
+            rc = proc.wait()
+        except BaseException:
+            # interrupted (Ctrl-C, an error here): stop the whole launched process group
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+            raise
+    if rc != 0:
+        first = "".join(f"\n  {e}" for e in errors if e not in tail)
+        raise RuntimeError(f"stage {ctx.name!r}: accelerate launch exited with status {rc}"
+                           + (f"; first error lines:{first}" if first else "")
+                           + f"\nlast lines (all in {ctx.work_dir / 'launch.log'}):\n" + "\n".join(tail))
+    waited = 0
+    while not summary_path.exists() and launch.machine_rank > 0 and waited < 600:
+        time.sleep(2)  # machine 0's main process writes it after the others have exited
+        waited += 2
+    if not summary_path.exists():
+        raise RuntimeError(f"stage {ctx.name!r}: the launched training finished without {summary_path} (with several "
+                           "machines the run dir must be on a filesystem they share)")
+    return json.loads(summary_path.read_text())
+
+
+def _prebuild_assets(cfg: TrainConfig) -> Path | None:
+    """Build the tiny configs' assets here, in one process, in ``<out>/assets`` (where ``train``
+    would build them) and return that dir; None when the run needs none or has its own.
+
+    Building them inside the launched processes would read the shards while torch.distributed
+    is up, which webdataset refuses without a node splitter."""
+    from .recipes import get_recipe
+    from .train import _needs_assets
+
+    if cfg.assets is not None or get_recipe(cfg.recipe).init == "checkpoint" or not _needs_assets(cfg.model, cfg.model_overrides):
+        return None
+    from .assets import build_assets
+
+    assets = Path(cfg.out) / "assets"
+    marker = assets / "assets.json"  # written last by build_assets
+    if not (marker.exists() and cfg.model in json.loads(marker.read_text()).get("models", {})):
+        build_assets(cfg.shards, assets, [cfg.model])
+    return assets
 
 
 @dataclass
