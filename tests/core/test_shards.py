@@ -191,3 +191,26 @@ def test_manifest_errors_are_clear(tmp_path):
     write_dataset(tmp_path, n_shards=1)
     with pytest.raises(KeyError, match="no split 'val'; splits present: \\['train'\\]"):
         split_shards(tmp_path, "val")
+
+
+def _read_under_distributed(rank, world, init, root, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        keys = [s.key for s in iter_samples(split_shards(root, "train"))]
+        (out / f"rank{rank}.json").write_text(json.dumps(keys))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_plain_reader_reads_every_shard_while_torch_distributed_is_up(tmp_path):
+    import torch.multiprocessing as mp
+
+    data = tmp_path / "data"
+    write_dataset(data, n_shards=3, per=2)
+    init = f"file://{tmp_path / 'dist-init'}"
+    mp.spawn(_read_under_distributed, args=(2, init, data, tmp_path), nprocs=2, join=True)
+    want = [f"k{i:04d}" for i in range(6)]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == want

@@ -238,7 +238,14 @@ def iter_records(paths: Iterable[str | os.PathLike]) -> Iterator[dict[str, Any]]
     for p in urls:
         if not Path(p).exists():
             raise FileNotFoundError(f"shard {p} does not exist")
-    return iter(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    # Every shard, in order, in this process: no node or worker splitting (this is a plain
+    # reader, also used while torch.distributed is up, where webdataset would otherwise
+    # insist on an explicit node splitter).
+    return iter(wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=_every_shard, workersplitter=_every_shard))
+
+
+def _every_shard(src):
+    return src
 
 
 def iter_samples(paths: Iterable[str | os.PathLike]) -> Iterator[Sample]:

@@ -4,7 +4,7 @@ back through the ordinary ``from_pretrained`` path.
 
 Layout of an assets dir::
 
-    tokenizer/            BertTokenizerFast (vocab.txt = special tokens + every word seen)
+    tokenizer/            PreTrainedTokenizerFast (tokenizer.json: word-level vocab = special tokens + every word seen)
     <model>/image/        HF vision backbone (config.json + model.safetensors)
     <model>/text/         HF text backbone
     <model>/processor/    HF image processor (size, mean, std)
@@ -132,7 +132,7 @@ def build_assets(
 
 def have_assets(assets_dir: str | Path, model_name: str) -> bool:
     p = asset_paths(assets_dir, model_name)
-    return all((p[k] / "config.json").exists() for k in ("image", "text")) and (p["tokenizer"] / "vocab.txt").exists()
+    return all((p[k] / "config.json").exists() for k in ("image", "text")) and (p["tokenizer"] / "tokenizer.json").exists()
 
 
 def load_json(path: Path) -> dict:
