@@ -140,3 +140,49 @@ def test_cli_writes_resolved_config_and_log(tmp_path, monkeypatch):
     assert resolved["stages"]["make"]["params"] == {"text": "q", "repeat": 2}
     assert list((rd / "logs").glob("*.log")) and (rd / "shout" / "out").read_text() == "QQ"
     assert d2s_main(["run", str(path), "--run-dir", str(rd), "make.params.repeat=oops"]) == 2
+
+
+def files_doc(n, outputs=None):
+    stage = {"type": f"{TOY}:Files", "params": {"n": n}}
+    if outputs:
+        stage["outputs"] = outputs
+    return {"name": "files", "stages": {"files": stage}}
+
+
+def written(run_dir):
+    return json.loads((run_dir / "written.json").read_text())
+
+
+def test_interrupted_stage_resumes_on_its_outputs(tmp_path):
+    rd = tmp_path / "run"
+    rd.mkdir()
+    (rd / "fail").touch()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(tmp_path, doc=files_doc(3))
+    marker = json.loads((rd / "files" / "stage.json").read_text())
+    assert marker["state"] == "running"
+    (rd / "fail").unlink()
+    p, report = run(tmp_path, doc=files_doc(3))
+    assert report[0]["status"] == "interrupted" and report[0]["action"] == "run"
+    assert written(rd) == [0, 1, 2]  # the file written before the interruption was kept, not redone
+    assert json.loads((rd / "files" / "stage.json").read_text())["state"] == "done"
+
+
+def test_changed_configuration_starts_from_clean_outputs(tmp_path):
+    rd = tmp_path / "run"
+    p, _ = run(tmp_path, doc=files_doc(2))
+    (p.stage("files").outputs["dir"] / "stale.txt").write_text("from the old configuration")
+    p, report = run(tmp_path, doc=files_doc(3))
+    assert report[0]["status"] == "changed"
+    assert sorted(f.name for f in p.stage("files").outputs["dir"].iterdir()) == ["0.txt", "1.txt", "2.txt"]
+    assert written(rd) == [0, 1, 0, 1, 2]
+
+
+def test_changed_stage_moves_outside_outputs_aside(tmp_path):
+    outside = tmp_path / "shared-data"
+    p, _ = run(tmp_path, doc=files_doc(1, {"dir": str(outside)}))
+    h_old = json.loads((tmp_path / "run" / "files" / "stage.json").read_text())["hash"]
+    run(tmp_path, doc=files_doc(2, {"dir": str(outside)}))
+    assert sorted(f.name for f in outside.iterdir()) == ["0.txt", "1.txt"]
+    aside = tmp_path / f"shared-data.stale-{h_old}"
+    assert sorted(f.name for f in aside.iterdir()) == ["0.txt"]

@@ -63,3 +63,32 @@ class Upper(Stage):
 
 class NotAStage:
     pass
+
+
+@dataclass
+class FilesParams:
+    n: int = 3
+
+
+class Files(Stage):
+    """Writes 0.txt .. n-1.txt into outputs.dir, skipping files already there (resumable);
+    fails after the first new file while <run_dir>/fail exists."""
+
+    Params = FilesParams
+    outputs = {"dir": "a directory of files"}
+
+    def run(self, ctx: StageContext) -> dict:
+        d = ctx.outputs["dir"]
+        d.mkdir(parents=True, exist_ok=True)
+        log = ctx.run_dir / "written.json"
+        written = json.loads(log.read_text()) if log.exists() else []
+        for i in range(ctx.params.n):
+            f = d / f"{i}.txt"
+            if f.exists():
+                continue
+            f.write_text(str(i))
+            written.append(i)
+            log.write_text(json.dumps(written))
+            if (ctx.run_dir / "fail").exists():
+                raise RuntimeError("interrupted")
+        return {}

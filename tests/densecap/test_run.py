@@ -141,3 +141,16 @@ def test_densecap_pipeline_stage(world_dir, tmp_path, monkeypatch):
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 24
     assert (p.stage("captions").outputs["report"] / "summary.json").exists()
     assert Runner(load_pipeline(doc=doc, run_dir=tmp_path / "run")).run()[0]["action"] == "skip"
+
+
+def test_rerun_with_another_configuration_redoes_the_shards(world_dir, tmp_path):
+    out = tmp_path / "out"
+    # first pass: the length filter set so that every oracle text is dropped as too long
+    assert run("--input", world_dir, "--out", out, "--filters", "length", "-F", "length.max_words=10") == 0
+    assert all(d.verdict == "too_long" for s in all_samples(out) for d in s.dense)
+    # same output dir, other filters: no shard of the first configuration may survive
+    assert run("--input", world_dir, "--out", out, "--filters", "length") == 0
+    got = all_samples(out)
+    assert len(got) == 32 and all(d.verdict == "keep" for s in got for d in s.dense)
+    hashes = {json.loads(Path(p[:-4] + ".stats.json").read_text())["config_hash"] for p in completed_shards(out)}
+    assert len(hashes) == 1

@@ -324,6 +324,8 @@ class Runner:
             return "new"
         if m.get("hash") != h:
             return "changed"
+        if m.get("state") == "running":
+            return "interrupted"
         if not all(p.exists() for p in s.outputs.values()):
             return "outputs missing"
         return "cached"
@@ -377,7 +379,13 @@ class Runner:
     def _run_stage(self, s: PlannedStage, entry: dict) -> dict:
         mp = self.marker_path(s)
         mp.parent.mkdir(parents=True, exist_ok=True)
-        mp.unlink(missing_ok=True)  # an interrupted run must not look finished
+        old = self.read_marker(s)
+        if old is not None and old.get("hash") != self.hashes[s.name]:
+            # Outputs of another configuration: never let the stage resume on top of them.
+            self._clear_outputs(s, old.get("hash", "unknown"))
+        # While it runs, the marker says so (with the hash): an interrupted run is never
+        # taken as finished, and a rerun with the same configuration resumes on its outputs.
+        atomic_write_json(mp, {"hash": self.hashes[s.name], "state": "running", "type": s.type_name})
         for p in s.outputs.values():
             p.parent.mkdir(parents=True, exist_ok=True)
         log.info("stage %s (%s): running", s.name, s.type_name)
@@ -400,6 +408,7 @@ class Runner:
             mp,
             {
                 "hash": self.hashes[s.name],
+                "state": "done",
                 "type": s.type_name,
                 "params": to_dict(s.params) if s.params is not None else {},
                 "inputs": s.inputs,
@@ -412,6 +421,23 @@ class Runner:
         log.info("stage %s: done in %.1fs", s.name, seconds)
         entry.update(seconds=seconds, summary=summary)
         return entry
+
+
+    def _clear_outputs(self, s: PlannedStage, old_hash: str) -> None:
+        """Remove a changed stage's old outputs: inside the run folder they are deleted;
+        elsewhere (user-chosen paths) they are moved aside to ``<name>.stale-<old hash>``."""
+        import shutil
+
+        for p in s.outputs.values():
+            if not p.exists():
+                continue
+            if p.resolve().is_relative_to(self.p.run_dir.resolve()):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                log.info("stage %s: configuration changed, removed old output %s", s.name, p)
+            else:
+                aside = p.with_name(f"{p.name}.stale-{old_hash}")
+                p.rename(aside)
+                log.warning("stage %s: configuration changed, moved old output %s to %s", s.name, p, aside)
 
 
 def write_run_record(p: Pipeline) -> Path:

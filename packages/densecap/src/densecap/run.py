@@ -13,6 +13,7 @@ failed ones are requested again ("fill").
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -183,14 +184,27 @@ class Worker:
                 max_in_flight={c.label: getattr(c, "max_in_flight", 1) for c in self.captioners},
                 retries=sum(getattr(c, "retries", 0) for c in self.captioners) - retries0,
                 filters=[f.name for f in self.chain.filters],
+                config_hash=config_fingerprint(self.cfg),
             )
             stats = dict(w.stats)
         stats.update(shard=out_tar.name, count=w.count)
         return stats
 
 
-def plan_units(source: ImageSource, out: Path, rank: int, world_size: int) -> tuple[list[Unit], list[Unit]]:
-    """(this rank's units still to do, all of this rank's units)."""
+def config_fingerprint(cfg: DensecapConfig) -> str:
+    """Hash of everything that decides a shard's content (not workers, batch size or progress bars)."""
+    doc = {k: v for k, v in to_dict(cfg).items() if k not in ("num_workers", "batch_size", "progress")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_units(
+    source: ImageSource, out: Path, rank: int, world_size: int, fingerprint: str | None = None
+) -> tuple[list[Unit], list[Unit]]:
+    """(this rank's units still to do, all of this rank's units).
+
+    A complete shard is redone when it recorded caption errors (to fill them) or when it was
+    written under another configuration (``fingerprint``: other sources, prompts or filters).
+    """
     units = source.units()
     names = [shard_name(u.split, u.index) for u in units]
     if len(set(names)) != len(names):
@@ -201,9 +215,12 @@ def plan_units(source: ImageSource, out: Path, rank: int, world_size: int) -> tu
     for u in mine:
         p = out / shard_name(u.split, u.index)
         st = done.get(str(p))
-        if st is not None and not st.get("caption_errors"):
+        stale = st is not None and fingerprint is not None and st.get("config_hash") not in (None, fingerprint)
+        if st is not None and not st.get("caption_errors") and not stale:
             continue
-        if st is None:  # leftovers of an interrupted write of this unit (never other ranks' units)
+        if stale:
+            log.warning("%s was written under another configuration: captioning it again", p.name)
+        if st is None or stale:  # leftovers of an interrupted write of this unit (never other ranks' units)
             p.with_name(p.name + ".tmp").unlink(missing_ok=True)
             p.unlink(missing_ok=True)
             stats_path(p).unlink(missing_ok=True)
@@ -240,7 +257,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     base = DensecapConfig(**{k: getattr(cfg, k) for k in DensecapConfig.__dataclass_fields__})
     atomic_write_text(out / f"densecap-config.rank{cfg.rank}.json", json.dumps(to_dict(cfg), indent=2) + "\n")
     worker = Worker(base, out)
-    todo, mine = plan_units(worker.source, out, cfg.rank, cfg.world_size)
+    todo, mine = plan_units(worker.source, out, cfg.rank, cfg.world_size, config_fingerprint(base))
     known = [u.size for u in todo]
     total = sum(known) if all(k is not None for k in known) else None
     log.info("densecap: %d unit(s) for rank %d/%d, %d already complete", len(todo), cfg.rank, cfg.world_size, len(mine) - len(todo))
