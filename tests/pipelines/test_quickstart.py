@@ -1,0 +1,69 @@
+"""The quickstart pipeline end to end on a tiny budget, then a rerun that hits every cache."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from d2s.cli import main as d2s_main
+from d2s.pipeline import Runner, load_pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "pipelines" / "quickstart.yaml"
+TINY = [
+    "world.params.train=256", "world.params.val=64", "world.params.test=64", "world.params.shard_size=128",
+    "vars.dense_steps=4", "vars.sparse_steps=4",
+    "stage1.params.data.batch_size=32", "stage1.params.data.val_max_images=64", "stage1.params.threads=1",
+]
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("qs") / "run"
+    argv = ["run", str(QUICKSTART), "--run-dir", str(run_dir), *TINY]
+    assert d2s_main(argv) == 0
+    return run_dir, argv
+
+
+def test_report_has_tables_for_every_model(quickstart_run):
+    run_dir, _ = quickstart_run
+    report = (run_dir / "report" / "report" / "report.md").read_text()
+    for heading in ("## Sparse-caption retrieval", "## Long-text retrieval", "## Training", "## Dense captions", "## Examples"):
+        assert heading in report
+    for row in ("| baseline (sparse only) |", "| dense pre-training only |", "| D2S-VSE |", "| D2S-VSE - baseline (sparse only) |"):
+        assert row in report
+    assert (run_dir / "report" / "report" / "training_curves.png").stat().st_size > 1000
+    assert list((run_dir / "report" / "report").glob("example_*.png"))
+
+
+def test_bench_results_are_finite_and_on_the_test_split(quickstart_run):
+    run_dir, _ = quickstart_run
+    for name in ("bench_baseline", "bench_pretrain", "bench_d2s"):
+        res = json.loads((run_dir / name / "results" / "results.json").read_text())
+        assert res["source"]["split"] == "test"
+        custom = res["benchmarks"]["custom"]
+        assert custom["n_images"] == 64 and custom["n_texts"] == 320
+        m = custom["metrics"]
+        assert all(math.isfinite(v) for v in m.values())
+        assert m["rsum"] == pytest.approx(sum(m[k] for k in m if k[4:5] == "r" and k[5:].isdigit()))
+
+
+def test_d2s_stage_was_initialised_from_stage1_and_distilled(quickstart_run):
+    run_dir, _ = quickstart_run
+    cfg = json.loads((run_dir / "d2s" / "run" / "run_config.json").read_text())
+    assert cfg["train"]["recipe"] == "stage2" and cfg["train"]["init"] == str(run_dir / "stage1" / "checkpoint")
+    history = [json.loads(ln) for ln in (run_dir / "d2s" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(k.startswith("loss/") and "distill" in k for row in history for k in row)
+
+
+def test_rerun_is_fully_cached(quickstart_run):
+    run_dir, argv = quickstart_run
+    p = load_pipeline(QUICKSTART, TINY, run_dir=run_dir)
+    report = Runner(p).run(dry_run=True)
+    assert {r["action"] for r in report} == {"skip"}
+    # a changed seed reruns training and everything after it, not the data stages
+    p = load_pipeline(QUICKSTART, TINY + ["vars.seed=1"], run_dir=run_dir)
+    actions = {r["stage"]: r["action"] for r in Runner(p).run(dry_run=True)}
+    assert actions["world"] == actions["captions"] == actions["assets"] == "skip"
+    assert actions["stage1"] == actions["d2s"] == actions["report"] == "run"
