@@ -66,14 +66,22 @@ def _curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
         pts = [(r["step"], r["loss/total"]) for r in rows if "loss/total" in r]
         if pts:
             axes[0].plot(*zip(*pts), label=label)
-        val = [(r["step"], r["val/rsum"]) for r in rows if "val/rsum" in r]
-        if val:
-            axes[1].plot(*zip(*val), marker="o", label=label)
+    vals = {label: [(r["step"], r["val/rsum"]) for r in rows if "val/rsum" in r] for label, rows in histories.items()}
+    if any(len(v) > 1 for v in vals.values()):
+        for label, v in vals.items():
+            if v:
+                axes[1].plot(*zip(*v), marker="o", label=label)
+        axes[1].set(title="validation rSum", xlabel="step", ylabel="rSum")
+        axes[1].legend(fontsize=8)
+    else:  # validated once per run: one bar each
+        labels = [label for label, v in vals.items() if v]
+        axes[1].bar(range(len(labels)), [vals[label][-1][1] for label in labels], color=[f"C{i}" for i in range(len(labels))])
+        axes[1].set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
+        axes[1].set(title="validation rSum (end of run)", ylabel="rSum")
     axes[0].set(title="training loss", xlabel="step", ylabel="loss (total)")
-    axes[1].set(title="validation rSum", xlabel="step", ylabel="rSum")
+    axes[0].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -84,18 +92,19 @@ def _example_strip(images: list[bytes], query: str, ranked: dict[str, list[int]]
     """One PNG: the query image, then each model's top-k images for the query (green = correct)."""
     from PIL import Image, ImageDraw
 
-    size, pad, label_w = 96, 6, 150
+    size, pad, label_w = 96, 6, 190
     rows = len(ranked)
-    canvas = Image.new("RGB", (label_w + (k + 1) * (size + pad), rows * (size + pad) + 24), "white")
+    canvas = Image.new("RGB", (label_w + (k + 1) * (size + pad), rows * (size + pad) + 26), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), f"query: {query}"[:120], fill="black")
+    draw.text((label_w, 12), "true image", fill="black")
 
     def tile(idx: int) -> Image.Image:
         return Image.open(io.BytesIO(images[idx])).convert("RGB").resize((size, size), Image.NEAREST)
 
     for r, (label, idxs) in enumerate(ranked.items()):
-        y = 24 + r * (size + pad)
-        draw.text((4, y + size // 2), label[:22], fill="black")
+        y = 26 + r * (size + pad)
+        draw.text((4, y + size // 2), label[:30], fill="black")
         canvas.paste(tile(truth), (label_w, y))
         for j, idx in enumerate(idxs[:k]):
             x = label_w + (j + 1) * (size + pad)
@@ -118,7 +127,7 @@ class ReportStage(Stage):
         **{f"{name}?": f"vse run dir of {label} (metrics.jsonl)" for name, label in RUNS},
     }
     outputs = {"report": "directory with report.md and PNGs"}
-    version = "1"
+    version = "2"
 
     def run(self, ctx: StageContext) -> dict:
         p: ReportParams = ctx.params
