@@ -186,3 +186,14 @@ def test_changed_stage_moves_outside_outputs_aside(tmp_path):
     assert sorted(f.name for f in outside.iterdir()) == ["0.txt", "1.txt"]
     aside = tmp_path / f"shared-data.stale-{h_old}"
     assert sorted(f.name for f in aside.iterdir()) == ["0.txt"]
+
+
+def test_execution_params_stay_out_of_the_cache_key(tmp_path, monkeypatch):
+    from tests.core import toy_stages
+
+    monkeypatch.setattr(toy_stages.Write, "execution_params", ("repeat",), raising=False)
+    run(tmp_path)
+    _, report = run(tmp_path, overrides=["make.params.repeat=5"])  # how it runs, not what: still cached
+    assert [r["action"] for r in report] == ["skip", "skip"]
+    _, report = run(tmp_path, overrides=["make.params.text=zz"])
+    assert [r["action"] for r in report] == ["run", "run"]

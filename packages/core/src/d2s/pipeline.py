@@ -67,7 +67,9 @@ class Stage:
     Subclasses set ``Params`` (a dataclass), ``inputs`` and ``outputs`` (name ->
     description; an input whose name ends in ``?`` is optional) and implement ``run``.
     ``version`` is part of the cache key: bump it when the stage's output for the same
-    params changes. ``run`` must write its outputs resumably (temporary names, markers)
+    params changes. ``execution_params`` names params that decide how the stage runs but
+    not what it produces (workers, this machine's rank): they are left out of the cache key,
+    so changing them neither invalidates nor clears outputs. ``run`` must write its outputs resumably (temporary names, markers)
     so that an interrupted stage restarted later finishes the job.
     """
 
@@ -75,6 +77,7 @@ class Stage:
     inputs: ClassVar[dict[str, str]] = {}
     outputs: ClassVar[dict[str, str]] = {}
     version: ClassVar[str] = "1"
+    execution_params: ClassVar[tuple[str, ...]] = ()
 
     def run(self, ctx: StageContext) -> dict[str, Any] | None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -308,10 +311,11 @@ class Runner:
                 inputs[k] = {"path": v, "fingerprint": fingerprint_path(Path(v))}
             else:
                 inputs[k] = v
+        params = to_dict(s.params) if s.params is not None else {}
         key = {
             "type": s.type_name,
             "version": s.cls.version,
-            "params": to_dict(s.params) if s.params is not None else {},
+            "params": {k: v for k, v in params.items() if k not in s.cls.execution_params},
             "inputs": inputs,
             "outputs": {k: str(v) for k, v in s.outputs.items()},
         }

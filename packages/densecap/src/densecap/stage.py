@@ -28,6 +28,8 @@ class DensecapStage(Stage):
     inputs = {"shards?": "directory of shards (source type 'shards' unless params.source says otherwise)"}
     outputs = {"shards": "shards with dense texts, manifest.json and rejects/", "report": "summary report directory"}
     version = "1"
+    # How this process takes part, not what the dataset is: several ranks share one output.
+    execution_params = ("rank", "world_size", "num_workers", "batch_size", "progress")
 
     def run(self, ctx: StageContext) -> dict:
         p: StageConfig = ctx.params
