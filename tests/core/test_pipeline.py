@@ -197,3 +197,19 @@ def test_execution_params_stay_out_of_the_cache_key(tmp_path, monkeypatch):
     assert [r["action"] for r in report] == ["skip", "skip"]
     _, report = run(tmp_path, overrides=["make.params.text=zz"])
     assert [r["action"] for r in report] == ["run", "run"]
+
+
+def test_log_messages_follow_the_current_stderr(capsys):
+    import io
+    import logging
+    import sys
+
+    from d2s.log import setup_logging
+
+    setup_logging()
+    old, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        logging.getLogger("d2s.test").error("goes to the stderr of the moment")
+        assert "goes to the stderr of the moment" in sys.stderr.getvalue()
+    finally:
+        sys.stderr = old

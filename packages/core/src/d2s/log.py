@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (not when set up), so
+    redirected or captured stderr (pytest, notebooks, contextlib.redirect_stderr) works."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def setup_logging(level: str | int | None = None, file: str | Path | None = None) -> None:
@@ -14,7 +31,7 @@ def setup_logging(level: str | int | None = None, file: str | Path | None = None
     level = level or os.environ.get("D2S_LOG_LEVEL", "INFO")
     root = logging.getLogger()
     if not any(getattr(h, "_d2s", False) for h in root.handlers):
-        h = logging.StreamHandler()
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
         h._d2s = True  # type: ignore[attr-defined]
         root.addHandler(h)
