@@ -18,7 +18,7 @@ echo "[bootstrap] creating $VENV (torch: $TORCH_SPEC)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt \
-  -e packages/core -e "packages/densecap[hf]" -e packages/vse -e packages/bench \
+  -e packages/core -e "packages/densecap[hf]" -e packages/vse -e "packages/bench[faiss]" \
   pytest pytest-timeout 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import d2s, densecap, vse, bench, torch, transformers, accelerate, webdataset, datasets" \
   || { echo "[bootstrap] install failed" >&2; exit 1; }

@@ -185,3 +185,40 @@ def test_validation_selects_best_on_val(world, assets, tmp_path):
     assert Path(s["checkpoint"]).name == "best" and best["step"] == s["best_step"]
     assert best["metrics"]["rsum"] == pytest.approx(s["best_rsum"])
     assert 0 <= best["metrics"]["rsum"] <= 600
+
+
+def test_teacher_cache_matches_the_teacher_and_reuses_texts(world, assets, tmp_path):
+    from vse.models import create_model
+    from vse.train import TeacherCache
+
+    torch.manual_seed(0)
+    text = create_model("tiny-vit", assets_dir=assets).text.eval()
+    vocab = text.backbone.config.vocab_size
+    lengths = [7, 12, 5, 12]
+    ids = torch.zeros(4, 12, dtype=torch.long)
+    mask = torch.zeros(4, 12, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(5, vocab, (n,))
+        mask[i, :n] = True
+    cache = TeacherCache(text)
+    with torch.no_grad():
+        direct = text(ids, mask)
+    first = cache(ids, mask)
+    assert torch.allclose(first, direct, atol=1e-5) and (cache.hits, cache.misses) == (0, 4)
+    # a batch mixing seen texts (other padding width, other order) with a new one
+    ids2, mask2 = ids[[2, 0, 1]].clone(), mask[[2, 0, 1]].clone()
+    ids2[1, :3] = torch.tensor([5, 6, 7])  # row 1 is now a new text
+    with torch.no_grad():
+        direct2 = text(ids2, mask2)
+    second = cache(ids2, mask2)
+    assert torch.allclose(second, direct2, atol=1e-5) and (cache.hits, cache.misses) == (2, 5)
+    assert not second.requires_grad
+
+
+def test_stage2_reuses_teacher_embeddings_across_epochs(world, assets, tmp_path):
+    s1 = train(parse_config(cfg_doc(world, assets, tmp_path / "s1", recipe="stage1", steps=2)))
+    # 20 steps x 32 = 640 dense texts drawn from 512 training images (one text each)
+    s2 = train(parse_config(cfg_doc(world, assets, tmp_path / "s2", recipe="stage2", steps=20, init=s1["checkpoint"])))
+    c = s2["teacher_cache"]
+    assert c["hits"] + c["misses"] == 640
+    assert c["misses"] <= 512  # at most one teacher pass per training text

@@ -329,6 +329,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         teacher = copy.deepcopy(model.text) if recipe.teacher == "init" else load_checkpoint(src, student_head=False)[0].text
         teacher.requires_grad_(False).eval().to(accelerator.device)
         teacher_sha = state_fingerprint(teacher)
+    teacher_cache = TeacherCache(teacher) if teacher is not None else None
     for group, params in model.param_groups().items():
         if group in recipe.freeze:
             for _, p in params:
@@ -465,8 +466,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         teacher_dense = None
         if teacher is not None:
-            with torch.no_grad():
-                teacher_dense = teacher(batch["teacher_ids"], batch["teacher_mask"])
+            teacher_dense = teacher_cache(batch["teacher_ids"], batch["teacher_mask"])
         with accelerator.accumulate(objective):
             with accelerator.autocast():
                 loss, parts = objective(batch, progress.step, teacher_dense)
@@ -529,12 +529,49 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "best_step": progress.best_step if progress.best_step >= 0 else None,
         "final_metrics": metrics,
         "teacher_sha": [teacher_sha, state_fingerprint(teacher)] if teacher is not None else None,
+        "teacher_cache": {"hits": teacher_cache.hits, "misses": teacher_cache.misses} if teacher_cache else None,
         "checkpoint": str(result_dir),
         "bundle": str(out / "bundle"),
     }
     if main:
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+class TeacherCache:
+    """Embeddings of the frozen teacher, computed once per distinct (unaugmented) dense text.
+
+    The teacher never changes and its input is the tokenized dense text without
+    augmentation, so an embedding can be reused every time the same text comes back (each
+    epoch): only the texts of a batch not seen before go through the teacher. Entries are
+    keyed by the text's token ids; memory is one embedding per training text.
+    """
+
+    def __init__(self, teacher: nn.Module, max_entries: int = 2_000_000):
+        self.teacher = teacher
+        self.max_entries = max_entries
+        self.table: dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        lengths = mask.sum(1).tolist()
+        keys = [ids[i, :n].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
+        todo = [i for i, k in enumerate(keys) if k not in self.table]
+        if todo:
+            width = max(lengths[i] for i in todo)
+            idx = torch.tensor(todo, device=ids.device)
+            emb = self.teacher(ids[idx, :width], mask[idx, :width])
+            for j, i in enumerate(todo):
+                if len(self.table) < self.max_entries:
+                    self.table[keys[i]] = emb[j]
+        self.misses += len(todo)
+        self.hits += len(keys) - len(todo)
+        if not todo or len(todo) < len(keys):
+            out = torch.stack([self.table[k] if k in self.table else emb[todo.index(i)] for i, k in enumerate(keys)])
+        else:
+            out = emb
+        return out
 
 
 class History:
