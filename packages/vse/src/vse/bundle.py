@@ -53,7 +53,7 @@ class Bundle:
     def embed_images(self, images: list[bytes | Image.Image], batch_size: int = 64) -> torch.Tensor:
         out = []
         for i in range(0, len(images), batch_size):
-            px = torch.stack([self.transform(im if not isinstance(im, (bytearray, memoryview)) else bytes(im)) for im in images[i : i + batch_size]])
+            px = self.transform.batch([im if not isinstance(im, (bytearray, memoryview)) else bytes(im) for im in images[i : i + batch_size]])
             out.append(self.model.embed_images(px.to(self.device)).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.model.cfg.embed_dim)
 
