@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -165,11 +164,6 @@ def completed_shards(directory: str | os.PathLike, split: str | None = None) -> 
     return out
 
 
-def is_complete(tar_path: str | os.PathLike) -> bool:
-    p = Path(tar_path)
-    return str(p) in completed_shards(p.parent, _SHARD_RE.match(p.name)["split"]) if _SHARD_RE.match(p.name) else False
-
-
 def remove_incomplete(directory: str | os.PathLike) -> list[str]:
     """Delete leftovers of interrupted writes; returns what was removed."""
     directory = Path(directory)
@@ -256,8 +250,3 @@ def iter_samples(paths: Iterable[str | os.PathLike]) -> Iterator[Sample]:
 
 def read_samples(directory: str | os.PathLike, split: str) -> list[Sample]:
     return list(iter_samples(split_shards(directory, split)))
-
-
-def count_tar_members(path: str | os.PathLike) -> int:
-    with tarfile.open(path) as tf:
-        return len(tf.getmembers())

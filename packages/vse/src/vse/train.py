@@ -558,20 +558,18 @@ class TeacherCache:
         lengths = mask.sum(1).tolist()
         keys = [ids[i, :n].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
         todo = [i for i, k in enumerate(keys) if k not in self.table]
+        fresh: dict[int, torch.Tensor] = {}
         if todo:
             width = max(lengths[i] for i in todo)
             idx = torch.tensor(todo, device=ids.device)
             emb = self.teacher(ids[idx, :width], mask[idx, :width])
             for j, i in enumerate(todo):
+                fresh[i] = emb[j]
                 if len(self.table) < self.max_entries:
                     self.table[keys[i]] = emb[j]
         self.misses += len(todo)
         self.hits += len(keys) - len(todo)
-        if not todo or len(todo) < len(keys):
-            out = torch.stack([self.table[k] if k in self.table else emb[todo.index(i)] for i, k in enumerate(keys)])
-        else:
-            out = emb
-        return out
+        return torch.stack([fresh[i] if i in fresh else self.table[k] for i, k in enumerate(keys)])
 
 
 class History:
