@@ -90,7 +90,9 @@ class ShardWriter:
         # Imported lazily so that `import d2s` stays light.
         import webdataset as wds
 
-        self._tar = wds.TarWriter(self._fileobj)
+        # Whole-second mtimes fit the ustar header; a float one makes tarfile add a PAX
+        # header to every member, which doubles the headers a reader parses.
+        self._tar = wds.TarWriter(self._fileobj, mtime=int(self._t0))
 
     def write(self, sample: Sample) -> None:
         if sample.key in self._keys:
