@@ -5,12 +5,13 @@ only difference is where batches come from: the ShardStream (tar reading, PNG de
 caption sampling, tokenisation in a data-loader worker) or a list of ready tensors.
 Prints samples/s of both and the ratio (target >= 0.9: the data pipeline is not the bottleneck).
 
-    python benchmarks/vse_throughput.py [--model tiny-vit] [--recipe baseline] [--steps 30]
+    python benchmarks/vse_throughput.py [--model tiny-vit] [--recipe baseline] [--steps 100] [--block 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import tempfile
@@ -42,14 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     from vse.data import Collate, ImageTransform, ShardStream, TextTokenizer
     from vse.models import create_model, processor_source, tokenizer_source
     from vse.recipes import get_recipe
-    from vse.train import Objective, text_fields
+    from vse.train import Objective, TeacherCache, text_fields
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny-vit")
     ap.add_argument("--recipe", default="baseline")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--sharing", default="file_system", choices=["file_system", "file_descriptor"],
+                    help="how the loader worker hands tensors over (file_descriptor: torch's Linux default)")
+    ap.add_argument("--block", type=int, default=10, help="steps per block; the two runs alternate blocks")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--images", type=int, default=4096)
@@ -75,41 +79,87 @@ def main(argv: list[str] | None = None) -> int:
         model = create_model(args.model, assets_dir=assets, student_head=recipe.student_head)
         obj = Objective(model, recipe, steps_per_epoch=10**9)
         opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-4)
-        return model, obj, opt
+        teacher = None
+        if recipe.teacher != "none":   # stage 2: a frozen text encoder behind the trainer's cache
+            teacher = TeacherCache(copy.deepcopy(model.text).requires_grad_(False).eval())
+        return obj, opt, teacher
 
-    model, obj, opt = fresh()
+    model = create_model(args.model, assets_dir=assets, student_head=recipe.student_head)
     tok = TextTokenizer(AutoTokenizer.from_pretrained(tokenizer_source(model.cfg, assets)))
     proc = AutoImageProcessor.from_pretrained(processor_source(model.cfg, assets))
-    collate = Collate(ImageTransform.from_processor(model.cfg.image.image_size, proc, model.cfg.image.mean, model.cfg.image.std),
-                      tok, text_fields(recipe, model), model.cfg.text.token_aug)
+    transform = ImageTransform.from_processor(model.cfg.image.image_size, proc, model.cfg.image.mean, model.cfg.image.std)
+    collate = Collate(transform, tok, text_fields(recipe, model), model.cfg.text.token_aug)
     stream = ShardStream(split_shards(shards, "train"), batch_size=args.batch_size, collate=collate, seed=0,
-                         shuffle_buffer=1000, need_dense=recipe.needs_dense)
+                         shuffle_buffer=1000, need_dense=recipe.needs_dense, sharing_strategy=args.sharing)
 
-    def run(batches, n_steps: int) -> float:
-        it = iter(batches)
-        for i in range(args.warmup + n_steps):
-            if i == args.warmup:
-                t0 = time.perf_counter()
-            batch = next(it)
-            loss, _ = obj(batch, 0)
+    def loader():
+        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
+                                           prefetch_factor=4 if args.workers else None)
+
+    class Side:
+        """One training run: its own model and optimizer, fed from ``batches``."""
+
+        def __init__(self, batches):
+            self.obj, self.opt, self.teacher = fresh()
+            self.it = iter(batches)
+            self.seconds = self.wait = 0.0
+            self.steps = 0
+
+        def step(self) -> None:
+            tw = time.perf_counter()
+            batch = dict(next(self.it))
+            self.wait += time.perf_counter() - tw
+            batch["pixels"] = transform.normalize(batch["pixels"])   # as the trainer does
+            teacher_dense = self.teacher(batch["teacher_ids"], batch["teacher_mask"]) if self.teacher else None
+            loss, _ = self.obj(batch, 0, teacher_dense)
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return n_steps * args.batch_size / (time.perf_counter() - t0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
 
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None)
-    memory = []
-    it = iter(loader)
-    for _ in range(args.warmup + args.steps):
-        memory.append(next(it))
+        def block(self, n: int) -> float:
+            t = time.perf_counter()
+            for _ in range(n):
+                self.step()
+            dt = time.perf_counter() - t
+            self.seconds += dt
+            self.steps += n
+            return dt
+
+    # the loader worker alone: its cost per batch with the cores otherwise idle
+    # (the same batches, in the same order, as the shards run will get)
+    it = iter(loader())
+    memory = [next(it)]            # the first one includes the worker's start
+    t = time.perf_counter()
+    memory += [next(it) for _ in range(args.warmup + args.steps - 1)]
+    worker_s = (time.perf_counter() - t) / (len(memory) - 1)
     del it
-    model, obj, opt = fresh()
-    mem_sps = run(memory, args.steps)
-    model, obj, opt = fresh()
-    shard_sps = run(loader, args.steps)
-    print(f"model {args.model}, recipe {args.recipe}, batch {args.batch_size}, {args.threads} thread(s), {args.workers} loader worker(s)")
-    print(f"in-memory tensors : {mem_sps:8.1f} samples/s ({args.batch_size / mem_sps:.3f} s/step)")
-    print(f"from shards       : {shard_sps:8.1f} samples/s ({args.batch_size / shard_sps:.3f} s/step)")
+
+    blocks = max(1, args.steps // args.block)
+    print(f"model {args.model}, recipe {args.recipe}, batch {args.batch_size}, {args.threads} thread(s), "
+          f"{args.workers} loader worker(s) ({args.sharing}), {blocks} x {args.block} timed steps per side after {args.warmup}")
+    print(f"loader alone: {worker_s * 1000:.1f} ms/batch")
+    # Both runs advance in alternating blocks, so that drift of the machine's speed (other
+    # tenants, frequency) hits both alike; the first side of each pair alternates too.
+    mem, shard = Side(memory), Side(loader())
+    for side in (mem, shard):
+        for _ in range(args.warmup):
+            side.step()
+        side.wait = 0.0
+    pair_ratios = []
+    for b in range(blocks):
+        times = {}
+        for side in ((mem, shard) if b % 2 == 0 else (shard, mem)):
+            if side is mem:
+                time.sleep(0.5)   # the loader's worker fills its prefetch queue and goes idle
+            times[id(side)] = side.block(args.block)
+        pair_ratios.append(times[id(mem)] / times[id(shard)])
+    mem_sps = mem.steps * args.batch_size / mem.seconds
+    shard_sps = shard.steps * args.batch_size / shard.seconds
+    q = sorted(pair_ratios)
+    print(f"in-memory tensors : {mem_sps:8.1f} samples/s ({mem.seconds / mem.steps:.3f} s/step)")
+    print(f"from shards       : {shard_sps:8.1f} samples/s ({shard.seconds / shard.steps:.3f} s/step, "
+          f"{shard.wait / shard.steps * 1000:.1f} ms/step waiting for the next batch)")
+    print(f"ratio per block pair: min {q[0]:.3f}, median {q[len(q) // 2]:.3f}, max {q[-1]:.3f}")
     print(f"ratio shards/memory: {shard_sps / mem_sps:.3f} (target >= 0.9)")
     return 0
 

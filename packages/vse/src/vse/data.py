@@ -10,7 +10,7 @@ Per data-loader worker the pipeline is an explicit list of webdataset stages::
     -> shuffle buffer (seeded per reader)
     -> batched (raw samples, images still encoded)
     -> skip the batches a resumed run already consumed
-    -> collate: decode + resize images, pick ONE sparse caption per image, tokenize + augment
+    -> collate: decode + resize images (uint8), pick ONE sparse caption per image, tokenize + augment
 
 The stream never ends (epochs follow each other inside each worker), so the data loader's
 round robin over workers is exact and the data position of a run is one number, the count
@@ -24,6 +24,7 @@ import hashlib
 import io
 import itertools
 import logging
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -45,12 +46,18 @@ def image_id_int(sample_id: str) -> int:
 
 
 class ImageTransform:
-    """Image bytes or PIL image -> normalised float tensor [3, S, S] (resize like the HF processor)."""
+    """Images -> normalised float tensors [B, 3, S, S], resized like the HF processor, in two halves:
+
+    ``decode`` (bytes or PIL -> uint8, runs in the data-loader workers) and ``normalize`` (uint8 ->
+    float, runs wherever the tensor is, i.e. on the training device). Batches cross the process
+    boundary (and the host-to-device copy) as uint8, a quarter of the bytes of float32.
+    ``batch`` does both for evaluation and inference.
+    """
 
     def __init__(self, size: int, mean: list[float], std: list[float]):
         self.size = size
-        self.mean = np.asarray(mean, np.float32)[:, None, None]
-        self.std = np.asarray(std, np.float32)[:, None, None]
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
 
     @classmethod
     def from_processor(cls, size: int, processor: Any | None, default_mean, default_std) -> "ImageTransform":
@@ -66,13 +73,20 @@ class ImageTransform:
             im = im.resize((self.size, self.size), Image.BILINEAR)
         return np.asarray(im, dtype=np.uint8)
 
-    def batch(self, images: list) -> torch.Tensor:
-        """Decode each image to uint8, then normalise the whole batch at once: [B, 3, S, S]."""
+    def decode(self, images: list) -> torch.Tensor:
+        """Decode and resize each image: uint8 [B, 3, S, S]."""
         u8 = np.stack([self._pixels(im) for im in images])              # B, S, S, 3
-        x = torch.from_numpy(u8).permute(0, 3, 1, 2).to(torch.float32)
-        mean = torch.from_numpy(self.mean * 255.0)
-        std = torch.from_numpy(self.std * 255.0)
-        return ((x - mean) / std).contiguous()
+        return torch.from_numpy(u8).permute(0, 3, 1, 2).contiguous()
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, S, S] (any device) -> float32, scaled and normalised like the processor."""
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"ImageTransform.normalize expects uint8 pixels, got {pixels.dtype}")
+        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        return (pixels.to(torch.float32) - mean) / std
+
+    def batch(self, images: list) -> torch.Tensor:
+        return self.normalize(self.decode(images))
 
     def __call__(self, image: bytes | Image.Image) -> torch.Tensor:
         return self.batch([image])[0]
@@ -136,7 +150,10 @@ class TextField:
 
 
 class Collate:
-    """A list of raw samples -> a batch dict of tensors (runs in the data-loader workers)."""
+    """A list of raw samples -> a batch dict of tensors (runs in the data-loader workers).
+
+    ``pixels`` is uint8 [B, 3, S, S]; the trainer normalises it on its device (``ImageTransform.normalize``).
+    """
 
     def __init__(self, transform: ImageTransform, tokenizer: TextTokenizer, fields: dict[str, TextField], aug: TokenAugConfig):
         self.transform = transform
@@ -147,7 +164,7 @@ class Collate:
     def __call__(self, samples: list[Sample], seed: list[int]) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng(seed)
         batch: dict[str, torch.Tensor] = {
-            "pixels": self.transform.batch([s.image for s in samples]),
+            "pixels": self.transform.decode([s.image for s in samples]),    # uint8; normalised on the device
             "image_ids": torch.tensor([image_id_int(s.id) for s in samples], dtype=torch.long),
         }
         sparse = [s.sparse[int(rng.integers(len(s.sparse)))] for s in samples]
@@ -173,6 +190,24 @@ def _reader_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
+def _configure_loader_worker(sharing_strategy: str) -> None:
+    """Settings for a data-loader worker process (it serves only this stream).
+
+    - Batches go to the trainer by shared-memory file name (torch's ``file_system`` strategy)
+      rather than by file descriptor. A descriptor is handed over by a helper thread of the
+      worker, which must take the GIL from the worker's main thread while that decodes the
+      next batch: on 2 CPU cores the trainer waited 5.6-10.5 ms per step for it, against
+      1.5-4.4 ms by name (benchmarks/vse_throughput.py --sharing). Segments are freed with
+      their last reference; those of batches still in flight when a loader is dropped, and
+      all of them if the processes die, are removed by torch's shm manager when the training
+      process exits.
+    - The loader's workers are the parallelism: a tokenizer thread pool in each would compete
+      with the training process for its cores.
+    """
+    torch.multiprocessing.set_sharing_strategy(sharing_strategy)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless batches from the shards for process ``rank`` of ``world_size`` (see module doc)."""
 
@@ -189,6 +224,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         need_sparse: bool = True,
         need_dense: bool = False,
         start_batch: int = 0,
+        sharing_strategy: str = "file_system",
     ):
         super().__init__()
         if not urls:
@@ -203,6 +239,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.need_sparse = need_sparse
         self.need_dense = need_dense
         self.start_batch = start_batch
+        if sharing_strategy not in torch.multiprocessing.get_all_sharing_strategies():
+            raise ValueError(f"sharing_strategy: {sharing_strategy!r} is not one of "
+                             f"{sorted(torch.multiprocessing.get_all_sharing_strategies())}")
+        self.sharing_strategy = sharing_strategy
 
     def _epoch_shards(self, reader: int, readers: int) -> Iterator[dict]:
         split_shards = len(self.urls) >= readers
@@ -222,6 +262,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         info = torch.utils.data.get_worker_info()
         loader_worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            _configure_loader_worker(self.sharing_strategy)
         # The loader takes workers round robin starting with worker 0, and global batch i came
         # from worker i % W in the first run; after resuming at batch b, loader worker w plays
         # the part of worker (w + b) % W and skips the batches that part already produced.

@@ -464,6 +464,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         batch = next(it)
         progress.batches += 1
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        batch["pixels"] = transform.normalize(batch["pixels"])   # uint8 from the loader
         teacher_dense = None
         if teacher is not None:
             teacher_dense = teacher_cache(batch["teacher_ids"], batch["teacher_mask"])
