@@ -53,8 +53,9 @@ class Bundle:
     def embed_images(self, images: list[bytes | Image.Image], batch_size: int = 64) -> torch.Tensor:
         out = []
         for i in range(0, len(images), batch_size):
-            px = self.transform.batch([im if not isinstance(im, (bytearray, memoryview)) else bytes(im) for im in images[i : i + batch_size]])
-            out.append(self.model.embed_images(px.to(self.device)).float().cpu())
+            u8 = self.transform.decode([im if not isinstance(im, (bytearray, memoryview)) else bytes(im) for im in images[i : i + batch_size]])
+            px = self.transform.normalize(u8.to(self.device))
+            out.append(self.model.embed_images(px).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.model.cfg.embed_dim)
 
     @torch.no_grad()

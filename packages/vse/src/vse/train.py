@@ -252,7 +252,7 @@ def evaluate(model: VSEModel, urls: list[str], tokenizer: TextTokenizer, transfo
     imgs, txts, owner = [], [], []
     n = 0
     for samples in iter_eval_batches(urls, data.val_batch_size, data.val_max_images):
-        px = transform.batch([s.image for s in samples]).to(device)
+        px = transform.normalize(transform.decode([s.image for s in samples]).to(device))
         imgs.append(model.embed_images(px).float().cpu())
         caps = [c for s in samples for c in s.sparse]
         owner += [n + i for i, s in enumerate(samples) for _ in s.sparse]
