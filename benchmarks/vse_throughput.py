@@ -1,9 +1,12 @@
 """Training throughput of a CPU config: batches streamed from shards vs the same batches in memory.
 
-Both runs do identical training steps (same model, recipe, batch size, thread count); the
-only difference is where batches come from: the ShardStream (tar reading, PNG decoding,
-caption sampling, tokenisation in a data-loader worker) or a list of ready tensors.
-Prints samples/s of both and the ratio (target >= 0.9: the data pipeline is not the bottleneck).
+Both runs do identical training steps (same initial model, recipe, batches, batch size,
+thread count); the only difference is where batches come from: the ShardStream (tar reading,
+PNG decoding, caption sampling, tokenisation in a data-loader worker) or a list of the same
+batches already in memory. The two runs alternate blocks of ``--block`` steps so that drift
+of the machine's speed hits both alike. Prints samples/s of both, the trainer's wait for each
+batch, the loader's cost alone and the ratio (target >= 0.9: the data pipeline is not the
+bottleneck).
 
     python benchmarks/vse_throughput.py [--model tiny-vit] [--recipe baseline] [--steps 100] [--block 10]
 """
@@ -127,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # the loader worker alone: its cost per batch with the cores otherwise idle
     # (the same batches, in the same order, as the shards run will get)
+    blocks = max(1, args.steps // args.block)
     it = iter(loader())
     memory = [next(it)]            # the first one includes the worker's start
     t = time.perf_counter()
-    memory += [next(it) for _ in range(args.warmup + args.steps - 1)]
-    worker_s = (time.perf_counter() - t) / (len(memory) - 1)
+    memory += [next(it) for _ in range(args.warmup + blocks * args.block - 1)]
+    worker_s = (time.perf_counter() - t) / max(1, len(memory) - 1)
     del it
 
-    blocks = max(1, args.steps // args.block)
     print(f"model {args.model}, recipe {args.recipe}, batch {args.batch_size}, {args.threads} thread(s), "
           f"{args.workers} loader worker(s) ({args.sharing}), {blocks} x {args.block} timed steps per side after {args.warmup}")
     print(f"loader alone: {worker_s * 1000:.1f} ms/batch")
