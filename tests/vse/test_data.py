@@ -29,10 +29,6 @@ def _png(a: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def parts(world, assets):
-    return _parts_for(world, assets)
-
-
-def _parts_for(world, assets):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     recipe = get_recipe("stage2")
