@@ -2,8 +2,8 @@
 
 Part 1, COCO-5K sized (5,000 images x 25,000 captions, dim 1,024):
   * bench: d2s.retrieval.retrieval_ranks (chunked, exact)
-  * loop:  a faithful re-implementation of the VSE++ per-query numpy loops (dot + argsort per
-           query); its ranks must equal bench's exactly (asserted). The embeddings are small
+  * loop:  the VSE++ per-query numpy loops (dot + argsort per query) as re-implemented in
+           tests/bench/reference.py, the oracle the tests check bench against; its ranks must equal bench's exactly (asserted). The embeddings are small
            integers, so every dot product is exact in float32 whatever the summation order, and
            the loop sorts with kind="stable", the tie rule bench documents.
   * floor: one img @ txt.T matmul of the same sizes (nothing is ranked).
@@ -20,35 +20,19 @@ import argparse
 import logging
 import multiprocessing as mp
 import resource
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from d2s.retrieval import faiss_ranks, metrics_from_ranks, retrieval_ranks
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.bench.reference import reference_loops  # noqa: E402  (the loops the tests check bench against)
+
 log = logging.getLogger(__name__)
-
-
-def reference_loops(ims: np.ndarray, caps: np.ndarray, per_image: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """The reference i2t / t2i: per query, score all candidates, argsort, find the positive."""
-    npts = ims.shape[0]
-    ranks = np.zeros(npts)
-    for index in range(npts):
-        d = np.dot(ims[index : index + 1], caps.T).flatten()
-        inds = np.argsort(-d, kind="stable")
-        rank = 1e20
-        for i in range(per_image * index, per_image * index + per_image):
-            tmp = np.where(inds == i)[0][0]
-            rank = min(rank, tmp)
-        ranks[index] = rank
-    ranks_t = np.zeros(per_image * npts)
-    for index in range(npts):
-        d = np.dot(caps[per_image * index : per_image * index + per_image], ims.T)
-        for i in range(len(d)):
-            inds = np.argsort(-d[i], kind="stable")
-            ranks_t[per_image * index + i] = np.where(inds == index)[0][0]
-    return ranks.astype(np.int64), ranks_t.astype(np.int64)
 
 
 def int_embeddings(n: int, dim: int, seed: int) -> np.ndarray:
