@@ -3,9 +3,10 @@
 Part 1, COCO-5K sized (5,000 images x 25,000 captions, dim 1,024):
   * bench: d2s.retrieval.retrieval_ranks (chunked, exact)
   * loop:  the VSE++ per-query numpy loops (dot + argsort per query) as re-implemented in
-           tests/bench/reference.py, the oracle the tests check bench against; its ranks must equal bench's exactly (asserted). The embeddings are small
-           integers, so every dot product is exact in float32 whatever the summation order, and
-           the loop sorts with kind="stable", the tie rule bench documents.
+           tests/bench/reference.py, the oracle the tests check bench against; its ranks must
+           equal bench's exactly (asserted). The embeddings are small integers, so every dot
+           product is exact in float32 whatever the summation order, and the loop sorts with
+           kind="stable", the tie rule bench documents.
   * floor: one img @ txt.T matmul of the same sizes (nothing is ranked).
 Part 2, large: 100k x 500k by default, FAISS flat inner product (top-k) and the exact chunked
 path, each in a fresh process so its peak memory (max RSS) is its own. Use --large-* to shrink.
