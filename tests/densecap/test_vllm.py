@@ -49,6 +49,8 @@ def offline_run(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("offline")
     out = tmp / "out"
     env = server_env(tmp / "scratch")
+    # this checkout's densecap, whatever editable install .venv-vllm holds (it may be shared)
+    env["PYTHONPATH"] = os.pathsep.join(str(REPO / "packages" / p / "src") for p in ("core", "densecap"))
     # the engine core in the densecap process itself: one process fewer to start (vLLM's
     # start-up is mostly imports); the path through vllm.LLM.chat is the same
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -195,10 +197,23 @@ def test_server_killed_mid_run_records_failures_then_rerun_fills(vllm_server, bi
     rejects = [json.loads(x) for p in (out / "rejects").glob("*.jsonl") for x in p.read_text().splitlines()]
     assert {r["key"] for r in rejects if r["reason"] == "error"} == {s.key for s in failed}
     assert len(got) < 60 and not (out / "manifest.json").exists()
+    clean = {p: (Path(p).stat().st_mtime_ns, Path(p).stat().st_size) for p, st in completed_shards(out).items()
+             if not st["caption_errors"]}
+    assert clean, "some shard should have finished before the server died"
 
-    vllm_server.start()  # same port: the rerun uses the same command
-    r = run_densecap(args)
+    # the server comes back on ANOTHER port; transport settings change too (issue 11, item 1):
+    # failures are filled, finished shards stay as they are
+    from densecap.testing.vllm_server import free_port
+
+    vllm_server.port = free_port()
+    vllm_server.start()
+    moved = ["run", "--no-progress", "--input", str(big_world), "--out", str(out), "--batch-size", "3", "--filters", "none",
+             *server_args(vllm_server, "-C", "concurrency=5", "-C", "sampling.max_tokens=48", "-C", "max_retries=4",
+                          "-C", "timeout=60", "-C", "connect_timeout=5")]
+    r = run_densecap(moved)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "another configuration" not in r.stderr
+    assert {p: (Path(p).stat().st_mtime_ns, Path(p).stat().st_size) for p in clean} == clean
     got = samples_of(out)
     keys = Counter(s.key for s in got)
     assert set(keys) == {f"train_{i:08d}" for i in range(60)} and set(keys.values()) == {1}

@@ -82,6 +82,12 @@ class Stage:
     def run(self, ctx: StageContext) -> dict[str, Any] | None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @classmethod
+    def cache_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The params (as plain data) that go into the cache key: all but ``execution_params``.
+        A stage type may leave out more, e.g. densecap leaves out where its caption server is."""
+        return {k: v for k, v in params.items() if k not in cls.execution_params}
+
 
 def stage_types() -> dict[str, str]:
     """Registered stage types: name -> 'module:attr' (from installed packages' entry points)."""
@@ -315,7 +321,7 @@ class Runner:
         key = {
             "type": s.type_name,
             "version": s.cls.version,
-            "params": {k: v for k, v in params.items() if k not in s.cls.execution_params},
+            "params": s.cls.cache_params(params),
             "inputs": inputs,
             "outputs": {k: str(v) for k, v in s.outputs.items()},
         }

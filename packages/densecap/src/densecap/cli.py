@@ -6,7 +6,8 @@
     densecap report OUT_DIR                       # rebuild the summary report
 
 Exit status: 0 done; 2 bad configuration; 3 finished but some captions failed (recorded
-with their error: rerun to fill them); 4 stopped because a caption source died.
+with their error: rerun to fill them); 4 stopped because a caption source died; 5 another
+densecap process is writing the same output directory and rank (the message names it).
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(write_report(args.out, args.report or Path(args.out) / "report"), indent=2))
         return 0
-    from .run import RunAborted, run
+    from .run import RunAborted, RunLocked, run
 
     try:
         cfg = build_config(args)
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunAborted as exc:
         log.error("%s", exc)
         return 4
+    except RunLocked as exc:
+        log.error("%s", exc)
+        return 5
     print(json.dumps(summary, indent=2))
     if summary.get("caption_errors"):
         log.error("%d caption(s) failed and are recorded with their error; rerun the same command to fill them",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from d2s.config import ConfigError
 
@@ -71,6 +71,11 @@ class DensecapConfig:
     batch_size: int = 64
     recaption: bool = False  # caption again even when a sample already has a good text from this source
     progress: bool = True
+    # one image extension per split, so that Arrow readers (Hugging Face datasets) see every image:
+    # 'auto' = the split's most common format (its first image's for shard / dataset sources), other
+    # formats re-encoded (PNG losslessly, JPEG at quality 95; meta.original_format records theirs);
+    # 'jpg' / 'png' / 'webp' = that one; 'keep' = every image as it comes (mixed extensions)
+    image_ext: Literal["auto", "keep", "jpg", "png", "webp"] = "auto"
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

@@ -95,6 +95,28 @@ class ImageSource:
     def iter_unit(self, unit: Unit) -> Iterator[Sample | Rejected]:
         raise NotImplementedError
 
+    def split_image_ext(self, split: str, units: list[Unit]) -> str:
+        """The image extension a split's shards are written with under ``image_ext: auto``: here the
+        format of the split's first readable image (units in order). Must give the same answer on
+        every rank and rerun; sources that know their file names pick the most common suffix."""
+        for unit in units:
+            for item in self.iter_unit(unit):
+                if isinstance(item, Sample):
+                    ext, _ = check_image(item.image)
+                    if ext is not None:
+                        return ext
+        return "jpg"
+
+
+def _majority_ext(names: list[str]) -> str:
+    """The most common image extension among file names (ties: jpg, png, webp)."""
+    counts = {"jpg": 0, "png": 0, "webp": 0}
+    for n in names:
+        e = Path(n).suffix.lower().lstrip(".").replace("jpeg", "jpg")
+        if e in counts:
+            counts[e] += 1
+    return max(counts, key=lambda e: (counts[e], -list(counts).index(e)))
+
 
 def _read_file(path: Path) -> bytes | Rejected:
     try:
@@ -167,6 +189,9 @@ class FolderSource(ImageSource):
         )
         return [Unit(self.params.split, i, c, len(c)) for i, c in enumerate(chunk(files, self.params.chunk_size))]
 
+    def split_image_ext(self, split: str, units: list[Unit]) -> str:
+        return _majority_ext([rel for u in units for rel in u.payload])
+
     def iter_unit(self, unit: Unit) -> Iterator[Sample | Rejected]:
         for rel in unit.payload:
             data = _read_file(self.root / rel)
@@ -223,6 +248,9 @@ class KarpathySource(ImageSource):
             for i, c in enumerate(chunk(self.by_split.get(split, []), self.params.chunk_size)):
                 units.append(Unit(split, i, c, len(c)))
         return units
+
+    def split_image_ext(self, split: str, units: list[Unit]) -> str:
+        return _majority_ext([img["filename"] for u in units for img in u.payload])
 
     def iter_unit(self, unit: Unit) -> Iterator[Sample | Rejected]:
         for img in unit.payload:

@@ -78,6 +78,10 @@ class Registry(Generic[T]):
 
     def parse_params(self, name: str, params: dict[str, Any] | None, where: str) -> Any:
         cls = self.get(name)
+        # fields a plug-in refuses with a reason (e.g. a secret that would be written to disk)
+        for key, why in getattr(cls, "refused_params", {}).items():
+            if isinstance(params, dict) and key in params:
+                raise ConfigError(f"{where}.{key}: not accepted: {why}")
         P = getattr(cls, "Params", None)
         if P is None or not dataclasses.is_dataclass(P):
             if params:

@@ -7,15 +7,28 @@ round-robin (``unit_number % world_size == rank``) and, inside a rank, to
 ``num_workers`` processes. A restarted run skips complete shards, so a SIGKILL at any
 moment followed by a rerun yields every sample exactly once. A complete shard whose
 stats report caption errors is redone from its own samples: good captions are kept,
-failed ones are requested again ("fill").
+failed ones are requested again ("fill"), and every caption of the shard goes through the
+filters again in shard order, exactly as in a first pass.
+
+Only what decides a caption's content makes a complete shard stale (:func:`content_config`:
+source, caption sources without their ``transport_params``, filters, image format): moving
+the server or changing concurrency, timeouts or retries keeps every finished caption.
+One process at a time writes a rank of an output directory (:class:`RunLock`), and worker
+processes die with the process that started them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import json
 import logging
+import os
+import signal
+import socket
+import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -23,7 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from d2s.config import to_dict
+from d2s.config import ConfigError, to_dict
 from d2s.schema import Sample
 from d2s.shards import ShardWriter, atomic_write_text, completed_shards, iter_samples, shard_name, stats_path
 
@@ -41,6 +54,79 @@ class RunAborted(RuntimeError):
     """A caption source could not go on (e.g. the server died); finished shards are kept."""
 
 
+class RunLocked(RuntimeError):
+    """Another densecap process is writing the same rank of the same output directory."""
+
+
+class RunLock:
+    """``<out>/densecap-rank<R>.lock``: an exclusive ``flock`` held for the whole run, with the
+    holder's pid, host and command line in the file. The kernel drops the lock when the
+    holder dies (SIGKILL included), so a stale file never blocks a rerun; a second live run
+    on the same directory and rank stops at once with :class:`RunLocked` naming the holder."""
+
+    def __init__(self, out: Path, rank: int):
+        self.path = Path(out) / f"densecap-rank{rank}.lock"
+        self.rank = rank
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = json.loads(os.pread(fd, 65536, 0).decode() or "{}")
+            except (ValueError, UnicodeDecodeError):
+                holder = {}
+            os.close(fd)
+            who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}: "
+                   f"{holder.get('command', '?')}")
+            raise RunLocked(
+                f"{self.path.parent}: rank {self.rank} is being written by another densecap process ({who}); "
+                f"wait for it to finish or stop it (kill {holder.get('pid', '<pid>')}), then rerun. Lock file: {self.path}"
+            ) from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (removing it would race)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process end when ``parent_pid`` (the process that started it) ends, however it
+    ends: a parent-death signal on Linux, and a watchdog thread on the parent pid everywhere."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="densecap-parent-watchdog", daemon=True).start()
+
+
 def rejects_path(out: Path, split: str, index: int) -> Path:
     return out / REJECTS_DIR / (shard_name(split, index)[: -len(".tar")] + ".rejects.jsonl")
 
@@ -48,9 +134,11 @@ def rejects_path(out: Path, split: str, index: int) -> Path:
 class Worker:
     """Everything one process needs to turn units into shards."""
 
-    def __init__(self, cfg: DensecapConfig, out: Path):
+    def __init__(self, cfg: DensecapConfig, out: Path, image_exts: dict[str, str | None] | None = None):
         self.cfg = cfg
         self.out = Path(out)
+        #: split -> the one image extension its shards use (None: images as they come)
+        self.image_exts = dict(image_exts or {})
         self.source: ImageSource = IMAGE_SOURCES.create(cfg.source.type, cfg.source.params, "source.params")
         self.captioners: list[CaptionSource] = []
         for i, c in enumerate(cfg.captioners):
@@ -104,39 +192,52 @@ class Worker:
             yield item
 
     def _caption_batch(self, batch: list[Sample], counts: Counter, rejects: list[dict]) -> None:
+        """Caption what needs it, then filter every caption of the batch in shard order.
+
+        A fill (a rerun of a shard with failed captions) requests only the failed or missing
+        captions, but every caption, kept or new, goes through the filter chain again in the
+        same order as in a first pass, so stateful filters (near-duplicates) see the whole shard
+        and the verdicts are those a single clean pass would give."""
         for cap in self.captioners:
-            todo = []
+            todo: list[Sample] = []
+            slot: dict[int, int] = {}  # id(sample) -> where its text from this source sits
             for s in batch:
                 mine = [d for d in s.dense if d.source == cap.label]
                 if mine and not self.cfg.recaption and not any(d.error for d in mine):
                     continue
+                slot[id(s)] = next((i for i, d in enumerate(s.dense) if d.source == cap.label), len(s.dense))
                 s.dense = [d for d in s.dense if d.source != cap.label]
                 todo.append(s)
-            if not todo:
-                continue
-            t0 = time.perf_counter()
-            results = self.loop.run_until_complete(cap.caption(todo))
-            counts["caption_seconds"] += time.perf_counter() - t0
-            if len(results) != len(todo):
-                raise RuntimeError(f"caption source {cap.label!r} returned {len(results)} results for {len(todo)} samples")
-            for s, d in zip(todo, results):
-                counts["captions_requested"] += 1
-                if d is None:
-                    counts["captions_missing"] += 1
-                    continue
-                verdict = self.chain.apply(d, s)
-                s.dense.append(d)
-                counts["prompt_tokens"] += int(d.scores.get("prompt_tokens", 0))
-                counts["completion_tokens"] += int(d.scores.get("completion_tokens", 0))
-                if d.error:
-                    counts["caption_errors"] += 1
-                    rejects.append({"kind": "caption", "key": s.key, "id": s.id, "source": d.source, "reason": "error", "error": d.error})
-                elif verdict == "keep":
-                    counts["captions_kept"] += 1
-                else:
-                    counts["captions_dropped"] += 1
-                    counts[f"dropped_{verdict}"] += 1
-                    rejects.append({"kind": "caption", "key": s.key, "id": s.id, "source": d.source, "reason": verdict, "text": d.text, "scores": d.scores})
+            new: dict[int, Any] = {}
+            if todo:
+                t0 = time.perf_counter()
+                results = self.loop.run_until_complete(cap.caption(todo))
+                counts["caption_seconds"] += time.perf_counter() - t0
+                if len(results) != len(todo):
+                    raise RuntimeError(f"caption source {cap.label!r} returned {len(results)} results for {len(todo)} samples")
+                for s, d in zip(todo, results):
+                    counts["captions_requested"] += 1
+                    if d is None:
+                        counts["captions_missing"] += 1
+                        continue
+                    s.dense.insert(slot[id(s)], d)
+                    new[id(s)] = d
+                    counts["prompt_tokens"] += int(d.scores.get("prompt_tokens", 0))
+                    counts["completion_tokens"] += int(d.scores.get("completion_tokens", 0))
+            for s in batch:
+                for d in [d for d in s.dense if d.source == cap.label]:
+                    verdict = self.chain.apply(d, s)
+                    if d.error:
+                        counts["caption_errors"] += 1
+                        rejects.append({"kind": "caption", "key": s.key, "id": s.id, "source": d.source, "reason": "error", "error": d.error})
+                    elif verdict == "keep":
+                        counts["captions_kept"] += 1
+                    else:
+                        counts["captions_dropped"] += 1
+                        counts[f"dropped_{verdict}"] += 1
+                        rejects.append({"kind": "caption", "key": s.key, "id": s.id, "source": d.source, "reason": verdict, "text": d.text, "scores": d.scores})
+                    if id(s) not in new:
+                        counts["captions_refiltered"] += 1
 
     def process(self, unit: Unit, progress=None) -> dict[str, Any]:
         """Write the unit's shard; returns its stats."""
@@ -151,7 +252,8 @@ class Worker:
         retries0 = sum(getattr(c, "retries", 0) for c in self.captioners)
         self.chain.reset()
         t0 = time.perf_counter()
-        with ShardWriter(self.out, unit.split, unit.index) as w:
+        image_ext = self.image_exts.get(unit.split)
+        with ShardWriter(self.out, unit.split, unit.index, image_ext=image_ext) as w:
             batch: list[Sample] = []
 
             def flush() -> None:
@@ -184,6 +286,7 @@ class Worker:
                 max_in_flight={c.label: getattr(c, "max_in_flight", 1) for c in self.captioners},
                 retries=sum(getattr(c, "retries", 0) for c in self.captioners) - retries0,
                 filters=[f.name for f in self.chain.filters],
+                image_ext=image_ext or "mixed",
                 config_hash=config_fingerprint(self.cfg),
             )
             stats = dict(w.stats)
@@ -191,10 +294,53 @@ class Worker:
         return stats
 
 
+EXECUTION_FIELDS = ("num_workers", "batch_size", "progress")
+
+
+def strip_transport(captioners: list[dict]) -> list[dict]:
+    """Caption-source entries (plain dicts) without the params their type declares as transport."""
+    out = []
+    for c in captioners:
+        c = dict(c)
+        try:
+            drop = set(getattr(CAPTION_SOURCES.get(c.get("type", "")), "transport_params", ()))
+        except ConfigError:
+            drop = set()
+        c["params"] = {k: v for k, v in (c.get("params") or {}).items() if k not in drop}
+        out.append(c)
+    return out
+
+
+def content_config(cfg: DensecapConfig) -> dict[str, Any]:
+    """What decides a shard's content: the image source, the caption sources (model, prompt,
+    sampling...) without their transport params (server address, key, concurrency, timeouts,
+    retries), the filters, the image format and ``recaption``; not workers, batch size or
+    progress bars."""
+    doc = {k: v for k, v in to_dict(cfg).items() if k in DensecapConfig.__dataclass_fields__ and k not in EXECUTION_FIELDS}
+    doc["captioners"] = strip_transport(doc["captioners"])
+    return doc
+
+
 def config_fingerprint(cfg: DensecapConfig) -> str:
-    """Hash of everything that decides a shard's content (not workers, batch size or progress bars)."""
-    doc = {k: v for k, v in to_dict(cfg).items() if k not in ("num_workers", "batch_size", "progress")}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Hash of :func:`content_config`: a complete shard written under another one is captioned again."""
+    return hashlib.sha256(json.dumps(content_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resolve_image_exts(source: ImageSource, units: list[Unit], setting: str) -> dict[str, str | None]:
+    """split -> the image extension its shards are written with (None = as the images come).
+
+    'auto' asks the source (:meth:`ImageSource.split_image_ext`: the most common format of the
+    split, or its first image's), so every rank and every rerun picks the same one."""
+    splits = list(dict.fromkeys(u.split for u in units))
+    if setting == "keep":
+        return {sp: None for sp in splits}
+    if setting != "auto":
+        return {sp: setting for sp in splits}
+    out: dict[str, str | None] = {}
+    for sp in splits:
+        out[sp] = source.split_image_ext(sp, [u for u in units if u.split == sp])
+        log.info("split %s: images written as .%s (image_ext auto; other formats are re-encoded)", sp, out[sp])
+    return out
 
 
 def plan_units(
@@ -232,13 +378,14 @@ def plan_units(
 _WORKER: Worker | None = None
 
 
-def _init_worker(cfg_dict: dict, out: str) -> None:
+def _init_worker(cfg_dict: dict, out: str, image_exts: dict, parent_pid: int) -> None:
     global _WORKER
+    die_with_parent(parent_pid)
     from d2s.config import from_dict
     from d2s.log import setup_logging
 
     setup_logging()
-    _WORKER = Worker(from_dict(DensecapConfig, cfg_dict, "config"), Path(out))
+    _WORKER = Worker(from_dict(DensecapConfig, cfg_dict, "config"), Path(out), image_exts)
 
 
 def _work(unit: Unit) -> dict:
@@ -249,15 +396,23 @@ def _work(unit: Unit) -> dict:
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
-    """Run (or resume) a densecap job; returns a summary. Raises RunAborted when a source died."""
-    from tqdm import tqdm
-
+    """Run (or resume) a densecap job; returns a summary. Raises RunAborted when a source died,
+    RunLocked when another process is writing the same rank of ``cfg.out``."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, cfg.rank):
+        return _run_locked(cfg, out)
+
+
+def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    from tqdm import tqdm
+
     base = DensecapConfig(**{k: getattr(cfg, k) for k in DensecapConfig.__dataclass_fields__})
     atomic_write_text(out / f"densecap-config.rank{cfg.rank}.json", json.dumps(to_dict(cfg), indent=2) + "\n")
     worker = Worker(base, out)
     todo, mine = plan_units(worker.source, out, cfg.rank, cfg.world_size, config_fingerprint(base))
+    image_exts = resolve_image_exts(worker.source, worker.source.units(), cfg.image_ext) if todo else {}
+    worker.image_exts = image_exts
     known = [u.size for u in todo]
     total = sum(known) if all(k is not None for k in known) else None
     log.info("densecap: %d unit(s) for rank %d/%d, %d already complete", len(todo), cfg.rank, cfg.world_size, len(mine) - len(todo))
@@ -287,7 +442,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             import multiprocessing as mp
 
             with ProcessPoolExecutor(cfg.num_workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                     initargs=(to_dict(base), str(out))) as ex:
+                                     initargs=(to_dict(base), str(out), image_exts, os.getpid())) as ex:
                 futures = [ex.submit(_work, u) for u in todo]
                 for f in futures:
                     r = f.result()

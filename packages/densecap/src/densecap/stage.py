@@ -31,6 +31,16 @@ class DensecapStage(Stage):
     # How this process takes part, not what the dataset is: several ranks share one output.
     execution_params = ("rank", "world_size", "num_workers", "batch_size", "progress")
 
+    @classmethod
+    def cache_params(cls, params: dict) -> dict:
+        """Also without the caption sources' transport params (server address, key source,
+        concurrency, timeouts, retries): moving the server keeps the stage and its shards."""
+        from .run import strip_transport
+
+        doc = super().cache_params(params)
+        doc["captioners"] = strip_transport(doc.get("captioners") or [])
+        return doc
+
     def run(self, ctx: StageContext) -> dict:
         p: StageConfig = ctx.params
         source = p.source

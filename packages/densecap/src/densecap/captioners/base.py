@@ -56,6 +56,10 @@ class CaptionSource:
 
     name: ClassVar[str] = ""
     Params: ClassVar[type | None] = None
+    #: Params fields that decide how captions are obtained but not what they say (where the
+    #: server is, how many requests are in flight, timeouts, retries). They are left out of the
+    #: shard fingerprint, so changing them fills failed captions and keeps the rest.
+    transport_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: Any = None, *, label: str = ""):
         self.params = params

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import io
 import logging
+import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from d2s.schema import DenseText, Sample, sniff_image_ext
 
@@ -38,21 +43,80 @@ def data_url(image: bytes, max_side: int = 0) -> str:
 
 
 class _Retryable(Exception):
-    pass
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delay-seconds or an HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def parse_reply(doc: Any) -> tuple[str, str, dict[str, float]]:
+    """(text, finish_reason, usage) of a chat-completions reply; _Retryable when it is malformed."""
+    def bad(why: str) -> _Retryable:
+        return _Retryable(f"malformed reply (HTTP 200): {why}: {str(doc)[:200]}")
+
+    if not isinstance(doc, dict):
+        raise bad("not a JSON object")
+    choices = doc.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise bad("no 'choices'")
+    choice = choices[0]
+    if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+        raise bad("choices[0] has no 'message'")
+    content = choice["message"].get("content")
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        raise bad("choices[0].message.content is not a string")
+    usage_doc = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
+    usage = {}
+    for k in ("prompt_tokens", "completion_tokens"):
+        v = usage_doc.get(k, 0)
+        usage[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
+    return content.strip(), str(choice.get("finish_reason") or ""), usage
 
 
 @CAPTION_SOURCES.register("vllm-server")
 class VLLMServerSource(CaptionSource):
     """A running vLLM OpenAI-compatible server (`vllm serve MODEL`): many requests in flight
     (asyncio, bounded by 'concurrency'), per-request timeouts, retries with exponential backoff on
-    5xx / 429 / connection errors. /v1/models is checked at start (clear error if the server is
-    unreachable or 'model' is not served). Prompts come from the prompt_family registry."""
+    5xx / 429 / connection errors / malformed 200 replies, honouring Retry-After. /v1/models is
+    checked at start (clear error if the server is unreachable or 'model' is not served). The API
+    key comes from $OPENAI_API_KEY or api_key_file, never from the configuration. Prompts come from
+    the prompt_family registry."""
+
+    # where the server is and how it is asked: changing these keeps the captions already made
+    transport_params = ("base_url", "api_key_env", "api_key_file", "concurrency", "timeout", "connect_timeout",
+                        "max_retries", "backoff", "max_backoff", "max_retry_after", "max_consecutive_failures")
+    # a secret in the configuration would be written to disk (densecap-config, pipeline records)
+    refused_params = {"api_key": "a key in the configuration would be written to disk (densecap-config.rank*.json, "
+                                 "the pipeline's resolved.yaml and stage records); put it in the OPENAI_API_KEY "
+                                 "environment variable, or in a file named by api_key_file"}
 
     @dataclass
     class Params:
         base_url: str = "http://127.0.0.1:8000"
         model: str = ""  # '' = the only model the server serves
-        api_key: str = ""
+        api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the API key ('' = none)
+        api_key_file: str = ""  # or a file holding it (first line); never the key itself
         prompt_family: str = "generic"
         prompt: str = ""  # overrides the family's instruction text
         system: str = ""
@@ -63,6 +127,7 @@ class VLLMServerSource(CaptionSource):
         max_retries: int = 4
         backoff: float = 0.5
         max_backoff: float = 8.0
+        max_retry_after: float = 60.0  # cap on a server's Retry-After (429 / 503)
         max_consecutive_failures: int = 8  # then the source is marked down and the run stops
         image_max_side: int = 0  # >0: downscale larger images before sending
 
@@ -86,11 +151,27 @@ class VLLMServerSource(CaptionSource):
         self.in_flight = 0
         self.max_in_flight = 0  # observed request concurrency (reported in shard stats)
 
+    def api_key(self) -> str:
+        """The key from api_key_file, else from the environment variable api_key_env ('' = none)."""
+        p = self.params
+        if p.api_key_file:
+            path = Path(p.api_key_file).expanduser()
+            try:
+                lines = path.read_text().splitlines()
+            except OSError as exc:
+                raise CaptionSourceError(f"vllm-server: api_key_file {path}: cannot read it ({exc})") from None
+            key = lines[0].strip() if lines else ""
+            if not key:
+                raise CaptionSourceError(f"vllm-server: api_key_file {path}: the first line is empty")
+            return key
+        return os.environ.get(p.api_key_env, "").strip() if p.api_key_env else ""
+
     async def start(self) -> None:
         import httpx
 
         p = self.params
-        headers = {"Authorization": f"Bearer {p.api_key}"} if p.api_key else {}
+        key = self.api_key()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -110,7 +191,11 @@ class VLLMServerSource(CaptionSource):
         if r.status_code != 200:
             await self.close()
             raise CaptionSourceError(f"vllm-server: GET {url} answered HTTP {r.status_code}: {r.text[:300]}")
-        served = [m.get("id") for m in r.json().get("data", [])]
+        try:
+            served = [m.get("id") for m in r.json().get("data", [])]
+        except (ValueError, AttributeError, TypeError):
+            await self.close()
+            raise CaptionSourceError(f"vllm-server: GET {url} answered HTTP 200 without a model list: {r.text[:300]!r}") from None
         if p.model and p.model not in served:
             await self.close()
             raise CaptionSourceError(f"vllm-server: model {p.model!r} is not served by {self.base_url}; served models: {served}")
@@ -151,10 +236,13 @@ class VLLMServerSource(CaptionSource):
         finally:
             self.in_flight -= 1
         if r.status_code >= 500 or r.status_code == 429:
-            raise _Retryable(f"HTTP {r.status_code}: {r.text[:200]}")
+            raise _Retryable(f"HTTP {r.status_code}: {r.text[:200]}", parse_retry_after(r.headers.get("retry-after")))
         if r.status_code != 200:
             raise CaptionSourceError(f"HTTP {r.status_code}: {r.text[:300]}")
-        return r.json()
+        try:
+            return r.json()
+        except ValueError:
+            raise _Retryable(f"malformed reply (HTTP 200): not JSON: {r.text[:200]!r}") from None
 
     async def caption_one(self, sample: Sample) -> DenseText:
         p = self.params
@@ -165,32 +253,29 @@ class VLLMServerSource(CaptionSource):
             body = self.request_body(sample)
             t0 = time.perf_counter()
             last = ""
+            retry_after: float | None = None
             for attempt in range(p.max_retries + 1):
                 if attempt:
                     delay = min(p.max_backoff, p.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+                    if retry_after is not None:  # the server said when to come back
+                        delay = max(delay, min(retry_after, p.max_retry_after))
                     self.retries += 1
                     log.debug("retry %d for %s in %.2fs: %s", attempt, sample.key, delay, last)
                     await asyncio.sleep(delay)
                     if self.fatal:
                         break
                 try:
-                    doc = await self._post(body)
+                    text, finish_reason, usage = parse_reply(await self._post(body))
                 except _Retryable as exc:
-                    last = str(exc)
+                    last, retry_after = str(exc), exc.retry_after
                     continue
                 except CaptionSourceError as exc:
                     return self.failed(f"request rejected: {exc}")
                 self._consecutive_failures = 0
-                choice = doc["choices"][0]
-                usage = doc.get("usage") or {}
-                scores = {
-                    "prompt_tokens": float(usage.get("prompt_tokens", 0)),
-                    "completion_tokens": float(usage.get("completion_tokens", 0)),
-                    "latency_s": round(time.perf_counter() - t0, 4),
-                }
-                if choice.get("finish_reason") == "length":
+                scores = {**usage, "latency_s": round(time.perf_counter() - t0, 4)}
+                if finish_reason == "length":
                     scores["truncated"] = 1.0
-                return self.dense((choice["message"].get("content") or "").strip(), scores=scores)
+                return self.dense(text, scores=scores)
             self._consecutive_failures += 1
             if self._consecutive_failures >= p.max_consecutive_failures and not self.fatal:
                 self.fatal = (
