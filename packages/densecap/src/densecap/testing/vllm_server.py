@@ -1,6 +1,11 @@
 """Start and stop a real vLLM OpenAI-compatible server from ``.venv-vllm`` (tests, benchmarks).
 
-    python -m densecap.testing.vllm_server MODEL_DIR [--port P]   # serve until Ctrl-C
+    python -m densecap.testing.vllm_server MODEL_DIR [--port P]   # serve until Ctrl-C or SIGTERM
+
+The server dies with what started it: it runs under ``server_guard.py``, which ends the
+whole server (all of its processes) when the starting process ends in any way, SIGKILL
+included (a pipe from the starter reaches end of file), so a killed test run or benchmark
+never leaves a 3 GB server behind.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[5]
 DEFAULT_VENV = REPO_ROOT / ".venv-vllm"
 SETUP_HINT = "run `bash scripts/setup_vllm_cpu.sh` at the repository root to build it"
+GUARD = Path(__file__).with_name("server_guard.py")
 
 
 def vllm_python(venv: str | Path | None = None) -> Path:
@@ -52,7 +58,8 @@ def server_env(scratch: Path) -> dict[str, str]:
 
 
 class VLLMServer:
-    """A vLLM server subprocess (own process group, so stop() ends all of its processes)."""
+    """A vLLM server subprocess (own process group, so stop() ends all of its processes), run under
+    ``server_guard.py`` so that it also ends when this process ends without calling stop()."""
 
     def __init__(self, model_dir: str | Path, *, name: str = "tiny-llava", port: int | None = None,
                  scratch: str | Path | None = None, max_num_seqs: int = 8, venv: str | Path | None = None):
@@ -83,8 +90,10 @@ class VLLMServer:
         self.scratch.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), env=server_env(self.scratch), stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        # stdin: a pipe this process never writes to; the guard ends the server at its EOF
+        self.proc = subprocess.Popen([str(self.python), str(GUARD), "--", *self.command()], env=server_env(self.scratch),
+                                     stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         while True:
             if self.proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-3000:]
@@ -110,6 +119,8 @@ class VLLMServer:
             except ProcessLookupError:
                 pass
             self.proc.wait(timeout=30)
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
 
     def stop(self) -> None:
         if self.proc is None:
@@ -127,6 +138,8 @@ class VLLMServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         self.proc = None
         if getattr(self, "_log", None):
             self._log.close()
@@ -145,8 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="tiny-llava")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+
+    def on_term(signum, frame):  # SIGTERM stops the server cleanly, like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     with VLLMServer(args.model_dir, name=args.name, port=args.port) as srv:
-        print(f"serving {args.name} at {srv.base_url} (Ctrl-C to stop)", flush=True)
+        print(f"serving {args.name} at {srv.base_url} (Ctrl-C or SIGTERM to stop)", flush=True)
         try:
             while srv.proc and srv.proc.poll() is None:
                 time.sleep(1)

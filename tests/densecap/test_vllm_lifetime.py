@@ -1,0 +1,99 @@
+"""A real vLLM server dies with what started it (issue 11): a test process SIGKILLed from outside,
+and `python -m densecap.testing.vllm_server` stopped with SIGTERM, leave no server behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.densecap.conftest import REPO
+from tests.densecap.test_reliability import alive, children, wait_until
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def server_pids(port: int) -> list[int]:
+    """The vLLM API server listening on ``port`` and every process below it."""
+    roots = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"vllm.entrypoints.openai.api_server" in cmd and str(port).encode() in cmd:
+                roots.append(int(d.name))
+    found, todo = [], list(roots)
+    while todo:
+        p = todo.pop()
+        if p not in found:
+            found.append(p)
+            todo += children(p)
+    return found
+
+
+def _readline(proc: subprocess.Popen, marker: str, limit: float = 300) -> str:
+    import select
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < limit:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode})")
+        r, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if r:
+            line = proc.stdout.readline()
+            if marker in line:
+                return line
+    raise AssertionError(f"no {marker!r} line within {limit:.0f}s")
+
+
+def _check_server_dies(starter: subprocess.Popen, port: int, stop) -> None:
+    pids = server_pids(port)
+    try:
+        assert len(pids) >= 1 and all(alive(p) for p in pids), pids
+        stop(starter)
+        wait_until(lambda: not any(alive(p) for p in pids), f"vLLM server processes {pids} end", limit=90)
+    finally:
+        for p in pids:  # never leave a 3 GB server behind, even when the test fails
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+        if starter.poll() is None:
+            starter.kill()
+        starter.wait()
+
+
+def test_server_dies_when_its_starter_is_sigkilled(tiny_vlm, vllm_python, tmp_path):
+    from densecap.testing.vllm_server import free_port
+
+    port = free_port()
+    code = ("import sys, time\n"
+            "from densecap.testing.vllm_server import VLLMServer\n"
+            f"srv = VLLMServer({str(tiny_vlm)!r}, port={port}, scratch={str(tmp_path / 'scratch')!r}).start()\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(600)\n")
+    starter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    _readline(starter, "ready")
+    # a test run killed from outside (a timeout, SIGKILL) never reaches its fixture's stop()
+    _check_server_dies(starter, port, lambda p: p.send_signal(signal.SIGKILL))
+
+
+def test_module_cli_stopped_with_sigterm_stops_its_server(tiny_vlm, vllm_python, tmp_path):
+    from densecap.testing.vllm_server import free_port
+
+    port = free_port()
+    starter = subprocess.Popen([sys.executable, "-m", "densecap.testing.vllm_server", str(tiny_vlm), "--port", str(port)],
+                               stdout=subprocess.PIPE, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    _readline(starter, "serving")
+
+    def term(p):
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 0  # a clean stop, not a crash
+
+    _check_server_dies(starter, port, term)
