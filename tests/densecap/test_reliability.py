@@ -231,6 +231,16 @@ def test_api_key_comes_from_the_environment_or_a_file_and_is_never_written(tmp_p
     assert files_containing(tmp_path, SECRET) == [str(key_file)]
 
 
+def test_unreadable_api_key_file_names_the_file(tmp_path, fake, caplog):
+    image_folder(tmp_path / "photos", 1)
+    (tmp_path / "empty.key").write_text("\n")
+    for key_file, why in ((tmp_path / "missing.key", "cannot read it"), (tmp_path / "empty.key", "the first line is empty")):
+        assert run_cli("--source", "folder", "--input", tmp_path / "photos", "--out", tmp_path / "out",
+                       *server_opts(fake, "-C", f"api_key_file={key_file}")) == 2
+        assert f"api_key_file {key_file}: {why}" in caplog.text
+    assert not completed_shards(tmp_path / "out") and not fake.log
+
+
 # ---- item 8: HTTP edge cases are per image ------------------------------------------------
 def test_malformed_replies_and_retry_after_are_handled_per_image(tmp_path, fake):
     files = image_folder(tmp_path / "photos", 6)
