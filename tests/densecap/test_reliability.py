@@ -80,6 +80,13 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:  # it ended meanwhile
+        return ""
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -391,7 +398,7 @@ def test_sigkilled_densecap_takes_its_workers_along_and_a_rerun_completes(tmp_pa
         proc = start_cli(args, tmp_path / "first.log")
         kids: list[int] = []
         try:
-            wait_until(lambda: len([c for c in children(proc.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")]) == 2
+            wait_until(lambda: len([c for c in children(proc.pid) if "spawn_main" in cmdline(c)]) == 2
                        and len(srv.log) >= 2, "two pool workers with a request in flight")
             kids = children(proc.pid)
             assert list(out.glob("*.tar.tmp"))  # shards being written
