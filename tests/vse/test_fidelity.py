@@ -339,3 +339,20 @@ def test_clip_scaled_grads_option_clips_before_unscaling():
 
     assert clipped_norm(False) == pytest.approx(2.0, rel=1e-5)          # clipped at 2 after unscaling
     assert clipped_norm(True) == pytest.approx(2.0 / 1024.0, rel=1e-4)  # the reference: 2 / loss scale
+
+
+def test_run_level_warmup_sets_the_switch_and_the_ramp_of_alignment_terms_only():
+    from vse.recipes import with_warmup
+    from vse.losses import TripletLoss, TripletParams
+
+    r = with_warmup(get_recipe("stage2"), 0.1)
+    triplet, distill = r.losses
+    assert (triplet.ramp_epochs, triplet.params["warmup_epochs"]) == (0.1, 0.1)
+    assert distill.ramp_epochs == 0.0 and "warmup_epochs" not in distill.params
+    # with 80 steps per epoch, 0.1 epoch = 8 steps: summed warm-up hinge before, hardest after
+    loss = TripletLoss(TripletParams(**triplet.params), steps_per_epoch=80)
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    txt = torch.tensor([[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]])
+    assert loss(img, txt, None, step=7).item() == pytest.approx(2.32, abs=1e-6)
+    assert loss(img, txt, None, step=8).item() == pytest.approx(1.92, abs=1e-6)
+    assert ramp_factor(4, 80 * triplet.ramp_epochs) == 0.5

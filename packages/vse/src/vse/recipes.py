@@ -109,6 +109,18 @@ def with_align_loss(recipe: Recipe, kind: str, params: dict[str, Any]) -> Recipe
     return dataclasses.replace(recipe, losses=losses)
 
 
+def with_warmup(recipe: Recipe, epochs: float) -> Recipe:
+    """The recipe with the reference's warm-up set to ``epochs``: every triplet term's switch to
+    hardest negatives, and the ramp of every alignment term that has one."""
+    losses = []
+    for spec in recipe.losses:
+        if LOSSES[spec.kind].arity == "align":
+            params = {**spec.params, "warmup_epochs": epochs} if spec.kind == "triplet" else spec.params
+            spec = dataclasses.replace(spec, params=params, ramp_epochs=epochs if spec.ramp_epochs > 0 else 0.0)
+        losses.append(spec)
+    return dataclasses.replace(recipe, losses=losses)
+
+
 def _recipe_dir():
     return resources.files("vse") / "configs" / "recipes"
 

@@ -99,6 +99,7 @@ class VseTrainParams:
     grad_accum: int = 1
     val_every: int | None = None
     val_every_epochs: float | None = None
+    warmup_epochs: float | None = None
     save_every: int = 200
     log_every: int = 20
     threads: int | None = None

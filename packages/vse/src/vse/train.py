@@ -40,7 +40,7 @@ from .checkpoint import load_checkpoint, load_processor, load_tokenizer, save_ch
 from .data import Collate, ImageTransform, ShardStream, TextField, TextTokenizer, check_split_usable, iter_eval_batches
 from .losses import build_loss
 from .models import GROUPS, VSEModel, create_model, get_model_config, l2norm, processor_source, tokenizer_source
-from .recipes import Recipe, get_recipe, with_align_loss
+from .recipes import Recipe, get_recipe, with_align_loss, with_warmup
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)   # {"text.max_length": 16, ...}
     lr_mult: dict[str, float] = field(default_factory=dict)  # per-group lr multipliers, over the recipe's
     align_loss: AlignLossOverride | None = None  # replace the recipe's alignment loss terms (e.g. infonce)
+    warmup_epochs: float | None = None         # set the recipe's warm-up (hardest-negative switch, alignment ramp)
     assets: str | None = None                  # assets dir for locally built configs (default: <out>/assets)
     init: str | None = None                    # checkpoint dir (recipes with init: checkpoint)
     teacher: str | None = None                 # checkpoint dir (recipes with teacher: teacher)
@@ -132,6 +133,8 @@ class TrainConfig:
             raise ValueError("steps must be >= 1")
         if self.grad_accum < 1 or self.save_every < 1 or self.log_every < 1:
             raise ValueError("grad_accum, save_every and log_every must be >= 1")
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
+            raise ValueError("warmup_epochs must be >= 0")
         if self.val_every_epochs is not None and (self.val_every_epochs <= 0 or self.val_every is not None):
             raise ValueError("val_every_epochs must be > 0, and not set together with val_every")
         from .models import GROUPS
@@ -303,6 +306,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     recipe = get_recipe(cfg.recipe)
     if cfg.align_loss is not None:
         recipe = with_align_loss(recipe, cfg.align_loss.kind, cfg.align_loss.params)
+    if cfg.warmup_epochs is not None:
+        recipe = with_warmup(recipe, cfg.warmup_epochs)
     accelerator = Accelerator(
         cpu=cfg.cpu,
         mixed_precision=cfg.mixed_precision,
