@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -42,12 +41,13 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 def run_seed(seed: int, runs: Path, first: Path, pipeline: Path, log: Path) -> int:
     run_dir = runs / f"seed-{seed}"
     if run_dir != first:
-        for stage in SHARED:   # the first seed's records: same params, outputs under the first run dir
-            src = first / stage / "stage.json"
-            dst = run_dir / stage / "stage.json"
-            if src.exists() and not dst.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(src, dst)
+        # the first seed's data stages (same params, so the runner finds them cached): every
+        # arm of every seed starts from the same world, captions and warm-started backbones
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stage in SHARED:
+            link = run_dir / stage
+            if not link.exists():
+                link.symlink_to(Path("..") / first.name / stage)
     cmd = [str(ROOT / ".venv" / "bin" / "d2s"), "run", str(pipeline), f"vars.seed={seed}", "--run-dir", str(run_dir)]
     with open(log, "w") as f:
         return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
