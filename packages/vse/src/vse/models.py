@@ -2,9 +2,8 @@
 
 Architecture, as in VSE-infinity / D2S-VSE::
 
-    image -> HF vision backbone -> patch / grid features -> Linear -> GPO -> L2 norm
-    text  -> HF text backbone   -> word features -> Linear + residual MLP -> GPO -> L2 norm
-                       (Dropout 0.2 on the word features)         -> GPO -> LayerNorm -> L2 norm
+    image -> HF vision backbone -> tokens ([CLS] kept) -> Linear -> GPO -> L2 norm
+    text  -> HF text backbone -> Dropout 0.2 -> Linear + residual MLP -> GPO -> LayerNorm -> L2 norm
                                     [+ stage-2 student head: N learnable tokens after the words,
                                        K transformer blocks, LayerNorm, mean of the N outputs,
                                        added to the caption embedding before the L2 norm: raw in
