@@ -164,3 +164,34 @@ def test_bad_world_config_is_rejected():
         WorldConfig(min_objects=5, max_objects=2)
     with pytest.raises(ValueError, match="signature_prob"):
         WorldConfig(signature_prob=1.5)
+
+
+def test_stage_writes_a_disjoint_pretrain_split_only_when_asked(tmp_path):
+    import logging
+
+    from d2s.config import ConfigError, from_dict
+    from d2s.pipeline import StageContext
+    from d2s.shards import read_manifest
+    from d2s.stages import SyntheticWorldParams, SyntheticWorldStage
+
+    def run(out, **params):
+        p = from_dict(SyntheticWorldParams, {"shard_size": 10, "num_workers": 1, **params}, "params")
+        ctx = StageContext("world", tmp_path, tmp_path / "work", p, {}, {"shards": out}, logging.getLogger("t"))
+        return SyntheticWorldStage().run(ctx)
+
+    assert run(tmp_path / "a", train=12, val=4, test=4) == {"train": 12, "val": 4, "test": 4}
+    assert "pretrain" not in read_manifest(tmp_path / "a")["splits"]
+    counts = run(tmp_path / "b", train=12, val=4, test=4, pretrain=15)
+    assert counts == {"train": 12, "val": 4, "test": 4, "pretrain": 15}
+    pre = list(iter_samples(split_shards(tmp_path / "b", "pretrain")))
+    others = [s for split in ("train", "val", "test") for s in iter_samples(split_shards(tmp_path / "b", split))]
+    assert [s.key for s in pre] == [f"pretrain_{i:08d}" for i in range(15)]
+    assert all(s.split == "pretrain" and len(s.sparse) == CFG.captions_per_image for s in pre)
+    # disjoint images (and scenes) from every other split, same world
+    assert not {s.image for s in pre} & {s.image for s in others}
+    assert not {s.meta["scene"] for s in pre} & {s.meta["scene"] for s in others}
+    assert {s.meta["world"] for s in pre} == {s.meta["world"] for s in others}
+    # the other splits are unchanged by the extra split
+    assert [s.image for s in others[:12]] == [make_sample(CFG, "train", i).image for i in range(12)]
+    with pytest.raises(ConfigError, match="pretrain must be >= 0"):
+        from_dict(SyntheticWorldParams, {"pretrain": -1}, "params")

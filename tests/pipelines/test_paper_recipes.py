@@ -168,7 +168,7 @@ def stand_in_overrides(server_url: str) -> list[str]:
         # the tiny VLM writes gibberish: keep one real filter the gibberish can pass
         "captions.params.filters=[{type: length, params: {min_words: 1}}]",
         "vars.model=tiny-vit", "vars.stage1_epochs=2", "vars.epochs=2", "vars.batch_size=4",
-        "vars.mixed_precision='no'", "vars.val_every=1", "vars.val_max_images=3", "vars.loader_workers=0",
+        "vars.mixed_precision='no'", "vars.val_every_epochs=1", "vars.val_max_images=3", "vars.loader_workers=0",
         "vars.protocols=[custom]",
     ]
 

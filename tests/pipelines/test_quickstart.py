@@ -37,6 +37,18 @@ def test_report_has_tables_for_every_model(quickstart_run):
     assert list((run_dir / "report" / "report").glob("example_*.png"))
 
 
+def test_report_shows_the_paired_difference_of_its_run(quickstart_run):
+    run_dir, _ = quickstart_run
+    report = (run_dir / "report" / "report" / "report.md").read_text()
+    assert "## Paired difference of this run" in report and "docs/experiments.md" in report
+    rsum = {name: json.loads((run_dir / f"bench_{name}" / "results" / "results.json").read_text())
+            ["benchmarks"]["custom"]["metrics"]["rsum"] for name in ("baseline", "pretrain", "d2s")}
+    row = next(ln for ln in report.splitlines() if ln.startswith("| test, custom |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    assert float(cells[0]) == pytest.approx(rsum["d2s"] - rsum["baseline"], abs=0.051)
+    assert float(cells[1]) == pytest.approx(rsum["d2s"] - rsum["pretrain"], abs=0.051)
+
+
 def test_bench_results_are_finite_and_on_the_test_split(quickstart_run):
     run_dir, _ = quickstart_run
     for name in ("bench_baseline", "bench_pretrain", "bench_d2s"):

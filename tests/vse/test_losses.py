@@ -23,9 +23,15 @@ def test_triplet_hardest_negative():
     assert triplet_loss(IMG, TXT, margin=0.2, hardest=True).item() == pytest.approx(1.92, abs=1e-6)
 
 
-def test_triplet_mean_over_negatives():
+def test_triplet_sum_over_negatives_is_the_default_warmup():
+    # the reference's ContrastiveLoss without max-violation sums every hinge:
+    # rows: 0 + 0.4 + 0 + 0 + 0.56 + 0.4 = 1.36; columns: 0 + 0.36 + 0 + 0 + 0.6 + 0 = 0.96
+    assert triplet_loss(IMG, TXT, margin=0.2, hardest=False).item() == pytest.approx(2.32, abs=1e-6)
+
+
+def test_triplet_mean_over_negatives_option():
     # rows: (0+0.4)/2 + 0 + (0.56+0.4)/2 = 0.68; columns: (0+0.36)/2 + 0 + (0.6+0)/2 = 0.48
-    assert triplet_loss(IMG, TXT, margin=0.2, hardest=False).item() == pytest.approx(1.16, abs=1e-6)
+    assert triplet_loss(IMG, TXT, margin=0.2, hardest=False, reduction="mean").item() == pytest.approx(1.16, abs=1e-6)
 
 
 def test_triplet_masks_pairs_sharing_an_image():
@@ -36,8 +42,12 @@ def test_triplet_masks_pairs_sharing_an_image():
 
 def test_triplet_warmup_switches_to_hardest():
     loss = TripletLoss(TripletParams(margin=0.2, max_violation=True, warmup_epochs=1.0), steps_per_epoch=10)
-    assert loss(IMG, TXT, None, step=9).item() == pytest.approx(1.16, abs=1e-6)
-    assert loss(IMG, TXT, None, step=10).item() == pytest.approx(1.92, abs=1e-6)
+    assert loss(IMG, TXT, None, step=9).item() == pytest.approx(2.32, abs=1e-6)    # sum over negatives
+    assert loss(IMG, TXT, None, step=10).item() == pytest.approx(1.92, abs=1e-6)   # hardest
+    mean = TripletLoss(TripletParams(warmup_reduction="mean"), steps_per_epoch=10)
+    assert mean(IMG, TXT, None, step=0).item() == pytest.approx(1.16, abs=1e-6)
+    never = TripletLoss(TripletParams(max_violation=False), steps_per_epoch=10)
+    assert never(IMG, TXT, None, step=1000).item() == pytest.approx(2.32, abs=1e-6)
 
 
 def test_triplet_gradient_reaches_hardest_only():
@@ -63,7 +73,21 @@ def test_distill_cos_and_mse():
     t = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     assert distill_loss(s, t, "cos", "sum").item() == pytest.approx(1.0)      # (1 - 0) + (1 - 1)
     assert distill_loss(s, t, "cos", "mean").item() == pytest.approx(0.5)
-    assert distill_loss(s, t, "mse", "sum").item() == pytest.approx(2.0)      # |(1,-1)|^2 + 0
+    # per pair the mean over the 2 dimensions: ((1)^2 + (-1)^2) / 2 = 1 and 0
+    assert distill_loss(s, t, "mse", "sum").item() == pytest.approx(1.0)
+    assert distill_loss(s, t, "mse", "mean").item() == pytest.approx(0.5)
+
+
+def test_distill_default_is_the_batch_mean_of_one_minus_cos():
+    # the reference: 1 - mean over the batch of cos(student, teacher), unnormalised inputs allowed
+    s = torch.tensor([[3.0, 4.0], [2.0, 0.0], [0.0, -5.0], [1.0, 1.0]])
+    t = torch.tensor([[4.0, 3.0], [0.0, 7.0], [0.0, 2.0], [2.0, 2.0]])
+    # cos: 24/25 = 0.96, 0, -1, 1  -> 1 - (0.96 + 0 - 1 + 1) / 4 = 0.76
+    assert DistillLoss(DistillParams(), 1)(s, t, None, 0).item() == pytest.approx(0.76, abs=1e-6)
+    # nn.MSELoss of the reference = mean over batch and dimensions, on the raw embeddings
+    mse = DistillLoss(DistillParams(metric="mse"), 1)(s, t, None, 0).item()
+    assert mse == pytest.approx(torch.nn.functional.mse_loss(s, t).item(), abs=1e-6)
+    assert mse == pytest.approx((1 + 1 + 4 + 49 + 0 + 49 + 1 + 1) / 8, abs=1e-6)
     # the teacher never receives gradient
     tt = t.clone().requires_grad_()
     ss = s.clone().requires_grad_()

@@ -19,6 +19,12 @@ from vse.recipes import get_recipe
 from vse.train import parse_config, state_fingerprint, train
 
 
+def get_recipe_path(name):
+    from importlib import resources
+
+    return resources.files("vse") / "configs" / "recipes" / f"{name}.json"
+
+
 def cfg_doc(world, assets, out, **kw):
     doc = {
         "shards": str(world),
@@ -202,14 +208,14 @@ def test_teacher_cache_matches_the_teacher_and_reuses_texts(world, assets, tmp_p
         mask[i, :n] = True
     cache = TeacherCache(text)
     with torch.no_grad():
-        direct = text(ids, mask)
+        direct = text(ids, mask, normalize=False)
     first = cache(ids, mask)
     assert torch.allclose(first, direct, atol=1e-5) and (cache.hits, cache.misses) == (0, 4)
     # a batch mixing seen texts (other padding width, other order) with a new one
     ids2, mask2 = ids[[2, 0, 1]].clone(), mask[[2, 0, 1]].clone()
     ids2[1, :3] = torch.tensor([5, 6, 7])  # row 1 is now a new text
     with torch.no_grad():
-        direct2 = text(ids2, mask2)
+        direct2 = text(ids2, mask2, normalize=False)
     second = cache(ids2, mask2)
     assert torch.allclose(second, direct2, atol=1e-5) and (cache.hits, cache.misses) == (2, 5)
     assert not second.requires_grad
@@ -217,8 +223,13 @@ def test_teacher_cache_matches_the_teacher_and_reuses_texts(world, assets, tmp_p
 
 def test_stage2_reuses_teacher_embeddings_across_epochs(world, assets, tmp_path):
     s1 = train(parse_config(cfg_doc(world, assets, tmp_path / "s1", recipe="stage1", steps=2)))
+    # the cache serves a deterministic teacher only: eval mode, clean dense text (not the default)
+    doc = json.loads(Path(get_recipe_path("stage2")).read_text())
+    doc.update(teacher_mode="eval", teacher_augment=False)
+    recipe = tmp_path / "stage2-eval-teacher.json"
+    recipe.write_text(json.dumps(doc))
     # 20 steps x 32 = 640 dense texts drawn from 512 training images (one text each)
-    s2 = train(parse_config(cfg_doc(world, assets, tmp_path / "s2", recipe="stage2", steps=20, init=s1["checkpoint"])))
+    s2 = train(parse_config(cfg_doc(world, assets, tmp_path / "s2", recipe=str(recipe), steps=20, init=s1["checkpoint"])))
     c = s2["teacher_cache"]
     assert c["hits"] + c["misses"] == 640
     assert c["misses"] <= 512  # at most one teacher pass per training text

@@ -33,6 +33,8 @@ class ReportParams:
     split: str = "test"
     examples: int = 4       # example test images with their captions and top retrievals
     top_k: int = 5
+    # where the multi-seed version of this comparison lives (shown under the paired differences)
+    seeds_table: str = "docs/experiments.md"
 
 
 def _fmt_row(label: str, m: dict) -> str:
@@ -51,6 +53,22 @@ def _table(rows: dict[str, dict], note: str) -> list[str]:
             diff = {k: rows[label][k] - ref[k] for k, _ in COLUMNS[:7]}
             lines.append("| " + " | ".join([f"{label} - {labels[0]}"] + [f"{diff[k]:+.1f}" for k, _ in COLUMNS[:7]]) + " |")
     return lines + ["", note, ""]
+
+
+def _paired(rsums: dict[str, dict[str, float]], val: dict[str, float], seeds_table: str) -> list[str]:
+    """D2S-VSE minus each other arm, this run only (one seed: no interval)."""
+    d2s = MODELS[-1][1]
+    others = [label for _, label in MODELS[:-1]]
+    rows = [("val, sparse (best checkpoint)", val)] + [(f"test, {name.replace('_', ' ')}", r) for name, r in rsums.items()]
+    rows = [(k, r) for k, r in rows if d2s in r and any(o in r for o in others)]
+    if not rows:
+        return []
+    lines = ["## Paired difference of this run", "",
+             "| rSum | " + " | ".join(f"D2S-VSE - {o}" for o in others) + " |", "|---|" + "---|" * len(others)]
+    for k, r in rows:
+        lines.append(f"| {k} | " + " | ".join(f"{r[d2s] - r[o]:+.1f}" if o in r else "n/a" for o in others) + " |")
+    return lines + ["", f"One seed, so no interval: the same comparison over 5 seeds, with 95% intervals, is in "
+                        f"`{seeds_table}`.", ""]
 
 
 def _curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
@@ -127,7 +145,7 @@ class ReportStage(Stage):
         **{f"{name}?": f"vse run dir of {label} (metrics.jsonl)" for name, label in RUNS},
     }
     outputs = {"report": "directory with report.md and PNGs"}
-    version = "2"
+    version = "3"
 
     def run(self, ctx: StageContext) -> dict:
         p: ReportParams = ctx.params
@@ -147,6 +165,7 @@ class ReportStage(Stage):
             lines += _table(rows, f"{p.split} split: {any_r.n_images} images, {any_r.n_texts} texts. Recall in %; "
                                   "rSum is the sum of the six recalls (max 600).")
             summary[bench_name] = {label: round(m["rsum"], 2) for label, m in rows.items()}
+        lines += _paired(summary, self._val_rsums(ctx), p.seeds_table)
 
         histories = {}
         for name, label in RUNS:
@@ -183,6 +202,15 @@ class ReportStage(Stage):
         out.rename(final)
         ctx.log.info("report: %s", final / "report.md")
         return summary
+
+    @staticmethod
+    def _val_rsums(ctx: StageContext) -> dict[str, float]:
+        out = {}
+        for (name, label), (run, _) in zip(MODELS, RUNS[1:]):
+            sp = Path(ctx.inputs[run]) / "summary.json" if ctx.inputs.get(run) else None
+            if sp is not None and sp.exists() and json.loads(sp.read_text()).get("best_rsum") is not None:
+                out[label] = json.loads(sp.read_text())["best_rsum"]
+        return out
 
     def _examples(self, ctx: StageContext, p: ReportParams, out: Path) -> list[str]:
         data = load_shards(ctx.inputs["shards"], p.split, 5)

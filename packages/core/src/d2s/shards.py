@@ -84,6 +84,7 @@ class ShardWriter:
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         self.stats: dict[str, Any] = {}
         self.count = 0
+        self.sparse_count = 0
         self._keys: set[str] = set()
         self._t0 = time.time()
         self._fileobj = open(self.tmp_path, "wb")
@@ -107,6 +108,7 @@ class ShardWriter:
             )
         self._tar.write(sample.to_wds())
         self.count += 1
+        self.sparse_count += len(sample.sparse)
 
     def close(self) -> dict[str, Any]:
         self._tar.close()  # also closes the file object
@@ -119,6 +121,7 @@ class ShardWriter:
             "split": self.split,
             "index": self.index,
             "count": self.count,
+            "sparse_count": self.sparse_count,
             "bytes": self.path.stat().st_size,
             "seconds": round(time.time() - self._t0, 3),
             **self.stats,
@@ -193,9 +196,13 @@ def write_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     sizes = {Path(p).name: s["count"] for p, s in shards.items()}
     splits: dict[str, dict] = {}
     for p, s in shards.items():
-        entry = splits.setdefault(s["split"], {"shards": [], "count": 0})
+        entry = splits.setdefault(s["split"], {"shards": [], "count": 0, "sparse_count": 0})
         entry["shards"].append(Path(p).name)
         entry["count"] += s["count"]
+        if entry["sparse_count"] is not None and "sparse_count" in s:
+            entry["sparse_count"] += s["sparse_count"]
+        else:  # a shard written before sparse counts were recorded
+            entry["sparse_count"] = None
     manifest = {"schema_version": SCHEMA_VERSION, "splits": splits}
     atomic_write_json(directory / "sizes.json", sizes)
     atomic_write_json(directory / "manifest.json", manifest)
@@ -222,6 +229,21 @@ def split_size(directory: str | os.PathLike, split: str) -> int:
     if split not in manifest["splits"]:
         raise KeyError(f"{directory}: no split {split!r}; splits present: {sorted(manifest['splits'])}")
     return int(manifest["splits"][split]["count"])
+
+
+def split_sparse_count(directory: str | os.PathLike, split: str) -> int:
+    """Number of sparse captions in a split (what an epoch over captions iterates).
+
+    From the manifest; for shards written before their stats recorded it, counted by reading
+    the split's JSON members once."""
+    manifest = read_manifest(directory)
+    if split not in manifest["splits"]:
+        raise KeyError(f"{directory}: no split {split!r}; splits present: {sorted(manifest['splits'])}")
+    n = manifest["splits"][split].get("sparse_count")
+    if n is not None:
+        return int(n)
+    log.info("%s: manifest has no sparse-caption count for split %r; counting them", directory, split)
+    return sum(len(s.sparse) for s in iter_samples(split_shards(directory, split)))
 
 
 def iter_records(paths: Iterable[str | os.PathLike]) -> Iterator[dict[str, Any]]:

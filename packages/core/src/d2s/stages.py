@@ -14,6 +14,7 @@ class SyntheticWorldParams:
     train: int = 4000
     val: int = 1000
     test: int = 1000
+    pretrain: int = 0          # >0: a fourth split "pretrain" (disjoint images, same world) for vse's warm start
     seed: int = 0
     val_group_size: int = 1    # >1: val images come in groups of near-duplicates
     test_group_size: int = 1
@@ -21,7 +22,7 @@ class SyntheticWorldParams:
     num_workers: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("train", "val", "test"):
+        for name in ("train", "val", "test", "pretrain"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.shard_size < 1:
@@ -29,7 +30,10 @@ class SyntheticWorldParams:
 
 
 class SyntheticWorldStage(Stage):
-    """Render train/val/test splits of the synthetic world as shards (sparse captions, no dense yet)."""
+    """Render train/val/test splits of the synthetic world as shards (sparse captions, no dense yet).
+
+    ``pretrain: N`` adds a fourth split of N images of the same world (its own split id, so no
+    image is shared with the others): the data of ``vse-assets``' warm start."""
 
     Params = SyntheticWorldParams
     outputs = {"shards": "directory of <split>-NNNNNN.tar shards with manifest.json"}
@@ -40,6 +44,7 @@ class SyntheticWorldStage(Stage):
             SplitSpec("train", p.train, p.seed, 1),
             SplitSpec("val", p.val, p.seed, p.val_group_size),
             SplitSpec("test", p.test, p.seed, p.test_group_size),
+            SplitSpec("pretrain", p.pretrain, p.seed, 1),
         ]
         manifest = write_world(
             ctx.outputs["shards"], p.world, [s for s in splits if s.count], shard_size=p.shard_size, num_workers=p.num_workers

@@ -61,7 +61,8 @@ class Bundle:
     @torch.no_grad()
     def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         out = []
-        max_len = self.model.cfg.text.max_length
+        # long enough for dense texts too (long-text retrieval); a batch pads to its longest text only
+        max_len = max(self.model.cfg.text.max_length, self.model.cfg.text.dense_max_length)
         for i in range(0, len(texts), batch_size):
             ids, mask = self.tokenizer(texts[i : i + batch_size], max_len)
             out.append(self.model.embed_texts(ids.to(self.device), mask.to(self.device)).float().cpu())

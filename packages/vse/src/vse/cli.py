@@ -3,6 +3,7 @@
 Examples::
 
     vse build-assets --shards data/world --out runs/assets
+    vse build-assets --shards data/world --out runs/assets --warmstart-split pretrain   # + warm start
     vse train --recipe stage1 --model tiny-vit --shards data/world --out runs/s1 --steps 300
     vse train --recipe stage2 --shards data/world --out runs/s2 --steps 300 init=runs/s1/best
     vse train --config my_run.yaml optim.lr=1e-3 data.batch_size=64
@@ -40,6 +41,29 @@ def _train_doc(args: argparse.Namespace) -> dict:
     return doc
 
 
+def _build_assets(args: argparse.Namespace) -> dict:
+    from d2s.config import from_dict
+
+    from .assets import build_assets
+    from .warmstart import WarmStartParams, check_split, summary, warm_start
+
+    warm = None
+    steps = {"image_steps": args.warmstart_image_steps, "text_steps": args.warmstart_text_steps}
+    if args.warmstart_split is not None:
+        doc = {"split": args.warmstart_split, "seed": args.seed, **{k: v for k, v in steps.items() if v is not None}}
+        warm = from_dict(WarmStartParams, doc, "build-assets --warmstart")  # a bad value fails before any work
+        check_split(args.shards, warm.split)                                # and so does a missing split
+    elif any(v is not None for v in steps.values()):
+        raise ConfigError("build-assets: --warmstart-image-steps / --warmstart-text-steps need --warmstart-split")
+    result = build_assets(args.shards, args.out, args.model, seed=args.seed)
+    for name in result["models"]:
+        record = Path(args.out) / name / "warmstart.json"
+        record.unlink(missing_ok=True)  # the backbones were just rebuilt at random
+        if warm is not None:
+            result.setdefault("warmstart", {})[name] = summary(warm_start(args.out, args.shards, name, warm))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     from d2s.log import setup_logging
 
@@ -71,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--out", required=True)
     a.add_argument("--model", action="append", help="only this model config (repeatable); default: all locally built ones")
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--warmstart-split", help="then warm-start the backbones on this split (vse.warmstart; e.g. pretrain)")
+    a.add_argument("--warmstart-image-steps", type=int, help="image tagging steps (default: WarmStartParams.image_steps)")
+    a.add_argument("--warmstart-text-steps", type=int, help="masked-LM steps (default: WarmStartParams.text_steps)")
 
     sub.add_parser("models", help="list model configs")
     sub.add_parser("recipes", help="list recipes")
@@ -96,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(export_bundle(args.checkpoint, args.out))
         elif args.cmd == "build-assets":
-            from .assets import build_assets
-
-            print(json.dumps(build_assets(args.shards, args.out, args.model, seed=args.seed), indent=2))
+            print(json.dumps(_build_assets(args), indent=2))
         elif args.cmd == "models":
             from .models import get_model_config, list_models
 

@@ -6,11 +6,18 @@ Per data-loader worker the pipeline is an explicit list of webdataset stages::
     -> node + worker split of the shards          (rank r of R, worker w of W: shard i goes to r*W+w == i % (R*W))
     -> tarfile_to_samples                         (raw records, handler re-raises with the shard name)
     -> [sample-level node + worker split]         (only when there are fewer shards than R*W readers)
-    -> parse the JSON (Sample), drop samples the recipe cannot use (no kept dense text)
+    -> parse the JSON (Sample), drop samples the recipe cannot use (no kept dense text),
+       choose the sparse caption this pass over the shards uses (``caption_sampling``)
     -> shuffle buffer (seeded per reader)
     -> batched (raw samples, images still encoded)
     -> skip the batches a resumed run already consumed
-    -> collate: decode + resize images (uint8), pick ONE sparse caption per image, tokenize + augment
+    -> collate: decode + crop/flip + resize images (uint8), tokenize + augment the texts
+
+Caption sampling. ``each`` (the reference, whose epoch iterates captions): pass ``p`` over the
+shards gives an image with ``n`` captions its caption ``perm[p % n]``, ``perm`` a permutation
+drawn per (seed, image, p // n); so every ``n`` consecutive passes use each caption exactly
+once, and an epoch over captions is ``n`` passes over the images. ``random``: one caption drawn
+at random per image and pass.
 
 The stream never ends (epochs follow each other inside each worker), so the data loader's
 round robin over workers is exact and the data position of a run is one number, the count
@@ -54,28 +61,45 @@ class ImageTransform:
     ``batch`` does both for evaluation and inference.
     """
 
-    def __init__(self, size: int, mean: list[float], std: list[float]):
+    def __init__(self, size: int, mean: list[float], std: list[float], *,
+                 random_crop: list[float] | None = None, hflip: float = 0.0):
         self.size = size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.random_crop = tuple(random_crop) if random_crop else None
+        self.hflip = hflip
 
     @classmethod
-    def from_processor(cls, size: int, processor: Any | None, default_mean, default_std) -> "ImageTransform":
+    def from_processor(cls, size: int, processor: Any | None, default_mean, default_std, **augment) -> "ImageTransform":
         mean = getattr(processor, "image_mean", None) or default_mean
         std = getattr(processor, "image_std", None) or default_std
-        return cls(size, list(mean), list(std))
+        return cls(size, list(mean), list(std), **augment)
 
-    def _pixels(self, image: bytes | Image.Image) -> np.ndarray:
+    def _pixels(self, image: bytes | Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
         im = image if isinstance(image, Image.Image) else Image.open(io.BytesIO(image))
         if im.mode != "RGB":
             im = im.convert("RGB")
-        if im.size != (self.size, self.size):
+        box = None
+        if rng is not None and self.random_crop is not None:
+            # the reference's training crop: both sides scaled by one r ~ U(lo, hi), random position
+            w, h = im.size
+            r = rng.uniform(*self.random_crop)
+            cw, ch = max(1, int(w * r)), max(1, int(h * r))
+            x0, y0 = int(rng.integers(w - cw + 1)), int(rng.integers(h - ch + 1))
+            box = (x0, y0, x0 + cw, y0 + ch)
+        if box is not None and box != (0, 0, *im.size):
+            im = im.resize((self.size, self.size), Image.BILINEAR, box=box)
+        elif im.size != (self.size, self.size):
             im = im.resize((self.size, self.size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+        px = np.asarray(im, dtype=np.uint8)
+        if rng is not None and self.hflip > 0 and rng.random() < self.hflip:
+            px = px[:, ::-1]
+        return px
 
-    def decode(self, images: list) -> torch.Tensor:
-        """Decode and resize each image: uint8 [B, 3, S, S]."""
-        u8 = np.stack([self._pixels(im) for im in images])              # B, S, S, 3
+    def decode(self, images: list, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """Decode and resize each image: uint8 [B, 3, S, S]. With ``rng`` (training), each image
+        also gets the configured random crop and horizontal flip."""
+        u8 = np.stack([self._pixels(im, rng) for im in images])          # B, S, S, 3
         return torch.from_numpy(u8).permute(0, 3, 1, 2).contiguous()
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -111,10 +135,15 @@ class TextTokenizer:
         aug: TokenAugConfig | None = None,
         rng: np.random.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tok(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        batch = self.tok(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)
+        enc = batch["input_ids"]
         if aug is not None and aug.prob > 0:
             rng = rng or np.random.default_rng()
-            enc = [self._augment(ids, aug, rng) for ids in enc]
+            if aug.unit == "word":
+                units = [_word_units(batch.word_ids(i)) for i in range(len(enc))]
+            else:
+                units = [list(range(len(ids))) for ids in enc]
+            enc = [self._augment(ids, u, aug, rng) for ids, u in zip(enc, units)]
         n = max(len(x) for x in enc)
         ids = torch.full((len(enc), n), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(enc), n), dtype=torch.bool)
@@ -123,12 +152,19 @@ class TextTokenizer:
             mask[i, : len(x)] = True
         return ids, mask
 
-    def _augment(self, ids: list[int], aug: TokenAugConfig, rng: np.random.Generator) -> list[int]:
+    def _augment(self, ids: list[int], units: list[int], aug: TokenAugConfig, rng: np.random.Generator) -> list[int]:
+        """Alter each unit (a word, or a word piece) of the inner tokens with probability
+        ``aug.prob``: every piece of an altered word becomes [MASK], or a random token, or is
+        deleted (shares 0.5 / 0.1 / 0.4 by default). ``units[i]`` is token i's unit number."""
         out = [ids[0]]
-        u = rng.random(len(ids))
-        for t, p in zip(ids[1:-1], u[1:-1]):
+        fate: dict[int, float] = {}
+        for i in range(1, len(ids) - 1):
+            unit = units[i]
+            if unit not in fate:
+                fate[unit] = float(rng.random())
+            p = fate[unit]
             if p >= aug.prob:
-                out.append(t)
+                out.append(ids[i])
                 continue
             r = p / aug.prob
             if r < aug.mask:
@@ -138,6 +174,11 @@ class TextTokenizer:
             # else: deleted
         out.append(ids[-1])
         return out
+
+
+def _word_units(word_ids: list[int | None]) -> list[int]:
+    """Unit number per token: the word it belongs to; special tokens get their own (negative) units."""
+    return [w if w is not None else -1 - i for i, w in enumerate(word_ids)]
 
 
 @dataclass
@@ -161,13 +202,16 @@ class Collate:
         self.fields = fields
         self.aug = aug
 
-    def __call__(self, samples: list[Sample], seed: list[int]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[Sample], seed: list[int], caption_index: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """``caption_index[i]``: which sparse caption sample i uses (None: one drawn at random)."""
         rng = np.random.default_rng(seed)
         batch: dict[str, torch.Tensor] = {
-            "pixels": self.transform.decode([s.image for s in samples]),    # uint8; normalised on the device
+            "pixels": self.transform.decode([s.image for s in samples], rng),  # uint8; normalised on the device
             "image_ids": torch.tensor([image_id_int(s.id) for s in samples], dtype=torch.long),
         }
-        sparse = [s.sparse[int(rng.integers(len(s.sparse)))] for s in samples]
+        if caption_index is None:
+            caption_index = [int(rng.integers(len(s.sparse))) if s.sparse else 0 for s in samples]
+        sparse = [s.sparse[j] if s.sparse else "" for s, j in zip(samples, caption_index)]
         dense = None
         for name, f in self.fields.items():
             if f.source == "sparse":
@@ -225,6 +269,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         need_dense: bool = False,
         start_batch: int = 0,
         sharing_strategy: str = "file_system",
+        caption_sampling: str = "each",
     ):
         super().__init__()
         if not urls:
@@ -243,6 +288,18 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise ValueError(f"sharing_strategy: {sharing_strategy!r} is not one of "
                              f"{sorted(torch.multiprocessing.get_all_sharing_strategies())}")
         self.sharing_strategy = sharing_strategy
+        if caption_sampling not in ("each", "random"):
+            raise ValueError(f"caption_sampling: {caption_sampling!r} is not one of ['each', 'random']")
+        self.caption_sampling = caption_sampling
+
+    def caption_choice(self, s: Sample, pass_: int) -> int | None:
+        """The sparse caption ``s`` uses in pass ``pass_`` over the shards (None: drawn in collate)."""
+        n = len(s.sparse)
+        if self.caption_sampling == "random" or n == 0:
+            return None
+        cycle, pos = divmod(pass_, n)
+        perm = np.random.default_rng([self.seed, image_id_int(s.id), cycle]).permutation(n)
+        return int(perm[pos])
 
     def _epoch_shards(self, reader: int, readers: int) -> Iterator[dict]:
         split_shards = len(self.urls) >= readers
@@ -252,7 +309,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             for i, url in enumerate(order):
                 # node + worker split at shard level: every reader gets a disjoint subset
                 if not split_shards or i % readers == reader:
-                    yield {"url": url}
+                    yield {"url": url, "pass": epoch}
 
     def _usable(self, s: Sample) -> bool:
         return (not self.need_sparse or bool(s.sparse)) and (not self.need_dense or bool(s.kept_dense()))
@@ -272,6 +329,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         skip = max(0, -(-(self.start_batch - worker) // workers))
         sample_split = len(self.urls) < readers
 
+        expand = wds.tarfile_to_samples(handler=wds.reraise_exception)
+
+        def shard_records(src):
+            # raw records of each shard (the handler re-raises with the shard name), tagged with
+            # the pass over the shards they belong to
+            for item in src:
+                for rec in expand(iter([{"url": item["url"]}])):
+                    rec["__pass__"] = item["pass"]
+                    yield rec
+
         def split_samples(src):
             # sample-level node + worker split, used only when shards are too few to split
             for i, rec in enumerate(src):
@@ -282,17 +349,19 @@ class ShardStream(torch.utils.data.IterableDataset):
             for rec in src:
                 s = Sample.from_wds(rec)
                 if self._usable(s):
-                    yield s
+                    yield s, self.caption_choice(s, rec["__pass__"])
 
         def skip_and_collate(src):
             for k, raw in enumerate(src):
                 if k < skip:
                     continue
-                yield self.collate(raw, [self.seed, reader, k])
+                samples = [s for s, _ in raw]
+                chosen = [j for _, j in raw]
+                yield self.collate(samples, [self.seed, reader, k], None if None in chosen else chosen)
 
         pipeline = wds.DataPipeline(
             lambda: self._epoch_shards(reader, readers),
-            wds.tarfile_to_samples(handler=wds.reraise_exception),
+            shard_records,
             split_samples,
             parse,
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(_reader_seed(self.seed, reader, 1))),

@@ -1,11 +1,17 @@
 """Losses, as pure functions plus small modules behind a registry (recipes name them).
 
 - ``triplet``: VSE++ bidirectional hinge loss, margin 0.2, summed over anchors; hardest
-  negative per anchor after ``warmup_steps`` (before that the mean over negatives);
-  pairs whose image ids are equal are never negatives.
+  negative per anchor after ``warmup_epochs`` (before that the hinge SUMMED over all
+  negatives, as the reference's ``ContrastiveLoss`` without max-violation; ``mean`` is an
+  option); pairs whose image ids are equal are never negatives.
 - ``infonce``: symmetric cross-entropy over similarities / temperature (learnable or fixed),
-  other captions of the same image masked out.
-- ``distill``: ``1 - cos`` (default) or ``mse`` between student and teacher embeddings.
+  other captions of the same image masked out (not in the paper; for from-scratch models).
+- ``distill``: ``1 - cos`` (default) or ``mse`` between student and teacher embeddings,
+  averaged over the batch (the reference: ``1 - mean cos`` and ``nn.MSELoss``, i.e. the mean
+  over batch and dimensions, on the unnormalised embeddings).
+
+Alignment losses take L2-normalised embeddings; the distillation loss takes them before the
+final L2 norm (cosine does not care; MSE does, and the reference's MSE sees them raw).
 """
 
 from __future__ import annotations
@@ -35,8 +41,12 @@ def triplet_loss(
     *,
     margin: float = 0.2,
     hardest: bool = True,
+    reduction: str = "sum",
 ) -> torch.Tensor:
-    """Hinge loss over the batch's similarity matrix; row i of ``img`` matches row i of ``txt``."""
+    """Hinge loss over the batch's similarity matrix; row i of ``img`` matches row i of ``txt``.
+
+    Per anchor: the hardest negative's hinge (``hardest``), else the hinges over all negatives
+    summed (``reduction="sum"``) or averaged (``"mean"``); anchors are always summed."""
     scores = img @ txt.t()
     pos = scores.diagonal()
     neg = negatives_mask(ids, ids, *scores.shape, scores.device)
@@ -44,6 +54,8 @@ def triplet_loss(
     cost_img = (margin + scores - pos[None, :]).clamp(min=0) * neg   # caption anchors, image negatives
     if hardest:
         return cost_txt.max(dim=1).values.sum() + cost_img.max(dim=0).values.sum()
+    if reduction == "sum":
+        return cost_txt.sum() + cost_img.sum()
     n_row = neg.sum(1).clamp(min=1)
     n_col = neg.sum(0).clamp(min=1)
     return (cost_txt.sum(1) / n_row).sum() + (cost_img.sum(0) / n_col).sum()
@@ -60,12 +72,14 @@ def infonce_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor | None,
     return (F.cross_entropy(logits, labels, reduction=reduction) + F.cross_entropy(logits.t(), labels, reduction=reduction)) / 2
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, metric: str = "cos", reduction: str = "sum"):
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, metric: str = "cos", reduction: str = "mean"):
+    """Per pair ``1 - cos`` or the mean squared difference over dimensions; then the batch mean
+    (the reference) or sum."""
     teacher = teacher.detach()
     if metric == "cos":
-        per = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
+        per = 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)
     elif metric == "mse":
-        per = ((student - teacher) ** 2).sum(-1)
+        per = ((student.float() - teacher.float()) ** 2).mean(-1)
     else:
         raise ValueError(f"distill metric {metric!r}; known: cos, mse")
     return per.sum() if reduction == "sum" else per.mean()
@@ -78,7 +92,8 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, metric: str = "co
 class TripletParams:
     margin: float = 0.2
     max_violation: bool = True
-    warmup_epochs: float = 1.0   # mean over negatives for this many epochs, then the hardest
+    warmup_epochs: float = 1.0   # all negatives for this many epochs, then the hardest
+    warmup_reduction: Literal["sum", "mean"] = "sum"   # over the negatives during the warm-up
 
 
 @dataclass
@@ -93,7 +108,7 @@ class InfoNCEParams:
 @dataclass
 class DistillParams:
     metric: Literal["cos", "mse"] = "cos"
-    reduction: Literal["sum", "mean"] = "sum"
+    reduction: Literal["sum", "mean"] = "mean"
 
 
 class TripletLoss(nn.Module):
@@ -107,7 +122,7 @@ class TripletLoss(nn.Module):
 
     def forward(self, a, b, ids, step: int):
         hardest = self.p.max_violation and step >= self.warmup_steps
-        return triplet_loss(a, b, ids, margin=self.p.margin, hardest=hardest)
+        return triplet_loss(a, b, ids, margin=self.p.margin, hardest=hardest, reduction=self.p.warmup_reduction)
 
 
 class InfoNCELoss(nn.Module):

@@ -2,11 +2,13 @@
 
 Architecture, as in VSE-infinity / D2S-VSE::
 
-    image -> HF vision backbone -> patch / grid features -> Linear -> GPO -> L2 norm
-    text  -> HF text backbone   -> word features -> Linear + residual MLP -> GPO -> L2 norm
+    image -> HF vision backbone -> tokens ([CLS] kept) -> Linear -> GPO -> L2 norm
+    text  -> HF text backbone -> Dropout 0.2 -> Linear + residual MLP -> GPO -> LayerNorm -> L2 norm
                                     [+ stage-2 student head: N learnable tokens after the words,
                                        K transformer blocks, LayerNorm, mean of the N outputs,
-                                       L2 norm, added to the caption embedding, L2 norm again]
+                                       added to the caption embedding before the L2 norm: raw in
+                                       training, L2-normalised first at evaluation, as the
+                                       authors' code does (docs/fidelity.md)]
 
 A model config is a JSON file in ``vse/configs/models/``; ``list_models()`` lists them and
 ``create_model(name, **overrides)`` builds one. Backbones come from ``from_pretrained``:
@@ -23,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +58,17 @@ class ImageConfig:
     backbone: BackboneConfig
     image_size: int = 224
     processor: str | None = None            # hub name / folder of the HF image processor (mean, std)
-    skip_tokens: int = 0                    # leading non-patch tokens to drop (ViT: 1 for [CLS])
+    skip_tokens: int = 0                    # leading tokens to drop (the reference keeps ViT's [CLS]: 0)
     grid_position_embedding: bool = False   # learned position per grid cell (CNN features have none)
-    patch_drop: float = 0.2                 # training: each patch feature dropped with this probability
+    # Training "size augmentation" of VSE-infinity / the reference: with probability 1 - p an image
+    # draws u ~ U(0, 1) and, when u > p, drops each token with probability p * u (about 10% of the
+    # tokens on average for p = 0.2); 0 turns it off.
+    patch_drop: float = 0.2
+    # Training crop + flip of the reference: a crop whose sides are a fraction r ~ U(lo, hi) of the
+    # image's, at a random position, resized to image_size; then a horizontal flip with probability
+    # hflip. null / 0: off.
+    random_crop: list[float] | None = field(default_factory=lambda: [0.6, 1.0])
+    hflip: float = 0.5
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
@@ -67,16 +77,25 @@ class ImageConfig:
             raise ValueError("patch_drop must be in [0, 1)")
         if self.image_size < 8:
             raise ValueError("image_size must be >= 8")
+        if self.random_crop is not None:
+            lo_hi = list(self.random_crop)
+            if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
+                raise ValueError(f"random_crop must be [lo, hi] with 0 < lo <= hi <= 1, got {self.random_crop}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ValueError("hflip must be in [0, 1]")
 
 
 @dataclass
 class TokenAugConfig:
-    """Caption augmentation of VSE-infinity: each word piece altered with probability ``prob``."""
+    """Caption augmentation of VSE-infinity: each word (``unit: word``, the reference: every word
+    piece of the word shares its fate) or each word piece (``unit: token``) altered with
+    probability ``prob``."""
 
     prob: float = 0.2
-    mask: float = 0.5       # share of altered tokens replaced by [MASK]
-    random: float = 0.1     # share replaced by a random token
+    mask: float = 0.5       # share of altered words replaced by [MASK] (one per word piece)
+    random: float = 0.1     # share replaced by random tokens (one per word piece)
     # the rest (0.4 by default) is deleted
+    unit: Literal["word", "token"] = "word"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob <= 1.0 or self.mask < 0 or self.random < 0 or self.mask + self.random > 1.0:
@@ -87,9 +106,17 @@ class TokenAugConfig:
 class TextConfig:
     backbone: BackboneConfig
     max_length: int = 32           # sparse captions
-    dense_max_length: int = 128    # dense texts
+    dense_max_length: int = 128    # dense texts (the reference truncates none: set it to the backbone's limit)
     mlp_layers: int = 2            # residual MLP after the linear projection (0: none)
+    feature_dropout: float = 0.2   # Dropout on the backbone's token features (the reference: 0.2)
+    # "layernorm": the pooled caption feature ends in a LayerNorm (the reference); "none": no norm
+    # before the final L2 normalisation.
+    final_norm: Literal["layernorm", "none"] = "layernorm"
     token_aug: TokenAugConfig = field(default_factory=TokenAugConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ValueError("feature_dropout must be in [0, 1)")
 
 
 @dataclass
@@ -119,10 +146,20 @@ class StudentConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    token_init_std: float = 1.0    # the reference draws the learnable tokens from N(0, 1)
+    # Deviation kept on purpose (docs/fidelity.md): the reference lets the tokens attend to padding
+    # positions too, so a caption's embedding depends on the longest caption in its batch.
+    mask_padding: bool = True
+    # How the head's output h is added to the caption embedding c before the L2 norm, in training
+    # and at evaluation: "raw" c + h, "l2" c + h / |h|. The reference: raw in training, l2 at eval.
+    combine_train: Literal["raw", "l2"] = "raw"
+    combine_eval: Literal["raw", "l2"] = "l2"
 
     def __post_init__(self) -> None:
         if self.num_tokens < 1 or self.layers < 1 or self.heads < 1:
             raise ValueError("num_tokens, layers and heads must be >= 1")
+        if self.token_init_std <= 0:
+            raise ValueError("token_init_std must be > 0")
 
 
 @dataclass
@@ -311,8 +348,7 @@ class ImageEncoder(nn.Module):
             x = x + self.pos.to(x.dtype)
         b, n, _ = x.shape
         if self.training and self.cfg.patch_drop > 0:
-            keep = torch.rand(b, n, device=x.device) >= self.cfg.patch_drop
-            keep[:, 0] |= ~keep.any(1)  # never drop everything
+            keep = size_augment_keep(b, n, self.cfg.patch_drop, x.device)
             order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
             x = torch.gather(x, 1, order[..., None].expand_as(x))
             lengths = keep.sum(1)
@@ -321,12 +357,31 @@ class ImageEncoder(nn.Module):
         return l2norm(self.gpo(x, lengths).float())
 
 
+def size_augment_keep(b: int, n: int, p: float, device) -> torch.Tensor:
+    """[b, n] mask of the tokens an image keeps under the reference's size augmentation.
+
+    Per image u ~ U(0, 1); when u > p each token is dropped with probability p * u, else none is.
+    At least one token is always kept.
+    """
+    u = torch.rand(b, device=device)
+    rate = torch.where(u > p, p * u, torch.zeros_like(u))
+    keep = torch.rand(b, n, device=device) >= rate[:, None]
+    keep[:, 0] |= ~keep.any(1)
+    return keep
+
+
 class StudentHead(nn.Module):
-    """Learnable tokens read the caption's word features through a few transformer blocks."""
+    """Learnable tokens read the caption's word features through a few transformer blocks.
+
+    Pre-norm blocks (LayerNorm, attention, LayerNorm, GELU MLP), a final LayerNorm, the mean of
+    the tokens' outputs. Returns that mean unnormalised; how it joins the caption embedding is
+    :meth:`TextEncoder.forward`'s business.
+    """
 
     def __init__(self, cfg: StudentConfig, dim: int):
         super().__init__()
-        self.tokens = nn.Parameter(torch.randn(cfg.num_tokens, dim) * 0.02)
+        self.cfg = cfg
+        self.tokens = nn.Parameter(torch.randn(cfg.num_tokens, dim) * cfg.token_init_std)
         layer = nn.TransformerEncoderLayer(
             dim, cfg.heads, int(dim * cfg.mlp_ratio), cfg.dropout, activation="gelu", batch_first=True, norm_first=True
         )
@@ -337,9 +392,11 @@ class StudentHead(nn.Module):
         b = words.shape[0]
         n = self.tokens.shape[0]
         x = torch.cat([words, self.tokens[None].expand(b, -1, -1).to(words.dtype)], dim=1)
-        pad = torch.cat([~word_mask, torch.zeros(b, n, dtype=torch.bool, device=words.device)], dim=1)
+        pad = None
+        if self.cfg.mask_padding:
+            pad = torch.cat([~word_mask, torch.zeros(b, n, dtype=torch.bool, device=words.device)], dim=1)
         x = self.norm(self.blocks(x, src_key_padding_mask=pad))
-        return l2norm(x[:, -n:].mean(1).float())
+        return x[:, -n:].mean(1).float()
 
 
 class TextEncoder(nn.Module):
@@ -348,24 +405,32 @@ class TextEncoder(nn.Module):
         self.cfg = cfg
         self.backbone = backbone
         d = backbone_dim(backbone.config)
+        self.dropout = nn.Dropout(cfg.feature_dropout)
         self.fc = nn.Linear(d, embed_dim)
         self.mlp = MLP(d, embed_dim // 2, embed_dim, cfg.mlp_layers) if cfg.mlp_layers > 0 else None
         self.gpo = GPO(gpo.d_pe, gpo.d_hidden, gpo.temperature)
+        self.norm = nn.LayerNorm(embed_dim) if cfg.final_norm == "layernorm" else nn.Identity()
 
     def word_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        h = self.dropout(self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state)
         x = self.fc(h)
         if self.mlp is not None:
             x = x + self.mlp(h)
         return x
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, student: StudentHead | None = None) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, student: StudentHead | None = None, *, normalize: bool = True
+    ) -> torch.Tensor:
+        """Caption embeddings; ``normalize=False`` returns them before the final L2 norm (what the
+        reference's losses see: its similarity and cosine normalise, its MSE does not)."""
         mask = mask.bool()
         words = self.word_features(ids, mask)
-        emb = l2norm(self.gpo(words, mask.sum(1)).float())
+        emb = self.norm(self.gpo(words, mask.sum(1)).float())
         if student is not None:
-            emb = l2norm(emb + student(words, mask))
-        return emb
+            head = student(words, mask)
+            combine = student.cfg.combine_train if self.training else student.cfg.combine_eval
+            emb = emb + (head if combine == "raw" else l2norm(head))
+        return l2norm(emb) if normalize else emb
 
 
 class VSEModel(nn.Module):
@@ -385,8 +450,10 @@ class VSEModel(nn.Module):
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image(pixels)
 
-    def embed_texts(self, ids: torch.Tensor, mask: torch.Tensor, *, use_student: bool = True) -> torch.Tensor:
-        return self.text(ids, mask, self.student if use_student else None)
+    def embed_texts(
+        self, ids: torch.Tensor, mask: torch.Tensor, *, use_student: bool = True, normalize: bool = True
+    ) -> torch.Tensor:
+        return self.text(ids, mask, self.student if use_student else None, normalize=normalize)
 
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {}

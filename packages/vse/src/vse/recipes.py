@@ -38,8 +38,13 @@ class LossSpec:
     inputs: list[str]
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
+    # The term's weight ramps linearly from 0 to ``weight`` over this many epochs (the reference
+    # multiplies its alignment loss by i / n_batch during the first epoch); 0: no ramp.
+    ramp_epochs: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.ramp_epochs < 0:
+            raise ValueError("ramp_epochs must be >= 0")
         if self.kind not in LOSSES:
             raise ValueError(f"kind: unknown loss {self.kind!r}; known: {sorted(LOSSES)}")
         if len(self.inputs) != 2 or any(e not in EMBEDDINGS for e in self.inputs):
@@ -56,6 +61,14 @@ class Recipe:
     teacher: Literal["none", "init", "teacher"] = "none"
     freeze: list[str] = field(default_factory=list)
     lr_mult: dict[str, float] = field(default_factory=dict)
+    # What an epoch iterates: "images" (one dense text each: stage 1), or "captions" (every sparse
+    # caption once: the reference's epoch for sparse alignment, 5 passes over COCO's images).
+    epoch_unit: Literal["images", "captions"] = "images"
+    # The frozen teacher as the reference runs it: in train mode (dropout on; BatchNorm on batch
+    # statistics, its running statistics left untouched) on the augmented dense text. "eval" and
+    # teacher_augment false give a deterministic teacher whose embeddings are cached per text.
+    teacher_mode: Literal["train", "eval"] = "train"
+    teacher_augment: bool = True
 
     def __post_init__(self) -> None:
         if not self.losses:
@@ -75,6 +88,10 @@ class Recipe:
     def needs_dense(self) -> bool:
         return self.needs("dense") or self.needs("teacher_dense")
 
+    @property
+    def deterministic_teacher(self) -> bool:
+        return self.teacher_mode == "eval" and not self.teacher_augment
+
 
 def with_align_loss(recipe: Recipe, kind: str, params: dict[str, Any]) -> Recipe:
     """The recipe with every alignment term (image<->text) replaced by ``kind`` (weights kept).
@@ -89,6 +106,18 @@ def with_align_loss(recipe: Recipe, kind: str, params: dict[str, Any]) -> Recipe
         dataclasses.replace(spec, kind=kind, params=dict(params)) if LOSSES[spec.kind].arity == "align" else spec
         for spec in recipe.losses
     ]
+    return dataclasses.replace(recipe, losses=losses)
+
+
+def with_warmup(recipe: Recipe, epochs: float) -> Recipe:
+    """The recipe with the reference's warm-up set to ``epochs``: every triplet term's switch to
+    hardest negatives, and the ramp of every alignment term that has one."""
+    losses = []
+    for spec in recipe.losses:
+        if LOSSES[spec.kind].arity == "align":
+            params = {**spec.params, "warmup_epochs": epochs} if spec.kind == "triplet" else spec.params
+            spec = dataclasses.replace(spec, params=params, ramp_epochs=epochs if spec.ramp_epochs > 0 else 0.0)
+        losses.append(spec)
     return dataclasses.replace(recipe, losses=losses)
 
 

@@ -6,7 +6,9 @@ resumes from its saved state when the runner starts it again. With ``params.laun
 training runs as ``accelerate launch ... -m vse.cli train --config <work>/train_config.json``
 in child processes (several GPUs, several machines, or gloo processes on CPU).
 
-``vse-assets``: the tokenizer + tiny backbones of the CPU configs, built from the shards.
+``vse-assets``: the tokenizer + tiny backbones of the CPU configs, built from the shards; with
+``params.warmstart`` the backbones are then warm-started (``vse.warmstart``: image tagging and
+masked language modelling on a split of their own, e.g. the synthetic world's ``pretrain``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from d2s.pipeline import Stage, StageContext
 from d2s.shards import atomic_write_text
 
 from .train import AlignLossOverride, DataConfig, OptimConfig, TrainConfig, parse_config, train
+from .warmstart import WarmStartParams
 
 
 @dataclass
@@ -95,6 +98,8 @@ class VseTrainParams:
     mixed_precision: str = "no"
     grad_accum: int = 1
     val_every: int | None = None
+    val_every_epochs: float | None = None
+    warmup_epochs: float | None = None
     save_every: int = 200
     log_every: int = 20
     threads: int | None = None
@@ -234,13 +239,15 @@ def _prebuild_assets(cfg: TrainConfig) -> Path | None:
 class VseAssetsParams:
     models: list[str] = field(default_factory=list)   # empty: every locally built config
     seed: int = 0
+    warmstart: WarmStartParams | None = None          # set: warm-start every model's backbones (vse.warmstart)
 
 
 class VseAssetsStage(Stage):
-    """Build the tokenizer (from the shards' texts) and the tiny random backbones."""
+    """Build the tokenizer (from the shards' texts) and the tiny random backbones, then, with
+    ``warmstart`` set, warm-start the backbones on ``warmstart.split`` of the same shards."""
 
     Params = VseAssetsParams
-    inputs = {"shards": "dataset dir (texts of the train split feed the tokenizer)"}
+    inputs = {"shards": "dataset dir (texts of the train split feed the tokenizer; warmstart.split feeds the warm start)"}
     outputs = {"assets": "assets dir for vse-train's assets input"}
 
     def run(self, ctx: StageContext) -> dict:
@@ -250,7 +257,20 @@ class VseAssetsStage(Stage):
         dst = ctx.outputs["assets"]
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        if p.warmstart is not None:
+            from .warmstart import check_split
+
+            check_split(ctx.inputs["shards"], p.warmstart.split)  # fail before building anything
         summary = build_assets(ctx.inputs["shards"], tmp, p.models or None, seed=p.seed)
+        result: dict[str, Any] = {"vocab_size": summary["vocab_size"], "models": sorted(summary["models"])}
+        if p.warmstart is not None:
+            from .warmstart import summary as warm_summary
+            from .warmstart import warm_start
+
+            result["warmstart"] = {}
+            for name in sorted(summary["models"]):
+                warm = warm_start(tmp, ctx.inputs["shards"], name, p.warmstart)
+                result["warmstart"][name] = warm_summary(warm)
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
-        return {"vocab_size": summary["vocab_size"], "models": sorted(summary["models"])}
+        return result

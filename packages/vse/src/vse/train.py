@@ -34,13 +34,13 @@ import torch
 from torch import nn
 
 from d2s.config import ConfigError, from_dict, to_dict
-from d2s.shards import atomic_write_json, atomic_write_text, split_shards, split_size
+from d2s.shards import atomic_write_json, atomic_write_text, split_shards, split_size, split_sparse_count
 
 from .checkpoint import load_checkpoint, load_processor, load_tokenizer, save_checkpoint
 from .data import Collate, ImageTransform, ShardStream, TextField, TextTokenizer, check_split_usable, iter_eval_batches
 from .losses import build_loss
-from .models import GROUPS, VSEModel, create_model, get_model_config, processor_source, tokenizer_source
-from .recipes import Recipe, get_recipe, with_align_loss
+from .models import GROUPS, VSEModel, create_model, get_model_config, l2norm, processor_source, tokenizer_source
+from .recipes import Recipe, get_recipe, with_align_loss, with_warmup
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ class OptimConfig:
     weight_decay: float = 1e-4
     betas: tuple[float, ...] = (0.9, 0.999)
     grad_clip: float = 2.0                      # 0 disables clipping
+    # The reference clips fp16 gradients while they are still multiplied by the loss scale (so in
+    # effect at grad_clip / scale); off by default, on to reproduce it. No effect without fp16.
+    clip_scaled_grads: bool = False
     schedule: Literal["step", "cosine", "constant"] = "step"
     decay_epochs: list[float] = field(default_factory=lambda: [9.0, 15.0, 20.0, 25.0])  # "step": lr x decay_factor at each
     decay_factor: float = 0.3
@@ -76,6 +79,9 @@ class DataConfig:
     num_workers: int = 1
     val_max_images: int | None = 1000
     val_batch_size: int = 256
+    # "each": every sparse caption once per caption epoch (the reference); "random": one caption
+    # drawn at random per image and pass over the shards.
+    caption_sampling: Literal["each", "random"] = "each"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -99,6 +105,7 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)   # {"text.max_length": 16, ...}
     lr_mult: dict[str, float] = field(default_factory=dict)  # per-group lr multipliers, over the recipe's
     align_loss: AlignLossOverride | None = None  # replace the recipe's alignment loss terms (e.g. infonce)
+    warmup_epochs: float | None = None         # set the recipe's warm-up (hardest-negative switch, alignment ramp)
     assets: str | None = None                  # assets dir for locally built configs (default: <out>/assets)
     init: str | None = None                    # checkpoint dir (recipes with init: checkpoint)
     teacher: str | None = None                 # checkpoint dir (recipes with teacher: teacher)
@@ -110,6 +117,7 @@ class TrainConfig:
     grad_accum: int = 1
     log_every: int = 20
     val_every: int | None = None               # steps; None: only at the end; 0: never
+    val_every_epochs: float | None = None      # instead of val_every: every this many epochs (the reference: 1)
     save_every: int = 200                      # steps between resumable states (and at the end)
     resume: bool = True                        # continue from <out>/state when it exists
     threads: int | None = None                 # torch.set_num_threads per process
@@ -125,6 +133,10 @@ class TrainConfig:
             raise ValueError("steps must be >= 1")
         if self.grad_accum < 1 or self.save_every < 1 or self.log_every < 1:
             raise ValueError("grad_accum, save_every and log_every must be >= 1")
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
+            raise ValueError("warmup_epochs must be >= 0")
+        if self.val_every_epochs is not None and (self.val_every_epochs <= 0 or self.val_every is not None):
+            raise ValueError("val_every_epochs must be > 0, and not set together with val_every")
         from .models import GROUPS
 
         bad = sorted(set(self.lr_mult) - set(GROUPS))
@@ -188,29 +200,39 @@ class Objective(nn.Module):
         )
         self.names = [f"{s.kind}_{s.inputs[0]}_{s.inputs[1]}" for s in recipe.losses]
 
+        self.ramp_steps = [s.ramp_epochs * steps_per_epoch for s in recipe.losses]
+
     def embeddings(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The recipe's embeddings, text ones before their final L2 norm (images are unit vectors)."""
         r, m = self.recipe, self.model
         out: dict[str, torch.Tensor] = {}
         if r.needs("image"):
             out["image"] = m.embed_images(batch["pixels"])
         if r.needs("sparse"):
-            out["sparse"] = m.embed_texts(batch["sparse_ids"], batch["sparse_mask"], use_student=True)
+            out["sparse"] = m.embed_texts(batch["sparse_ids"], batch["sparse_mask"], use_student=True, normalize=False)
         if r.needs("dense"):
-            out["dense"] = m.embed_texts(batch["dense_ids"], batch["dense_mask"], use_student=False)
+            out["dense"] = m.embed_texts(batch["dense_ids"], batch["dense_mask"], use_student=False, normalize=False)
         return out
 
     def forward(self, batch: dict[str, torch.Tensor], step: int, teacher_dense: torch.Tensor | None = None):
-        embs = {k: gather_with_grad(v) for k, v in self.embeddings(batch).items()}
+        raw = {k: gather_with_grad(v) for k, v in self.embeddings(batch).items()}
         if teacher_dense is not None:
-            embs["teacher_dense"] = gather_no_grad(teacher_dense)
+            raw["teacher_dense"] = gather_no_grad(teacher_dense)
+        unit = {k: l2norm(v.float()) for k, v in raw.items()}
         ids = gather_no_grad(batch["image_ids"])
         parts = {}
         total = 0.0
-        for name, spec, loss in zip(self.names, self.recipe.losses, self.losses):
+        for name, spec, loss, ramp in zip(self.names, self.recipe.losses, self.losses, self.ramp_steps):
+            embs = unit if loss.arity == "align" else raw   # distillation sees them unnormalised
             value = loss(embs[spec.inputs[0]], embs[spec.inputs[1]], ids, step)
             parts[name] = value.detach()
-            total = total + spec.weight * value
+            total = total + spec.weight * ramp_factor(step, ramp) * value
         return total, parts
+
+
+def ramp_factor(step: int, ramp_steps: float) -> float:
+    """Weight multiplier at optimizer step ``step`` (0-based): step / ramp_steps, then 1."""
+    return min(1.0, step / ramp_steps) if ramp_steps > 0 else 1.0
 
 
 class Progress:
@@ -238,7 +260,7 @@ def text_fields(recipe: Recipe, model: VSEModel) -> dict[str, TextField]:
     if recipe.needs("dense"):
         fields["dense"] = TextField("dense", t.dense_max_length, augment=True)
     if recipe.needs("teacher_dense"):
-        fields["teacher"] = TextField("dense", t.dense_max_length, augment=False)
+        fields["teacher"] = TextField("dense", t.dense_max_length, augment=recipe.teacher_augment)
     return fields
 
 
@@ -284,6 +306,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     recipe = get_recipe(cfg.recipe)
     if cfg.align_loss is not None:
         recipe = with_align_loss(recipe, cfg.align_loss.kind, cfg.align_loss.params)
+    if cfg.warmup_epochs is not None:
+        recipe = with_warmup(recipe, cfg.warmup_epochs)
     accelerator = Accelerator(
         cpu=cfg.cpu,
         mixed_precision=cfg.mixed_precision,
@@ -327,9 +351,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if not src:
             raise ConfigError(f"teacher: recipe {recipe.name!r} needs a teacher checkpoint; pass teacher=<checkpoint dir>")
         teacher = copy.deepcopy(model.text) if recipe.teacher == "init" else load_checkpoint(src, student_head=False)[0].text
-        teacher.requires_grad_(False).eval().to(accelerator.device)
+        teacher = freeze_teacher(teacher, recipe.teacher_mode).to(accelerator.device)
         teacher_sha = state_fingerprint(teacher)
-    teacher_cache = TeacherCache(teacher) if teacher is not None else None
+    teacher_cache = TeacherCache(teacher) if teacher is not None and recipe.deterministic_teacher else None
     for group, params in model.param_groups().items():
         if group in recipe.freeze:
             for _, p in params:
@@ -339,11 +363,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     urls = split_shards(cfg.shards, cfg.data.train_split)
     check_split_usable(urls, recipe.needs_dense, recipe.name)
     n_train = split_size(cfg.shards, cfg.data.train_split)
+    epoch_size = n_train if recipe.epoch_unit == "images" else split_sparse_count(cfg.shards, cfg.data.train_split)
     global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.grad_accum
-    steps_per_epoch = max(1, n_train // global_batch)
+    steps_per_epoch = max(1, epoch_size // global_batch)
     total_steps = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
+    val_every = cfg.val_every if cfg.val_every_epochs is None else max(1, int(round(cfg.val_every_epochs * steps_per_epoch)))
     tokenizer = TextTokenizer(hf_tokenizer)
-    transform = ImageTransform.from_processor(model.cfg.image.image_size, processor, model.cfg.image.mean, model.cfg.image.std)
+    icfg = model.cfg.image
+    transform = ImageTransform.from_processor(icfg.image_size, processor, icfg.mean, icfg.std,
+                                              random_crop=icfg.random_crop, hflip=icfg.hflip)
     collate = Collate(transform, tokenizer, text_fields(recipe, model), model.cfg.text.token_aug)
 
     # --- optimisation
@@ -372,6 +400,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "assets": assets,
         "num_processes": accelerator.num_processes,
         "steps_per_epoch": steps_per_epoch,
+        "epoch_unit": recipe.epoch_unit,
+        "epoch_size": epoch_size,
         "total_steps": total_steps,
         "train_size": n_train,
     }
@@ -385,7 +415,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         accelerator.init_trackers("vse", config=_flat_scalars(run_doc))
 
     val_urls = None
-    if cfg.val_every != 0:
+    if val_every != 0:
         try:
             import d2s.retrieval  # noqa: F401
 
@@ -406,6 +436,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         need_sparse=recipe.needs("sparse"),
         need_dense=recipe.needs_dense,
         start_batch=progress.batches,
+        caption_sampling=cfg.data.caption_sampling,
     )
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.data.num_workers, persistent_workers=False,
@@ -466,14 +497,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         batch["pixels"] = transform.normalize(batch["pixels"])   # uint8 from the loader
         teacher_dense = None
-        if teacher is not None:
+        if teacher_cache is not None:
             teacher_dense = teacher_cache(batch["teacher_ids"], batch["teacher_mask"])
+        elif teacher is not None:
+            with torch.no_grad(), accelerator.autocast():
+                teacher_dense = teacher(batch["teacher_ids"], batch["teacher_mask"], normalize=False).float()
         with accelerator.accumulate(objective):
             with accelerator.autocast():
                 loss, parts = objective(batch, progress.step, teacher_dense)
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
-                accelerator.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip)
+                clip_gradients(accelerator, objective.parameters(), cfg.optim)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         for k, v in parts.items():
@@ -497,7 +531,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             last_loss = means["loss/total"]
             if first_loss is None:
                 first_loss = last_loss
-        if cfg.val_every and progress.step % cfg.val_every == 0 and progress.step < total_steps:
+        if val_every and progress.step % val_every == 0 and progress.step < total_steps:
             validate()
         if progress.step % cfg.save_every == 0 and progress.step < total_steps:
             save_state()
@@ -539,6 +573,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def freeze_teacher(teacher: nn.Module, mode: str) -> nn.Module:
+    """The frozen teacher, no gradients, in ``mode``. In "train" mode (the reference's) dropout
+    is active and BatchNorm normalises with batch statistics, but its running statistics are
+    not updated (``track_running_stats`` off), so the teacher's state stays bit-identical."""
+    teacher.requires_grad_(False)
+    if mode == "eval":
+        return teacher.eval()
+    teacher.train()
+    for m in teacher.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+    return teacher
+
+
+def clip_gradients(accelerator, params, cfg: OptimConfig) -> None:
+    """Clip to ``cfg.grad_clip``. With ``clip_scaled_grads`` and an fp16 loss scaler, clip the
+    gradients as they are (still scaled), as the reference does; otherwise unscale first."""
+    if cfg.clip_scaled_grads and getattr(accelerator, "scaler", None) is not None:
+        torch.nn.utils.clip_grad_norm_(list(params), cfg.grad_clip)
+    else:
+        accelerator.clip_grad_norm_(params, cfg.grad_clip)
+
+
 class TeacherCache:
     """Embeddings of the frozen teacher, computed once per distinct (unaugmented) dense text.
 
@@ -563,7 +620,7 @@ class TeacherCache:
         if todo:
             width = max(lengths[i] for i in todo)
             idx = torch.tensor(todo, device=ids.device)
-            emb = self.teacher(ids[idx, :width], mask[idx, :width])
+            emb = self.teacher(ids[idx, :width], mask[idx, :width], normalize=False)
             for j, i in enumerate(todo):
                 fresh[i] = emb[j]
                 if len(self.table) < self.max_entries:
