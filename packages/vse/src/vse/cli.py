@@ -21,6 +21,8 @@ from pathlib import Path
 
 from d2s.config import ConfigError, apply_overrides, load_yaml
 
+from .state import StateError
+
 log = logging.getLogger(__name__)
 
 
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for name in list_recipes():
                 print(f"{name:12s} {get_recipe(name).description}")
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, StateError) as exc:
         log.error("%s", exc)
         return 2
     return 0

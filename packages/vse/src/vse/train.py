@@ -9,7 +9,7 @@ Output directory::
 
     run_config.json   the resolved TrainConfig + recipe + model config (plain JSON)
     assets/           tokenizer + tiny backbones, when the model builds them locally
-    state/            latest resumable state (accelerate save_state: model, optimizer, RNG, progress)
+    state/            resumable states, safetensors + JSON only (vse.state: model, optimizer, scheduler, RNG, progress)
     last/             model checkpoint of the last step           (vse.checkpoint layout)
     best/             model checkpoint with the best val rSum       (only when validating)
     bundle/           inference bundle exported from best (or last)
@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ from d2s.shards import atomic_write_json, atomic_write_text, split_shards, split
 from .checkpoint import load_checkpoint, load_processor, load_tokenizer, save_checkpoint
 from .data import Collate, ImageTransform, ShardStream, TextField, TextTokenizer, check_split_usable, iter_eval_batches
 from .losses import build_loss
+from .state import find_state, load_state
+from .state import save_state as write_state
 from .models import GROUPS, VSEModel, create_model, get_model_config, l2norm, processor_source, tokenizer_source
 from .recipes import Recipe, get_recipe, with_align_loss, with_warmup
 
@@ -391,7 +392,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     objective, optimizer = accelerator.prepare(objective, optimizer)
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
 
     run_doc = {
         "train": to_dict(cfg),
@@ -405,10 +405,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "total_steps": total_steps,
         "train_size": n_train,
     }
-    state_dir = out / "state"
-    if cfg.resume and (state_dir / "progress.json").exists():
-        accelerator.load_state(str(state_dir))
-        log.info("resumed from %s at step %d (batch %d)", state_dir, progress.step, progress.batches)
+    state_root = out / "state"
+    resume_from = find_state(state_root) if cfg.resume else None
+    if resume_from is not None:
+        progress.load_state_dict(load_state(resume_from, accelerator=accelerator, model=accelerator.unwrap_model(objective),
+                                            optimizer=optimizer, scheduler=scheduler))
+        log.info("resumed from %s at step %d (batch %d)", resume_from, progress.step, progress.batches)
     elif main:
         atomic_write_json(out / "run_config.json", run_doc)
     if cfg.tracker != "none":
@@ -451,22 +453,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         extra={**extra, "step": progress.step, "metrics": metrics or {}})
 
     def save_state() -> None:
-        tmp = out / "state.tmp"
-        accelerator.wait_for_everyone()
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        accelerator.wait_for_everyone()
-        if main:
-            atomic_write_json(tmp / "progress.json", progress.state_dict())
-            old = out / "state.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if state_dir.exists():
-                state_dir.rename(old)
-            tmp.rename(state_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        write_state(state_root, progress.step, accelerator=accelerator, model=accelerator.unwrap_model(objective),
+                    optimizer=optimizer, scheduler=scheduler, progress=progress.state_dict())
 
     def validate() -> dict | None:
         metrics = None
