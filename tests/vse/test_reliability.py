@@ -216,3 +216,107 @@ def test_a_damaged_state_fails_naming_the_file(world, assets, tmp_path):
     shutil.rmtree(state)   # the pointer names a state that is gone: never a silent restart at 0
     with pytest.raises(StateError, match="latest.json"):
         train(parse_config(_doc(world, assets, run, steps=4)))
+
+
+# ---- item 7: corrupt images in real shards ---------------------------------------------------
+
+
+def _write_corrupt_world(out: Path, bad_train: dict[int, str], bad_val: dict[int, str]) -> dict[str, tuple[str, str]]:
+    """train 96 images (3 shards of 32), val 32 (1 shard); image i of a split damaged as asked:
+    "truncated" (the PNG cut in half) or "garbage" (bytes that are no image). Returns
+    {kind-split: (shard file name, key)} of the damaged samples."""
+    cfg = WorldConfig(world_seed=0)
+    bad = {}
+    for spec, damage in ((SplitSpec("train", 96, 0), bad_train), (SplitSpec("val", 32, 0), bad_val)):
+        samples = list(iter_world(cfg, spec))
+        for index, start in enumerate(range(0, len(samples), 32)):
+            with ShardWriter(out, spec.name, index) as w:
+                for i, s in enumerate(samples[start : start + 32], start):
+                    s.dense = [DenseText(describe(json.loads(s.meta["scene"])), source="synthetic-oracle")]
+                    if i in damage:
+                        s.image = s.image[: len(s.image) // 2] if damage[i] == "truncated" else b"\x00garbage, no image" * 8
+                        bad[f"{damage[i]}-{spec.name}"] = (w.path.name, s.key)
+                    w.write(s)
+    write_manifest(out)
+    return bad
+
+
+@pytest.fixture(scope="module")
+def corrupt_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corrupt")
+    bad = _write_corrupt_world(out, {5: "truncated", 40: "garbage"}, {3: "truncated"})
+    return out, bad
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_names_shard_and_key_of_a_corrupt_image(corrupt_world, assets, tmp_path, workers):
+    world, bad = corrupt_world
+    with pytest.raises(SampleError) as e:
+        train(parse_config(_doc(world, assets, tmp_path / "run", steps=8, data={"num_workers": workers})))
+    msg = str(e.value)
+    assert "cannot decode" in msg
+    assert any(shard in msg and repr(key) in msg for k, (shard, key) in bad.items() if k.endswith("train")), msg
+
+
+def test_skip_policy_drops_counts_and_logs_bad_samples(corrupt_world, assets, tmp_path, caplog):
+    world, bad = corrupt_world
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        s = train(parse_config(_doc(world, assets, run, steps=8, data={"on_bad_sample": "skip"})))
+    # 8 batches of 16 = 128 draws from 96 images: each bad one is met at least once
+    assert s["steps"] == 8 and s["skipped_samples"] >= 2
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["data/skipped_samples"] for r in rows if "data/skipped_samples" in r]
+    assert len(counts) == 8 and counts == sorted(counts) and counts[-1] == s["skipped_samples"]
+    logged = " ".join(r.getMessage() for r in caplog.records if "dropping a training sample" in r.getMessage())
+    for k in ("truncated-train", "garbage-train"):
+        shard, key = bad[k]
+        assert shard in logged and repr(key) in logged, (k, logged)
+    # the skip counts survive a resume (the state carries them) and the run goes on
+    s2 = train(parse_config(_doc(world, assets, run, steps=10, data={"on_bad_sample": "skip"})))
+    assert s2["steps_this_run"] == 2 and s2["skipped_samples"] >= s["skipped_samples"]
+
+
+@pytest.mark.slow
+def test_two_processes_skip_bad_samples_with_batches_of_different_sizes(corrupt_world, assets, tmp_path):
+    # 2 gloo processes split the 3 shards (2 + 1); the bad images are in different shards, so the
+    # processes' batches differ in size at different steps and the gather pads and trims them
+    world, bad = corrupt_world
+    out = tmp_path / "ddp"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "vse.cli", "train", *_common(world, assets, steps=6), "--out", str(out), "cpu=true",
+           "data.on_bad_sample=skip"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    # 6 steps x 16 per process = 96 draws per process; each reads half the images or more, and the
+    # counts are summed over both processes
+    assert summary["steps"] == 6 and summary["skipped_samples"] >= 2
+    for k in ("truncated-train", "garbage-train"):
+        shard, key = bad[k]
+        assert shard in r.stderr and repr(key) in r.stderr, k
+
+
+def test_evaluation_names_shard_and_key_of_a_corrupt_image(corrupt_world, assets, tmp_path):
+    world, bad = corrupt_world
+    shard, key = bad["truncated-val"]
+    with pytest.raises(SampleError) as e:   # the policy is for training samples; evaluation always says
+        train(parse_config(_doc(world, assets, tmp_path / "run", steps=1, val_every=None,
+                                data={"on_bad_sample": "skip", "val_max_images": 32})))
+    assert shard in str(e.value) and repr(key) in str(e.value) and "cannot decode" in str(e.value)
+
+
+def test_bundle_names_the_key_of_a_corrupt_image(world, assets, tmp_path):
+    from d2s.shards import read_samples
+    from vse.bundle import load_bundle
+
+    s = train(parse_config(_doc(world, assets, tmp_path / "run", steps=1)))
+    b = load_bundle(s["bundle"])
+    good = [x.image for x in read_samples(world, "val")[:3]]
+    bad = good[1][: len(good[1]) // 2]
+    with pytest.raises(SampleError, match=r"key 'img-b'.*cannot decode"):
+        b.embed_images([good[0], bad, good[2]], batch_size=2, keys=["img-a", "img-b", "img-c"])
+    with pytest.raises(SampleError, match=r"key '#2'.*cannot decode"):
+        b.embed_images([good[0], good[2], b"no image at all"], batch_size=2)
+    assert b.embed_images(good, keys=["a", "b", "c"]).shape[0] == 3

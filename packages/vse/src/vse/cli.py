@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from d2s.config import ConfigError, apply_overrides, load_yaml
+from d2s.schema import SampleError
 
 from .state import StateError
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for name in list_recipes():
                 print(f"{name:12s} {get_recipe(name).description}")
-    except (ConfigError, FileNotFoundError, StateError) as exc:
+    except (ConfigError, FileNotFoundError, SampleError, StateError) as exc:
         log.error("%s", exc)
         return 2
     return 0
