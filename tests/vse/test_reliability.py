@@ -320,3 +320,33 @@ def test_bundle_names_the_key_of_a_corrupt_image(world, assets, tmp_path):
     with pytest.raises(SampleError, match=r"key '#2'.*cannot decode"):
         b.embed_images([good[0], good[2], b"no image at all"], batch_size=2)
     assert b.embed_images(good, keys=["a", "b", "c"]).shape[0] == 3
+
+
+# ---- item 10: the launcher's mixed precision -------------------------------------------------
+
+
+def _launch(world, assets, out, flags, overrides, cwd):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no", *flags,
+           "-m", "vse.cli", "train", *_common(world, assets, steps=2), "--out", str(out), *overrides]
+    # an empty HF_HOME: no accelerate default config of this machine gets in the way
+    return subprocess.run(cmd, cwd=cwd, env=_env(HF_HOME=str(cwd / "hf")), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_launcher_mixed_precision_applies_unless_the_config_sets_one(world, assets, tmp_path):
+    r = _launch(world, assets, tmp_path / "bf16", ["--mixed_precision", "bf16"], [], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "bf16" / "run_config.json").read_text())["mixed_precision"] == "bf16"
+    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["mixed_precision"] == "bf16"
+    # `accelerate config` writes a file; a config file saying bf16 but the training config saying "no": "no"
+    cfg = tmp_path / "accel.yaml"
+    cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\nnum_processes: 1\n"
+                   "num_machines: 1\nuse_cpu: false\n")
+    r = _launch(world, assets, tmp_path / "no", ["--config_file", str(cfg)], ["mixed_precision='no'"], tmp_path)  # quoted: YAML reads a bare no as false
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "no" / "summary.json").read_text())["mixed_precision"] == "no"
+    # and the config file alone applies
+    r = _launch(world, assets, tmp_path / "file", ["--config_file", str(cfg)], [], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "file" / "summary.json").read_text())["mixed_precision"] == "bf16"

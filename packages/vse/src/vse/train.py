@@ -116,7 +116,8 @@ class TrainConfig:
     steps: int | None = None                   # optimizer steps; else epochs x steps per epoch
     epochs: float | None = None
     seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # None: what the launcher says (`accelerate launch --mixed_precision`, `accelerate config`), else "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     cpu: bool = False                          # force CPU (gloo between processes under torchrun/accelerate launch)
     grad_accum: int = 1
     log_every: int = 20
@@ -427,6 +428,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "model": model.cfg.to_dict(),
         "assets": assets,
         "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,   # as applied: the config's, else the launcher's
         "steps_per_epoch": steps_per_epoch,
         "epoch_unit": recipe.epoch_unit,
         "epoch_size": epoch_size,
@@ -594,6 +596,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "best_rsum": progress.best_rsum if progress.best_step >= 0 else None,
         "best_step": progress.best_step if progress.best_step >= 0 else None,
         "final_metrics": metrics,
+        "mixed_precision": accelerator.mixed_precision,
         "skipped_samples": progress.skipped_samples,
         "teacher_sha": [teacher_sha, state_fingerprint(teacher)] if teacher is not None else None,
         "teacher_cache": {"hits": teacher_cache.hits, "misses": teacher_cache.misses} if teacher_cache else None,
