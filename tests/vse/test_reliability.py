@@ -91,8 +91,9 @@ def test_resume_refuses_a_planted_pickle_in_the_state(world, assets, tmp_path):
     marker = tmp_path / "PAYLOAD_RAN"
     planted = []
     for p in sorted((run / "state").rglob("*")):
-        # every state file that is not safetensors: today's pickles (scheduler, RNG, custom objects), or JSON
-        if p.is_file() and p.suffix != ".safetensors":
+        # the files holding the LR scheduler and the progress record: before this change Accelerate's
+        # custom_checkpoint_*.pkl, which its load_state reads with torch.load(weights_only=False)
+        if p.is_file() and any(w in p.name for w in ("custom_checkpoint", "scheduler", "progress")):
             _plant(p, marker, keep_size=False)
             planted.append(p)
     assert planted
@@ -343,7 +344,8 @@ def test_launcher_mixed_precision_applies_unless_the_config_sets_one(world, asse
     cfg = tmp_path / "accel.yaml"
     cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\nnum_processes: 1\n"
                    "num_machines: 1\nuse_cpu: false\n")
-    r = _launch(world, assets, tmp_path / "no", ["--config_file", str(cfg)], ["mixed_precision='no'"], tmp_path)  # quoted: YAML reads a bare no as false
+    # quoted: YAML reads a bare no as false
+    r = _launch(world, assets, tmp_path / "no", ["--config_file", str(cfg)], ["mixed_precision='no'"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "no" / "summary.json").read_text())["mixed_precision"] == "no"
     # and the config file alone applies

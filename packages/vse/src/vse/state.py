@@ -15,8 +15,8 @@ Layout under ``<run>/state/``::
         complete.json           written last: the marker, with every file's size
 
 A save writes a new ``step-N/`` (``step-N.1/`` when a complete ``step-N/`` exists: a finished
-run started again), its marker last, then moves the pointer, and only then deletes older states; a kill at any point leaves the previous complete state (or the new
-one) to resume from. :func:`find_state` picks the pointer's state, else the newest complete
+run started again), its marker last, then moves the pointer, and only then deletes older
+states; a kill at any point leaves the previous complete state (or the new one) to resume from. :func:`find_state` picks the pointer's state, else the newest complete
 one; a state that exists but cannot be read raises :class:`StateError` naming the file, so a
 run never silently starts again at step 0. Loading uses ``safetensors`` and ``json`` only,
 so a tampered run folder can make a resume fail but cannot run code.
@@ -322,9 +322,10 @@ def _complete(d: Path) -> dict[str, Any] | None:
     for name, size in doc["files"].items():
         p = d / name
         if "/" in name or not p.is_file():
-            raise StateError(f"{p}: listed in {marker} but missing; the state is damaged")
+            raise StateError(f"{p}: listed in {marker} but missing; the state is damaged, refusing to resume from it")
         if p.stat().st_size != size:
-            raise StateError(f"{p}: {p.stat().st_size} bytes, {marker} says {size}; the state is damaged")
+            raise StateError(f"{p}: {p.stat().st_size} bytes, {marker} says {size}; the state is damaged, "
+                             "refusing to resume from it")
     return doc
 
 
