@@ -29,7 +29,7 @@ class DensecapStage(Stage):
     outputs = {"shards": "shards with dense texts, manifest.json and rejects/", "report": "summary report directory"}
     version = "1"
     # How this process takes part, not what the dataset is: several ranks share one output.
-    execution_params = ("rank", "world_size", "num_workers", "batch_size", "progress")
+    execution_params = ("rank", "world_size", "num_workers", "batch_size", "progress", "executor")
 
     @classmethod
     def cache_params(cls, params: dict) -> dict:
