@@ -32,7 +32,7 @@ def ray_cluster():
     """One real Ray head node (2 CPUs) for the module; stopped at the end, and nothing of it may survive."""
     from densecap.testing.ray_cluster import RayCluster
 
-    rc = RayCluster(num_cpus=2)
+    rc = RayCluster(num_cpus=2, num_gpus=0, object_store_memory=200_000_000)
     try:
         rc.start()
         yield rc
@@ -53,6 +53,10 @@ def stats_of(out: Path) -> dict[str, dict]:
     return {Path(p).name: st for p, st in completed_shards(out).items()}
 
 
+def ray_env(rc) -> dict[str, str]:
+    return rc.client_env()
+
+
 def ray_args(rc, *extra: str) -> list[str]:
     return ["--executor", "ray", "--ray-address", rc.address, *extra]
 
@@ -62,8 +66,8 @@ def unit_writers(rc) -> list[int]:
     return [p for p in rc.pids() if cmdline(p).startswith("ray::UnitWriter")]
 
 
-def start_cli(args: list[str], log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+def start_cli(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     return subprocess.Popen(densecap_cmd() + ["run", "--no-progress", *map(str, args)], stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
@@ -84,7 +88,7 @@ def test_ray_shards_equal_local_shards_with_oracle_and_import(world_dir, tmp_pat
     r = run_densecap(["run", "--no-progress", *common, "--out", str(tmp_path / "local")])
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_densecap(["run", "--no-progress", *common, "--out", str(tmp_path / "ray"), *ray_args(ray_cluster),
-                      "--set", "executor.replicas=2"], env={"RAY_USAGE_STATS_ENABLED": "0"})
+                      "--set", "executor.replicas=2"], env=ray_env(ray_cluster))
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)
     assert summary["executor"] == "ray" and summary["complete"] and summary["units_run"] == 4
@@ -108,23 +112,71 @@ def test_ray_shards_equal_local_shards_with_oracle_and_import(world_dir, tmp_pat
     # the rerun is a no-op on Ray too
     before = {p: Path(p).stat().st_mtime_ns for p in completed_shards(tmp_path / "ray")}
     r = run_densecap(["run", "--no-progress", *common, "--out", str(tmp_path / "ray"), *ray_args(ray_cluster)],
-                     env={"RAY_USAGE_STATS_ENABLED": "0"})
+                     env=ray_env(ray_cluster))
     assert r.returncode == 0 and json.loads(r.stdout)["units_run"] == 0
     assert before == {p: Path(p).stat().st_mtime_ns for p in completed_shards(tmp_path / "ray")}
 
 
-def test_ray_cluster_started_by_the_driver_ends_with_it(world_dir, tmp_path):
-    """Without --ray-address the driver starts a local cluster and shuts it down: none of its
-    processes (raylet, GCS, workers) is left behind."""
-    tmpd = Path(os.environ.get("TMPDIR", "/tmp")) / f"dcr{os.getpid()}"
-    r = run_densecap(["run", "--no-progress", "--input", str(world_dir), "-S", "split=val", "--filters", "length",
-                      "--out", str(tmp_path / "out"), "--executor", "ray",
-                      "--set", f"executor.init={{num_cpus: 2, object_store_memory: 100000000, _temp_dir: '{tmpd}'}}"],
-                     env={"RAY_USAGE_STATS_ENABLED": "0"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout)["complete"] and len(samples_of(tmp_path / "out")) == 8
-    left = [p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if str(tmpd) in cmdline(p) and alive(p)]
-    assert not left, [cmdline(p) for p in left]
+def descendants(pid: int) -> set[int]:
+    """Live processes below ``pid`` (children, grandchildren...)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            if k not in out:
+                out.add(k)
+                todo.append(k)
+    return out
+
+
+def watch_tree(proc: subprocess.Popen, seen: set[int], until) -> None:
+    """Record every process below ``proc`` until ``until()``."""
+    while not until():
+        seen |= descendants(proc.pid)
+        time.sleep(0.1)
+
+
+def test_ray_cluster_started_by_the_driver_ends_with_it(tmp_path):
+    """Without --ray-address the driver starts a local cluster of its own (GCS, raylet, workers).
+    SIGKILLed mid-unit, it takes the whole cluster along; rerun, it finishes the job and shuts its
+    cluster down: no process of either cluster is left."""
+    files = image_folder(tmp_path / "photos", 6)
+    out = tmp_path / "out"
+    with FakeOpenAI() as srv:
+        srv.hold = threading.Event()
+        args = ["--source", "folder", "--input", tmp_path / "photos", "-S", "chunk_size=2", "--filters", "length",
+                "--out", out, "--captioner", "vllm-server", "-C", f"base_url={srv.base_url}", "-C", "model=fake-vlm",
+                "--executor", "ray", "--set", "executor.init={num_cpus: 2, object_store_memory: 100000000}"]
+        first = start_cli(args, tmp_path / "first.log")
+        seen: set[int] = set()
+        try:
+            watch_tree(first, seen, lambda: len(srv.log) >= 2 or first.poll() is not None)
+            seen |= descendants(first.pid)
+            writers = [p for p in seen if cmdline(p).startswith("ray::UnitWriter")]
+            assert writers and any("raylet" in cmdline(p) for p in seen) and any("gcs_server" in cmdline(p) for p in seen), \
+                [cmdline(p)[:50] for p in seen]
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            wait_until(lambda: not any(alive(p) for p in seen), "every process of the killed driver's cluster ends", limit=60)
+        finally:
+            srv.hold.set()
+            if first.poll() is None:
+                first.kill()
+        second = start_cli(args, tmp_path / "second.log")
+        seen2: set[int] = set()
+        watch_tree(second, seen2, lambda: second.poll() is not None)
+        assert second.wait() == 0, (tmp_path / "second.log").read_text()[-3000:]
+    assert len(seen2) >= 3  # GCS, raylet, replicas... were seen (cmdlines are gone once they have ended)
+    wait_until(lambda: not any(alive(p) for p in seen2), "the finished driver's cluster is shut down", limit=60)
+    got = samples_of(out)
+    assert Counter(s.id for s in got) == Counter({n: 1 for n in files}) and not list(out.glob("*.tmp"))
 
 
 def test_sigkilled_ray_worker_unit_is_retried_every_image_once(tmp_path, ray_cluster):
@@ -136,7 +188,7 @@ def test_sigkilled_ray_worker_unit_is_retried_every_image_once(tmp_path, ray_clu
                 "--filters", "length", "--out", out, "--captioner", "vllm-server", "-C", f"base_url={srv.base_url}",
                 "-C", "model=fake-vlm", "-C", "concurrency=1", *ray_args(ray_cluster),
                 "--set", "executor.replicas=2", "--set", "executor.max_retries=2"]
-        proc = start_cli(args, tmp_path / "driver.log")
+        proc = start_cli(args, tmp_path / "driver.log", ray_env(ray_cluster))
         try:
             wait_until(lambda: len(unit_writers(ray_cluster)) == 2 and len(srv.log) >= 2,
                        "two Ray replicas with a request in flight", limit=120)
@@ -169,7 +221,7 @@ def test_sigkilled_ray_driver_rerun_finishes_nothing_twice(tmp_path, ray_cluster
         args = ["--source", "folder", "--input", tmp_path / "photos", "-S", "chunk_size=2", "--batch-size", 1,
                 "--filters", "length", "--out", out, "--captioner", "vllm-server", "-C", f"base_url={srv.base_url}",
                 "-C", "model=fake-vlm", "-C", "concurrency=1", *ray_args(ray_cluster), "--set", "executor.replicas=2"]
-        proc = start_cli(args, tmp_path / "first.log")
+        proc = start_cli(args, tmp_path / "first.log", ray_env(ray_cluster))
         try:
             wait_until(lambda: len(completed_shards(out)) >= 2, "two shards written by the first driver", limit=180)
             proc.send_signal(signal.SIGKILL)
@@ -184,7 +236,7 @@ def test_sigkilled_ray_driver_rerun_finishes_nothing_twice(tmp_path, ray_cluster
         assert not (out / "manifest.json").exists()
         n_first = len(srv.log)
         r = subprocess.run(densecap_cmd() + ["run", "--no-progress", *map(str, args)], capture_output=True, text=True,
-                           cwd=REPO, timeout=300, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                           cwd=REPO, timeout=300, env={**os.environ, **ray_env(ray_cluster)})
         assert r.returncode == 0, r.stderr[-3000:]
         rerun_digests = Counter(e["digest"] for e in srv.log[n_first:])
     got = samples_of(out)
@@ -244,7 +296,7 @@ def test_ray_and_local_give_the_same_counts_and_verdicts_with_real_vllm(vllm_ser
     r = run_densecap([*common, "--out", str(tmp_path / "local")])
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_densecap([*common, "--out", str(tmp_path / "ray"), *ray_args(ray_cluster), "--set", "executor.replicas=2"],
-                     env={"RAY_USAGE_STATS_ENABLED": "0"})
+                     env=ray_env(ray_cluster))
     assert r.returncode == 0, r.stderr[-3000:]
     sl, sr = stats_of(tmp_path / "local"), stats_of(tmp_path / "ray")
     assert set(sl) == set(sr) and len(sl) == 8
@@ -270,7 +322,7 @@ def test_two_vllm_endpoints_one_killed_mid_run(vllm_server, tiny_vlm, vllm_world
             *ray_args(ray_cluster), "--set", "executor.replicas=2"]
     try:
         second.start()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **ray_env(ray_cluster)}
         proc = subprocess.Popen(densecap_cmd() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
         try:
             wait_until(lambda: len(completed_shards(out)) >= 1 or proc.poll() is not None, "a first shard", limit=300)
@@ -296,7 +348,7 @@ def test_two_vllm_endpoints_one_killed_mid_run(vllm_server, tiny_vlm, vllm_world
         assert second.base_url in s.dense[0].error
     # a rerun of the same command (the dead server is left out at start) fills what failed, keeps the rest
     clean = {p: Path(p).stat().st_mtime_ns for p, st in completed_shards(out).items() if not st["caption_errors"]}
-    r = run_densecap(args, env={"RAY_USAGE_STATS_ENABLED": "0"})
+    r = run_densecap(args, env=ray_env(ray_cluster))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "left out" in r.stderr
     assert {p: Path(p).stat().st_mtime_ns for p in clean} == clean

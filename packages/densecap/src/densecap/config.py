@@ -70,14 +70,16 @@ class ExecutorConfig:
     plans, shows progress and writes the manifest and report."""
 
     type: Literal["local", "ray"] = "local"
-    # ray: '' = start a local Ray cluster in this process (shut down at the end);
+    # ray: '' = start a local Ray cluster that ends with this process (densecap.ray_cluster);
     # 'auto' = the cluster this machine belongs to ($RAY_ADDRESS or `ray start`); or HOST:PORT
     address: str = ""
     replicas: int = 0  # ray: worker actors (0 = num_workers)
     num_cpus: float = 1.0  # ray: CPUs each replica reserves
     num_gpus: float = 0.0  # ray: GPUs each replica reserves (vllm-offline: 1 = one engine per GPU)
     max_retries: int = 3  # ray: times a unit is retried after its worker process or node died
-    init: dict[str, Any] = field(default_factory=dict)  # ray: more ray.init() arguments (e.g. num_cpus of a local cluster)
+    # ray: num_cpus / num_gpus / object_store_memory size the local cluster (no address); anything
+    # else goes to ray.init() (e.g. runtime_env, namespace)
+    init: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.replicas < 0:

@@ -16,7 +16,8 @@ still writing it, then finds the shard complete (and skips it) or clears the lef
 it: every image once, no ``.tmp`` taken for a complete shard.
 
 When the driver dies, Ray ends its actors (they belong to the driver's job); a local cluster
-started by the driver (no ``address``) ends with it. Rerunning the same command resumes.
+started by the driver (no ``address``: :class:`densecap.ray_cluster.RayCluster`) ends with it,
+every process of it. Rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -69,24 +70,45 @@ class UnitWriter:
         return stats
 
 
-def _connect(address: str, init: dict[str, Any]) -> bool:
-    """Join or start a Ray cluster; True when this process started it (and must shut it down)."""
-    try:
-        import ray
-    except ImportError:
+LOCAL_HEAD_ARGS = ("num_cpus", "num_gpus", "object_store_memory")
+
+
+def _connect(address: str, init: dict[str, Any]):
+    """Join the cluster at ``address``, or start a local one (:class:`densecap.ray_cluster.RayCluster`,
+    which dies with this process); returns the local cluster to stop at the end, or None."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("ray") is None:
         raise ConfigError("executor.type: 'ray' needs Ray in this environment: pip install 'd2s-densecap[ray]' "
-                          "(or bash scripts/bootstrap.sh)") from None
+                          "(or bash scripts/bootstrap.sh)")
+    local = None
+    if not address and "ray" not in sys.modules:
+        from .ray_cluster import RayCluster
+
+        local = RayCluster(**{k: init[k] for k in LOCAL_HEAD_ARGS if k in init}).start()
+        address = local.address
+        # its token, before Ray is imported (Ray reads its authentication settings then)
+        os.environ.update(local.client_env())
+        log.info("densecap: started a local Ray cluster at %s in %.1fs", address, local.start_seconds)
+    import ray
+
     if ray.is_initialized():
-        return False
+        return local
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
     if address:
         kwargs["address"] = address
-    else:
+    else:  # Ray already imported by the caller: let ray.init start its own local cluster
         kwargs["include_dashboard"] = False
-    kwargs.update(init)
-    ray.init(**kwargs)
-    log.info("densecap: Ray cluster %s with %s", address or "started here", ray.cluster_resources())
-    return not address
+    kwargs.update({k: v for k, v in init.items() if k not in LOCAL_HEAD_ARGS or not local})
+    try:
+        ray.init(**kwargs)
+    except BaseException:
+        if local is not None:
+            local.stop(graceful=False)
+        raise
+    log.info("densecap: Ray cluster %s with %s", address or "started by ray.init", ray.cluster_resources())
+    return local
 
 
 def run_units(cfg: DensecapConfig, out: Path, todo: list[Unit], image_exts: dict, results: list[dict],
@@ -95,13 +117,13 @@ def run_units(cfg: DensecapConfig, out: Path, todo: list[Unit], image_exts: dict
     ``tick(images)``. Returns the first caption source's fatal message ('' if none); raises
     CaptionSourceError when the replicas cannot start their caption sources and RunAborted
     (after the other units finished) when a unit could not be written after its retries."""
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
     from .run import config_fingerprint
 
     ex = cfg.executor
-    started_here = _connect(ex.address, dict(ex.init))
+    local = _connect(ex.address, dict(ex.init))  # before importing Ray (see there)
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
     actors: list[Any] = []
     try:
         n = max(1, min(ex.replicas or cfg.num_workers, len(todo)))
@@ -166,5 +188,7 @@ def run_units(cfg: DensecapConfig, out: Path, todo: list[Unit], image_exts: dict
                 ray.kill(a)
             except Exception:  # noqa: BLE001
                 pass
-        if started_here:
+        if ray.is_initialized():
             ray.shutdown()
+        if local is not None:  # every unit is finished or given up: nothing to wait for
+            local.stop(graceful=False)
