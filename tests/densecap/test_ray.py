@@ -341,18 +341,22 @@ def test_two_vllm_endpoints_one_killed_mid_run(vllm_server, tiny_vlm, vllm_world
     eps = [st["endpoints"]["vllm-server"] for st in stats.values()]
     assert any(e[second.base_url].get("down") for e in eps), "the killed server is recorded as taken out"
     assert sum(e[vllm_server.base_url]["ok"] for e in eps) > 0 and sum(e[second.base_url]["ok"] for e in eps) > 0
+    # requests in flight on the killed server (and any sent before it was taken out) failed: no retries
+    # here (max_retries=0), so they are recorded per image, with the server's address, exit status 3
     failed = [s for s in got if s.dense[0].error]
+    assert failed and proc.returncode == 3
     assert sum(st["caption_errors"] for st in stats.values()) == len(failed)
-    assert (proc.returncode == 3) == bool(failed)
     for s in failed:
-        assert second.base_url in s.dense[0].error
+        assert second.base_url in s.dense[0].error and s.dense[0].verdict == "error"
     # a rerun of the same command (the dead server is left out at start) fills what failed, keeps the rest
     clean = {p: Path(p).stat().st_mtime_ns for p, st in completed_shards(out).items() if not st["caption_errors"]}
     r = run_densecap(args, env=ray_env(ray_cluster))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "left out" in r.stderr
     assert {p: Path(p).stat().st_mtime_ns for p in clean} == clean
     got = samples_of(out)
     assert Counter(s.key for s in got) == Counter({f"train_{i:08d}": 1 for i in range(48)})
-    assert all(len(s.dense) == 1 and not s.dense[0].error and s.dense[0].text for s in got)
+    # (greedy text of the random model may be whitespace only: check that tokens came back)
+    assert all(len(s.dense) == 1 and not s.dense[0].error and s.dense[0].scores["completion_tokens"] > 0 for s in got)
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 48
+    filled = [st for st in stats_of(out).values() if st["filled"]]
+    assert filled and all("at start" in st["endpoints"]["vllm-server"][second.base_url]["down"] for st in filled)

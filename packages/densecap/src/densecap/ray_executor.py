@@ -112,14 +112,17 @@ def _connect(address: str, init: dict[str, Any]):
 
 
 def run_units(cfg: DensecapConfig, out: Path, todo: list[Unit], image_exts: dict, results: list[dict],
-              tick: Callable[[int], None]) -> str:
+              tick: Callable[[int], None], info: dict[str, Any] | None = None) -> str:
     """Write ``todo`` on Ray; append each unit's stats to ``results`` as it completes and call
-    ``tick(images)``. Returns the first caption source's fatal message ('' if none); raises
+    ``tick(images)``; ``info`` receives ``replicas`` and ``ray_startup_s`` (joining or starting the
+    cluster until every replica has its caption sources started). Returns the first caption source's fatal message ('' if none); raises
     CaptionSourceError when the replicas cannot start their caption sources and RunAborted
     (after the other units finished) when a unit could not be written after its retries."""
     from .run import config_fingerprint
 
     ex = cfg.executor
+    info = {} if info is None else info
+    t_start = time.perf_counter()
     local = _connect(ex.address, dict(ex.init))  # before importing Ray (see there)
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -140,7 +143,8 @@ def run_units(cfg: DensecapConfig, out: Path, todo: list[Unit], image_exts: dict
         for r in ray.get([a.ready.remote() for a in actors]):
             if r["error"]:
                 raise CaptionSourceError(r["error"])
-        log.info("densecap: %d Ray replica(s) ready, %d unit(s) to write", n, len(todo))
+        info.update(replicas=n, ray_startup_s=round(time.perf_counter() - t_start, 2))
+        log.info("densecap: %d Ray replica(s) ready after %.1fs, %d unit(s) to write", n, info["ray_startup_s"], len(todo))
         queue = deque(todo)
         running: dict[Any, tuple[Any, Unit]] = {}
         fatal = ""

@@ -478,6 +478,7 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     total = sum(known) if all(k is not None for k in known) else None
     log.info("densecap: %d unit(s) for rank %d/%d, %d already complete", len(todo), cfg.rank, cfg.world_size, len(mine) - len(todo))
     results: list[dict] = []
+    ray_info: dict[str, Any] = {}
     fatal = ""
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc=f"densecap rank {cfg.rank}", unit="img", disable=not cfg.progress, dynamic_ncols=True)
@@ -493,7 +494,7 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
             if todo:
                 from .ray_executor import run_units
 
-                fatal = run_units(base, out, todo, image_exts, results, tick)
+                fatal = run_units(base, out, todo, image_exts, results, tick, ray_info)
         elif cfg.num_workers == 1 or len(todo) <= 1:
             try:
                 for u in todo:
@@ -534,7 +535,7 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
         "units_total": len(mine),
         "units_run": len(results),
         "executor": cfg.executor.type,
-        **({"units_skipped": sum(1 for r in results if r.get("skipped"))} if on_ray else {}),
+        **({"units_skipped": sum(1 for r in results if r.get("skipped")), **ray_info} if on_ray else {}),
         "seconds": round(seconds, 2),
         "captions_per_s": round(agg.get("captions_requested", 0) / seconds, 3) if seconds else 0.0,
         **{k: int(v) if float(v).is_integer() else round(v, 3) for k, v in agg.items()},
