@@ -355,6 +355,7 @@ class VLLMServerSource(CaptionSource):
                         break
                 ep = self._pick(avoid=ep)  # a retry goes to another server when there is one
                 if ep is None:
+                    last = last or "no server left"
                     break
                 try:
                     text, finish_reason, usage = parse_reply(await self._post(body, ep))
