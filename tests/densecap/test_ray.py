@@ -76,6 +76,7 @@ COMPARED_STATS = ("count", "captions_requested", "captions_kept", "captions_drop
                   "images_rejected", "config_hash", "image_ext", "filters", "captioners")
 
 
+@pytest.mark.slow
 def test_ray_shards_equal_local_shards_with_oracle_and_import(world_dir, tmp_path, ray_cluster):
     # an imported corpus covering two thirds of the images (the rest are counted as missing)
     ids = sorted(s.id for s in iter_samples(sorted(completed_shards(world_dir))))
@@ -143,6 +144,7 @@ def watch_tree(proc: subprocess.Popen, seen: set[int], until) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_ray_cluster_started_by_the_driver_ends_with_it(tmp_path):
     """Without --ray-address the driver starts a local cluster of its own (GCS, raylet, workers).
     SIGKILLed mid-unit, it takes the whole cluster along; rerun, it finishes the job and shuts its
@@ -179,6 +181,7 @@ def test_ray_cluster_started_by_the_driver_ends_with_it(tmp_path):
     assert Counter(s.id for s in got) == Counter({n: 1 for n in files}) and not list(out.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_sigkilled_ray_worker_unit_is_retried_every_image_once(tmp_path, ray_cluster):
     files = image_folder(tmp_path / "photos", 12)
     out = tmp_path / "out"
@@ -214,6 +217,7 @@ def test_sigkilled_ray_worker_unit_is_retried_every_image_once(tmp_path, ray_clu
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 12
 
 
+@pytest.mark.slow
 def test_sigkilled_ray_driver_rerun_finishes_nothing_twice(tmp_path, ray_cluster):
     files = image_folder(tmp_path / "photos", 16)
     out = tmp_path / "out"

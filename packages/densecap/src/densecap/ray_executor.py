@@ -155,9 +155,11 @@ def run_units(cfg: DensecapConfig, out: Path, todo: list[Unit], image_exts: dict
             u = queue.popleft()
             running[actor.process.remote(u)] = (actor, u)
 
-        for a in actors:
-            if queue:
-                submit(a)
+        # two units per replica: the next one is already queued on the actor when one finishes
+        for _ in range(2):
+            for a in actors:
+                if queue:
+                    submit(a)
         while running:
             (ref,), _ = ray.wait(list(running), num_returns=1)
             actor, unit = running.pop(ref)
