@@ -364,3 +364,36 @@ def test_two_vllm_endpoints_one_killed_mid_run(vllm_server, tiny_vlm, vllm_world
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 48
     filled = [st for st in stats_of(out).values() if st["filled"]]
     assert filled and all("at start" in st["endpoints"]["vllm-server"][second.base_url]["down"] for st in filled)
+
+
+@pytest.mark.slow
+def test_pipeline_stage_runs_on_ray_and_keeps_its_cache_when_switched_back(world_dir, tmp_path, ray_cluster):
+    """The densecap stage's params take the executor; switching executors does not redo the stage."""
+    import sys
+
+    import yaml
+
+    def pipeline(executor: dict) -> Path:
+        doc = {"name": "dc", "stages": {"captions": {
+            "type": "densecap", "inputs": {"shards": str(world_dir)},
+            "params": {"captioners": [{"type": "synthetic-oracle"}], "filters": [{"type": "length"}], "progress": False,
+                       "executor": executor}}}}
+        path = tmp_path / f"p-{executor['type']}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **ray_env(ray_cluster)}
+    d2s = [sys.executable, "-m", "d2s.cli", "run"]
+    r = subprocess.run([*d2s, str(pipeline({"type": "ray", "address": ray_cluster.address, "replicas": 2})),
+                        "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "run" / "captions" / "shards"
+    stats = stats_of(out)
+    assert len(stats) == 4 and len({st["worker"] for st in stats.values()}) == 2  # written by the two replicas
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 24
+    before = {p: Path(p).stat().st_mtime_ns for p in completed_shards(out)}
+    r = subprocess.run([*d2s, str(pipeline({"type": "local"})), "--run-dir", str(tmp_path / "run")], capture_output=True,
+                       text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert before == {p: Path(p).stat().st_mtime_ns for p in completed_shards(out)}
+    assert "skip" in (r.stdout + r.stderr)

@@ -115,14 +115,17 @@ def run_units(cfg: DensecapConfig, out: Path, todo: list[Unit], image_exts: dict
               tick: Callable[[int], None], info: dict[str, Any] | None = None) -> str:
     """Write ``todo`` on Ray; append each unit's stats to ``results`` as it completes and call
     ``tick(images)``; ``info`` receives ``replicas`` and ``ray_startup_s`` (joining or starting the
-    cluster until every replica has its caption sources started). Returns the first caption source's fatal message ('' if none); raises
-    CaptionSourceError when the replicas cannot start their caption sources and RunAborted
+    cluster until every replica has its caption sources started). Returns the first caption
+    source's fatal message ('' if none); raises CaptionSourceError when the replicas cannot start their caption sources and RunAborted
     (after the other units finished) when a unit could not be written after its retries."""
     from .run import config_fingerprint
 
     ex = cfg.executor
     info = {} if info is None else info
     t_start = time.perf_counter()
+    import sys
+
+    caller_connected = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     local = _connect(ex.address, dict(ex.init))  # before importing Ray (see there)
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -194,7 +197,7 @@ def run_units(cfg: DensecapConfig, out: Path, todo: list[Unit], image_exts: dict
                 ray.kill(a)
             except Exception:  # noqa: BLE001
                 pass
-        if ray.is_initialized():
+        if ray.is_initialized() and not caller_connected:
             ray.shutdown()
         if local is not None:  # every unit is finished or given up: nothing to wait for
             local.stop(graceful=False)
