@@ -137,6 +137,18 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def cluster_dirs(pid: int) -> list[Path]:
+    """Temporary directories of the local clusters started by process ``pid``."""
+    out = []
+    for d in Path("/tmp").glob("dcray-*"):
+        try:
+            if (d / "owner.pid").read_text() == str(pid):
+                out.append(d)
+        except OSError:
+            continue
+    return out
+
+
 def watch_tree(proc: subprocess.Popen, seen: set[int], until) -> None:
     """Record every process below ``proc`` until ``until()``."""
     while not until():
@@ -171,11 +183,16 @@ def test_ray_cluster_started_by_the_driver_ends_with_it(tmp_path):
             srv.hold.set()
             if first.poll() is None:
                 first.kill()
+        first_dirs = set(cluster_dirs(first.pid))
+        assert first_dirs, "the killed driver's cluster directory"
         second = start_cli(args, tmp_path / "second.log")
         seen2: set[int] = set()
         watch_tree(second, seen2, lambda: second.poll() is not None)
         assert second.wait() == 0, (tmp_path / "second.log").read_text()[-3000:]
     assert len(seen2) >= 3  # GCS, raylet, replicas... were seen (cmdlines are gone once they have ended)
+    # the rerun removed the killed driver's cluster directory, and its own at the end
+    assert not any(d.exists() for d in first_dirs)
+    assert not cluster_dirs(second.pid)
     wait_until(lambda: not any(alive(p) for p in seen2), "the finished driver's cluster is shut down", limit=60)
     got = samples_of(out)
     assert Counter(s.id for s in got) == Counter({n: 1 for n in files}) and not list(out.glob("*.tmp"))

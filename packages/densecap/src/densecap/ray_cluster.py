@@ -50,6 +50,29 @@ def session_pids(sid: int) -> list[int]:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def remove_stale_dirs(parent: Path = Path("/tmp")) -> list[Path]:
+    """Remove the temporary directories (Ray's logs and sockets, ~200 KB) of clusters whose starter
+    was killed before it could clean up: ``dcray-*`` directories whose ``owner.pid`` is not alive."""
+    gone = []
+    for d in parent.glob("dcray-*"):
+        try:
+            pid = int((d / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
 def ray_env(token: str = "") -> dict[str, str]:
     env = dict(os.environ)
     env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -86,6 +109,8 @@ class RayCluster:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
 
     def start(self, timeout: float = 180.0) -> "RayCluster":
+        remove_stale_dirs(self.temp_dir.parent)
+        (self.temp_dir / "owner.pid").write_text(str(os.getpid()))
         ray_cli = Path(sys.executable).with_name("ray")
         cmd = [str(ray_cli), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                "--include-dashboard", "false", "--temp-dir", str(self.temp_dir), "--disable-usage-stats"]
