@@ -15,7 +15,9 @@ split) and test, for sparse-caption retrieval and long-text (image <-> dense tex
 
     .venv/bin/python experiments/cpu_regime.py --seeds 0 1 2 3 4 [--parallel 2] [--report-only]
 
-Writes ``runs/cpu_regime/summary.json`` and ``summary.md`` (and prints the markdown).
+Each finished seed's figures go to ``experiments/results/cpu_regime/seed-<S>.json`` (small,
+committed, so the table can be rebuilt and extended with more seeds later without the run
+dirs); the table is written to ``summary.md`` / ``summary.json`` there and printed.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ def run_seed(seed: int, runs: Path, first: Path, pipeline: Path, log: Path) -> i
     cmd = [str(ROOT / ".venv" / "bin" / "d2s"), "run", str(pipeline), f"vars.seed={seed}", "--run-dir", str(run_dir)]
     with open(log, "w") as f:
         return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def finished(run_dir: Path) -> bool:
+    marker = run_dir / "bench_d2s" / "stage.json"
+    return marker.exists() and "finished" in json.loads(marker.read_text())
 
 
 def stage_record(run_dir: Path, stage: str) -> dict:
@@ -155,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "cpu_regime")
     ap.add_argument("--pipeline", type=Path, default=ROOT / "pipelines" / "cpu_regime.yaml")
     ap.add_argument("--parallel", type=int, default=2, help="seeds run at once (each uses ~2 processes)")
-    ap.add_argument("--report-only", action="store_true", help="only collect finished runs")
+    ap.add_argument("--report-only", action="store_true", help="no training: collect the finished runs")
+    ap.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "cpu_regime",
+                    help="per-seed figures (JSON) and the summary; seeds with no run dir are read from here")
     a = ap.parse_args(argv)
     runs = a.runs.resolve()
     runs.mkdir(parents=True, exist_ok=True)
@@ -173,10 +182,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seeds {failed} failed; see their logs in {runs}", file=sys.stderr)
             return 1
     torch.set_num_threads(2)
-    per_seed = {s: collect(runs / f"seed-{s}") for s in a.seeds}
+    a.results.mkdir(parents=True, exist_ok=True)
+    per_seed = {}
+    for seed in a.seeds:
+        saved = a.results / f"seed-{seed}.json"
+        run_dir = runs / f"seed-{seed}"
+        if finished(run_dir):
+            per_seed[seed] = collect(run_dir)
+            saved.write_text(json.dumps(per_seed[seed], indent=2) + "\n")
+        elif saved.exists():
+            per_seed[seed] = json.loads(saved.read_text())
+        else:
+            print(f"seed {seed}: no finished run in {run_dir} and no {saved}; left out", file=sys.stderr)
+    if not per_seed:
+        return 1
     doc, md = report(per_seed)
-    (runs / "summary.json").write_text(json.dumps(doc, indent=2))
-    (runs / "summary.md").write_text(md)
+    (a.results / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (a.results / "summary.md").write_text(md)
     print(md)
     return 0
 

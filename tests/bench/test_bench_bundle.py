@@ -59,3 +59,23 @@ def test_stage_with_real_bundle(trained, tmp_path):
     Runner(p).run()
     res = read_results(p.stage("eval").outputs["results"])
     assert res.benchmarks["long_text"].n_texts == 20 and res.source["split"] == "test"
+
+
+def test_cli_names_shard_and_key_of_a_corrupt_image(trained, tmp_path, capsys):
+    """The real bundle on a real shard holding a truncated PNG: bench fails naming shard and key."""
+    from bench.cli import main
+    from d2s.shards import ShardWriter, read_samples, write_manifest
+
+    world, bundle = trained
+    samples = read_samples(world, "test")
+    bad = samples[7]
+    bad.image = bad.image[: len(bad.image) // 2]
+    with ShardWriter(tmp_path / "w", "test", 0) as w:
+        for s in samples:
+            w.write(s)
+    write_manifest(tmp_path / "w")
+    rc = main(["retrieval", "--bundle", str(bundle), "--shards", str(tmp_path / "w"), "--split", "test",
+               "--out", str(tmp_path / "res")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "test-000000.tar" in err and repr(bad.key) in err and "cannot decode" in err, err[-2000:]

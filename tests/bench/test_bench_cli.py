@@ -130,6 +130,44 @@ def test_load_shards_and_embed_with_stand_in(tmp_path):
         load_shards(tmp_path / "shards", "val")
 
 
+def test_corrupt_image_is_named_with_shard_and_key(tmp_path):
+    from d2s.schema import SampleError
+
+    write_shards(tmp_path / "shards", n=10)
+    # really damaged bytes inside a real shard: sample s003's PNG cut in half, s007's not an image at all
+    records = {"s003": lambda b: b[: len(b) // 2], "s007": lambda b: b"\x00no image here" * 4}
+    for key, damage in records.items():
+        root = tmp_path / key
+        names = list(COLORS)
+        with ShardWriter(root, "test", 0) as w:
+            for i in range(10):
+                c = names[i % len(names)]
+                im = png(COLORS[c])
+                w.write(Sample(f"s{i:03d}", damage(im) if f"s{i:03d}" == key else im, "png", f"s{i}", "toy", "test",
+                               sparse=[f"{c} square"]))
+        write_manifest(root)
+        data = load_shards(root, "test")
+        with pytest.raises(SampleError) as e:
+            embed_eval_set(ColorEncoder(), data, RetrievalSettings(image_batch_size=4))
+        assert e.value.key == key and e.value.shard.endswith("test-000000.tar"), str(e.value)
+        assert "cannot decode" in str(e.value)
+
+
+def test_karpathy_corrupt_image_file_is_named(tmp_path):
+    from d2s.schema import SampleError
+
+    (tmp_path / "imgs").mkdir()
+    entries = []
+    for i, c in enumerate(COLORS):
+        data = png(COLORS[c])
+        (tmp_path / "imgs" / f"{c}.png").write_bytes(data[: len(data) // 2] if c == "blue" else data)
+        entries.append({"filename": f"{c}.png", "split": "test", "sentences": [{"raw": f"a {c} thing"}], "imgid": i})
+    (tmp_path / "k.json").write_text(json.dumps({"images": entries}))
+    data = load_karpathy(tmp_path / "k.json", tmp_path / "imgs", "test")
+    with pytest.raises(SampleError, match=r"image file .*blue\.png.*cannot decode"):
+        embed_eval_set(ColorEncoder(), data, RetrievalSettings())
+
+
 def test_karpathy_loader(tmp_path):
     (tmp_path / "imgs" / "val2014").mkdir(parents=True)
     entries = []

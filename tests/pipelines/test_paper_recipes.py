@@ -203,10 +203,13 @@ def test_paper_pipeline_end_to_end_with_stand_ins(dataset, vllm_server, tmp_path
         assert dense and all(d.model == "tiny-llava" and d.source == "vllm-server" for d in dense), dense[:2]
         assert all(d.params["temperature"] == pytest.approx(0.2) and d.params["top_p"] == pytest.approx(0.9) for d in dense)
 
-    # stage 2 started from stage 1, every run trained its 2 epochs and chose its checkpoint on val
+    # stage 2 started from stage 1, every run trained its 2 epochs and chose its checkpoint on val;
+    # at batch 4 stage 1's epoch is the 6 training images (1 step), a sparse arm's the 30 captions (7)
+    steps = {"stage1": 2 * (SPLITS["train"] // 4), "d2s": 2 * (SPLITS["train"] * 5 // 4)}
+    steps["baseline"] = steps["d2s"]
     for stage in ("stage1", "d2s", "baseline"):
         summary = json.loads((run_dir / stage / "run" / "summary.json").read_text())
-        assert summary["steps"] == 2 and summary["best_step"] is not None, summary
+        assert summary["steps"] == steps[stage] and summary["best_step"] is not None, summary
         cfg = json.loads((run_dir / stage / "run" / "run_config.json").read_text())
         assert cfg["train"]["data"]["val_split"] == "val" and cfg["train"]["optim"]["schedule"] == "step"
     assert json.loads((run_dir / "d2s" / "run" / "run_config.json").read_text())["train"]["init"] == str(run_dir / "stage1" / "checkpoint")

@@ -53,7 +53,8 @@ def test_two_process_cpu_launch_through_the_stage(tmp_path, monkeypatch):
     written = json.loads((train.work_dir / "train_config.json").read_text())
     assert written["out"] == str(run) and written["steps"] == 3 and "launch" not in written
     # both processes saved their RNG state
-    assert (run / "state" / "random_states_0.pkl").exists() and (run / "state" / "random_states_1.pkl").exists()
+    latest = run / "state" / json.loads((run / "state" / "latest.json").read_text())["dir"]
+    assert (latest / "rng-0.safetensors").exists() and (latest / "rng-1.safetensors").exists()
     bundle = load_bundle(train.outputs["bundle"])
     emb = bundle.embed_texts(["a red ball", "two blue cubes"])
     assert emb.shape[0] == 2

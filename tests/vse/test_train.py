@@ -148,7 +148,9 @@ def test_kill_and_resume_equals_uninterrupted(world, assets, tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
     killed = _cli(common + ["--out", str(tmp_path / "run"), "kill_at_step=5"], tmp_path)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert json.loads((tmp_path / "run" / "state" / "progress.json").read_text())["step"] == 3
+    pointer = json.loads((tmp_path / "run" / "state" / "latest.json").read_text())
+    assert pointer["step"] == 3
+    assert json.loads((tmp_path / "run" / "state" / pointer["dir"] / "progress.json").read_text())["step"] == 3
     resumed = _cli(common + ["--out", str(tmp_path / "run")], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
@@ -180,7 +182,8 @@ def test_two_process_accelerate_run(world, assets, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["last_loss"] is not None
     # the optimizer state has one entry per process' RNG; both processes saved their random state
-    assert (out / "state" / "random_states_0.pkl").exists() and (out / "state" / "random_states_1.pkl").exists()
+    latest = out / "state" / json.loads((out / "state" / "latest.json").read_text())["dir"]
+    assert (latest / "rng-0.safetensors").exists() and (latest / "rng-1.safetensors").exists()
     load_bundle(out / "bundle")
 
 

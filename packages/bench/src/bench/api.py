@@ -173,6 +173,39 @@ def _read_images(items: Sequence[bytes | str]) -> list[bytes]:
     return [Path(x).read_bytes() if isinstance(x, str) else x for x in items]
 
 
+def _undecodable(images: Sequence[bytes]) -> tuple[int, str] | None:
+    """The first image that PIL cannot decode, with the reason (looked for after an encoder failed)."""
+    import io
+
+    from PIL import Image
+
+    for j, b in enumerate(images):
+        try:
+            with Image.open(io.BytesIO(b)) as im:
+                im.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - any failure to decode names the image
+            return j, f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _embed_chunk(encoder: Encoder, data: EvalSet, start: int, images: list[bytes], batch_size: int) -> torch.Tensor:
+    """``encoder.embed_images`` on images ``start..``; an image that cannot be decoded fails naming
+    shard and key (shard sets) or the image file (Karpathy sets)."""
+    from d2s.schema import SampleError
+
+    try:
+        return encoder.embed_images(images, batch_size=batch_size)
+    except Exception as exc:
+        bad = _undecodable(images)
+        if bad is None:
+            raise
+        j = start + bad[0]
+        src = data.images[j]
+        where = f"image file {src}: " if isinstance(src, str) else ""
+        shard = data.image_shards[j] if j < len(data.image_shards) else None
+        raise SampleError(f"{where}cannot decode the image ({bad[1]}) [{data.name}]", shard=shard, key=data.image_ids[j]) from exc
+
+
 def embed_eval_set(encoder: Encoder, data: EvalSet, settings: RetrievalSettings | None = None) -> Embeddings:
     """Encode images (reading files batch by batch), captions and long texts."""
     from tqdm import tqdm
@@ -181,7 +214,7 @@ def embed_eval_set(encoder: Encoder, data: EvalSet, settings: RetrievalSettings 
     step = max(s.image_batch_size, 1) * 8
     chunks = []
     for i in tqdm(range(0, len(data.images), step), desc="embed images", unit="batch"):
-        chunks.append(encoder.embed_images(_read_images(data.images[i : i + step]), batch_size=s.image_batch_size))
+        chunks.append(_embed_chunk(encoder, data, i, _read_images(data.images[i : i + step]), s.image_batch_size))
     img = torch.cat(chunks).float()
     txt = encoder.embed_texts(list(data.captions), batch_size=s.text_batch_size).float()
     dense = dense_img = None

@@ -11,6 +11,7 @@ from pathlib import Path
 from d2s.config import ConfigError
 from d2s.log import setup_logging
 from d2s.retrieval import DEFAULT_CHUNK_SIZE, RetrievalInputError, list_protocols
+from d2s.schema import SampleError
 
 from .api import (
     BenchResults,
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_retrieval(args)
         else:
             cmd_compare(args)
-    except (RetrievalInputError, DatasetError, ConfigError, FileNotFoundError, KeyError) as exc:
+    except (RetrievalInputError, DatasetError, SampleError, ConfigError, FileNotFoundError, KeyError) as exc:
         log.error("%s", exc)
         print(f"bench {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -22,7 +22,8 @@ class EvalSet:
 
     ``images`` holds encoded image bytes or paths to image files (read lazily, batch by
     batch). ``captions[j]`` belongs to image ``txt_to_img[j]``. ``dense`` holds one long
-    text per image that has one, for ``dense_img[k]``.
+    text per image that has one, for ``dense_img[k]``. ``image_shards[i]`` is the shard image
+    ``i`` came from (shard-backed sets; errors name shard and key).
     """
 
     name: str
@@ -32,6 +33,7 @@ class EvalSet:
     txt_to_img: np.ndarray
     dense: list[str] = field(default_factory=list)
     dense_img: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    image_shards: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -90,13 +92,16 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
 def load_shards(shards_dir: str | Path, split: str = "test", max_captions: int = 5) -> EvalSet:
     """The project's shards (``d2s.shards``): sparse captions from ``Sample.sparse``, the first
     kept dense text (``Sample.kept_dense()``) as the image's long text."""
-    from d2s.shards import iter_samples, split_shards
+    from d2s.schema import Sample
+    from d2s.shards import iter_records, split_shards
 
-    ids, images, caps, mapping, dense, dense_img = [], [], [], [], [], []
-    for s in iter_samples(split_shards(shards_dir, split)):
+    ids, images, caps, mapping, dense, dense_img, shards = [], [], [], [], [], [], []
+    for rec in iter_records(split_shards(shards_dir, split)):
+        s = Sample.from_wds(rec)
         i = len(images)
         ids.append(s.key)
         images.append(s.image)
+        shards.append(str(rec.get("__url__")))
         for c in _take(list(s.sparse), max_captions):
             caps.append(c)
             mapping.append(i)
@@ -113,5 +118,6 @@ def load_shards(shards_dir: str | Path, split: str = "test", max_captions: int =
         log.warning("%s/%s: %d of %d images have a kept dense text; long-text retrieval uses those only",
                     shards_dir, split, len(dense), len(images))
     return EvalSet(
-        f"{Path(shards_dir).name}:{split}", ids, images, caps, np.asarray(mapping, np.int64), dense, np.asarray(dense_img, np.int64)
+        f"{Path(shards_dir).name}:{split}", ids, images, caps, np.asarray(mapping, np.int64), dense, np.asarray(dense_img, np.int64),
+        shards,
     )

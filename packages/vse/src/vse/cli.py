@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 
 from d2s.config import ConfigError, apply_overrides, load_yaml
+from d2s.schema import SampleError
+
+from .state import StateError
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for name in list_recipes():
                 print(f"{name:12s} {get_recipe(name).description}")
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, SampleError, StateError) as exc:
         log.error("%s", exc)
         return 2
     return 0

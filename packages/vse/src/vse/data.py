@@ -46,6 +46,11 @@ from .models import TokenAugConfig
 
 log = logging.getLogger(__name__)
 
+# What PIL raises for bytes that are not a decodable image: UnidentifiedImageError (an OSError),
+# OSError ("image file is truncated", broken data streams), ValueError / SyntaxError (bad headers),
+# zlib and struct errors from damaged chunks, DecompressionBombError.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, Image.DecompressionBombError)
+
 
 def image_id_int(sample_id: str) -> int:
     """A 63-bit integer id of an image (used to mask pairs that share an image)."""
@@ -79,6 +84,8 @@ class ImageTransform:
         im = image if isinstance(image, Image.Image) else Image.open(io.BytesIO(image))
         if im.mode != "RGB":
             im = im.convert("RGB")
+        else:
+            im.load()   # decode now: a truncated or corrupt image fails here, before any random draw
         box = None
         if rng is not None and self.random_crop is not None:
             # the reference's training crop: both sides scaled by one r ~ U(lo, hi), random position
@@ -96,11 +103,22 @@ class ImageTransform:
             px = px[:, ::-1]
         return px
 
-    def decode(self, images: list, rng: np.random.Generator | None = None) -> torch.Tensor:
+    def decode(self, images: list, rng: np.random.Generator | None = None,
+               names: list[tuple[str | None, str | None]] | None = None) -> torch.Tensor:
         """Decode and resize each image: uint8 [B, 3, S, S]. With ``rng`` (training), each image
-        also gets the configured random crop and horizontal flip."""
-        u8 = np.stack([self._pixels(im, rng) for im in images])          # B, S, S, 3
+        also gets the configured random crop and horizontal flip. An image that cannot be decoded
+        raises :class:`SampleError` naming it: ``names[i]`` is image i's (shard, key), else its index."""
+        u8 = np.stack([self.pixels_or_error(im, i, rng, names) for i, im in enumerate(images)])  # B, S, S, 3
         return torch.from_numpy(u8).permute(0, 3, 1, 2).contiguous()
+
+    def pixels_or_error(self, image: bytes | Image.Image, i: int, rng: np.random.Generator | None = None,
+                        names: list[tuple[str | None, str | None]] | None = None) -> np.ndarray:
+        try:
+            return self._pixels(image, rng)
+        except DECODE_ERRORS as exc:
+            shard, key = names[i] if names is not None else (None, None)
+            where = "" if key is not None else f"image {i} of the batch: "
+            raise SampleError(f"{where}cannot decode the image ({type(exc).__name__}: {exc})", shard=shard, key=key) from exc
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, S, S] (any device) -> float32, scaled and normalised like the processor."""
@@ -194,21 +212,49 @@ class Collate:
     """A list of raw samples -> a batch dict of tensors (runs in the data-loader workers).
 
     ``pixels`` is uint8 [B, 3, S, S]; the trainer normalises it on its device (``ImageTransform.normalize``).
+    An image that cannot be decoded raises :class:`SampleError` naming shard and key
+    (``on_bad_sample="raise"``), or is dropped from the batch with a warning (``"skip"``: the
+    batch is one sample shorter; the batch's ``skipped`` [1] counts the samples dropped).
     """
 
-    def __init__(self, transform: ImageTransform, tokenizer: TextTokenizer, fields: dict[str, TextField], aug: TokenAugConfig):
+    def __init__(self, transform: ImageTransform, tokenizer: TextTokenizer, fields: dict[str, TextField], aug: TokenAugConfig,
+                 on_bad_sample: str = "raise"):
+        if on_bad_sample not in ("raise", "skip"):
+            raise ValueError(f"on_bad_sample: {on_bad_sample!r} is not one of ['raise', 'skip']")
         self.transform = transform
         self.tokenizer = tokenizer
         self.fields = fields
         self.aug = aug
+        self.on_bad_sample = on_bad_sample
 
-    def __call__(self, samples: list[Sample], seed: list[int], caption_index: list[int] | None = None) -> dict[str, torch.Tensor]:
-        """``caption_index[i]``: which sparse caption sample i uses (None: one drawn at random)."""
+    def __call__(self, samples: list[Sample], seed: list[int], caption_index: list[int] | None = None,
+                 shards: list[str | None] | None = None) -> dict[str, torch.Tensor]:
+        """``caption_index[i]``: which sparse caption sample i uses (None: one drawn at random);
+        ``shards[i]``: the shard sample i came from (named in errors)."""
         rng = np.random.default_rng(seed)
+        names = [(shards[i] if shards else None, s.key) for i, s in enumerate(samples)]
+        pixels, keep = [], []
+        for i, s in enumerate(samples):
+            try:
+                pixels.append(self.transform.pixels_or_error(s.image, i, rng, names))
+                keep.append(i)
+            except SampleError as exc:
+                if self.on_bad_sample == "raise":
+                    raise
+                log.warning("on_bad_sample=skip: dropping a training sample: %s", exc)
+        if not keep:
+            raise SampleError(f"every sample of this batch has an unreadable image (first: shard {names[0][0]}, "
+                              f"key {names[0][1]!r}); are the shards damaged?")
+        skipped = len(samples) - len(keep)
+        if skipped:
+            samples = [samples[i] for i in keep]
+            caption_index = None if caption_index is None else [caption_index[i] for i in keep]
         batch: dict[str, torch.Tensor] = {
-            "pixels": self.transform.decode([s.image for s in samples], rng),  # uint8; normalised on the device
+            "pixels": torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous(),  # uint8; normalised on the device
             "image_ids": torch.tensor([image_id_int(s.id) for s in samples], dtype=torch.long),
         }
+        if self.on_bad_sample == "skip":
+            batch["skipped"] = torch.tensor([skipped], dtype=torch.long)
         if caption_index is None:
             caption_index = [int(rng.integers(len(s.sparse))) if s.sparse else 0 for s in samples]
         sparse = [s.sparse[j] if s.sparse else "" for s, j in zip(samples, caption_index)]
@@ -349,15 +395,16 @@ class ShardStream(torch.utils.data.IterableDataset):
             for rec in src:
                 s = Sample.from_wds(rec)
                 if self._usable(s):
-                    yield s, self.caption_choice(s, rec["__pass__"])
+                    yield s, self.caption_choice(s, rec["__pass__"]), rec.get("__url__")
 
         def skip_and_collate(src):
             for k, raw in enumerate(src):
                 if k < skip:
                     continue
-                samples = [s for s, _ in raw]
-                chosen = [j for _, j in raw]
-                yield self.collate(samples, [self.seed, reader, k], None if None in chosen else chosen)
+                samples = [s for s, _, _ in raw]
+                chosen = [j for _, j, _ in raw]
+                yield self.collate(samples, [self.seed, reader, k], None if None in chosen else chosen,
+                                   shards=[u for _, _, u in raw])
 
         pipeline = wds.DataPipeline(
             lambda: self._epoch_shards(reader, readers),
@@ -388,17 +435,20 @@ def check_split_usable(urls: list[str], need_dense: bool, recipe_name: str) -> N
     )
 
 
-def iter_eval_batches(urls: list[str], batch_size: int, max_images: int | None) -> Iterator[list[Sample]]:
-    """Samples of an evaluation split in order, in lists of ``batch_size``."""
-    from d2s.shards import iter_samples
+def iter_eval_batches(urls: list[str], batch_size: int, max_images: int | None, *, with_shards: bool = False) -> Iterator:
+    """Samples of an evaluation split in order, in lists of ``batch_size``; with ``with_shards``,
+    (samples, shard of each sample) pairs."""
+    from d2s.shards import iter_records
 
     batch: list[Sample] = []
-    for i, s in enumerate(iter_samples(urls)):
+    shards: list[str | None] = []
+    for i, rec in enumerate(iter_records(urls)):
         if max_images is not None and i >= max_images:
             break
-        batch.append(s)
+        batch.append(Sample.from_wds(rec))
+        shards.append(rec.get("__url__"))
         if len(batch) == batch_size:
-            yield batch
-            batch = []
+            yield (batch, shards) if with_shards else batch
+            batch, shards = [], []
     if batch:
-        yield batch
+        yield (batch, shards) if with_shards else batch

@@ -70,10 +70,12 @@ class LaunchConfig:
         if bad:
             raise ValueError("launch.extra_args: flags of accelerate launch only (the stage adds -m vse.cli train)")
 
-    def command(self, config_file: Path, mixed_precision: str) -> list[str]:
+    def command(self, config_file: Path, mixed_precision: str | None) -> list[str]:
         cmd = [sys.executable, "-m", "accelerate.commands.launch",
                "--num_processes", str(self.num_processes), "--num_machines", str(self.num_machines),
-               "--machine_rank", str(self.machine_rank), "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+               "--machine_rank", str(self.machine_rank), "--dynamo_backend", "no"]
+        if mixed_precision is not None:   # None: accelerate's own default (its config file, else "no")
+            cmd += ["--mixed_precision", mixed_precision]
         if self.main_process_ip:
             cmd += ["--main_process_ip", self.main_process_ip]
         if self.main_process_port is not None:

@@ -9,7 +9,7 @@ Output directory::
 
     run_config.json   the resolved TrainConfig + recipe + model config (plain JSON)
     assets/           tokenizer + tiny backbones, when the model builds them locally
-    state/            latest resumable state (accelerate save_state: model, optimizer, RNG, progress)
+    state/            resumable states, safetensors + JSON only (vse.state: model, optimizer, scheduler, RNG, progress)
     last/             model checkpoint of the last step           (vse.checkpoint layout)
     best/             model checkpoint with the best val rSum       (only when validating)
     bundle/           inference bundle exported from best (or last)
@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ from d2s.shards import atomic_write_json, atomic_write_text, split_shards, split
 from .checkpoint import load_checkpoint, load_processor, load_tokenizer, save_checkpoint
 from .data import Collate, ImageTransform, ShardStream, TextField, TextTokenizer, check_split_usable, iter_eval_batches
 from .losses import build_loss
+from .state import find_state, load_state
+from .state import save_state as write_state
 from .models import GROUPS, VSEModel, create_model, get_model_config, l2norm, processor_source, tokenizer_source
 from .recipes import Recipe, get_recipe, with_align_loss, with_warmup
 
@@ -82,6 +83,9 @@ class DataConfig:
     # "each": every sparse caption once per caption epoch (the reference); "random": one caption
     # drawn at random per image and pass over the shards.
     caption_sampling: Literal["each", "random"] = "each"
+    # a training sample whose image cannot be decoded: "raise" (SampleError naming shard and key)
+    # or "skip" (dropped from its batch, counted in metrics.jsonl as data/skipped_samples, logged)
+    on_bad_sample: Literal["raise", "skip"] = "raise"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -112,7 +116,8 @@ class TrainConfig:
     steps: int | None = None                   # optimizer steps; else epochs x steps per epoch
     epochs: float | None = None
     seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # None: what the launcher says (`accelerate launch --mixed_precision`, `accelerate config`), else "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     cpu: bool = False                          # force CPU (gloo between processes under torchrun/accelerate launch)
     grad_accum: int = 1
     log_every: int = 20
@@ -164,25 +169,46 @@ def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: in
     return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every process; gradients flow back to each process's own part."""
+def gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate ``x`` from every process; gradients flow back to each process's own part.
+    ``sizes``: rows of ``x`` on each process when they may differ (``gathered_sizes``; a batch
+    that skipped a bad sample), None when every process holds as many."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x), dim=0)
+    if sizes is None or len(set(sizes)) == 1:
+        return torch.cat(all_gather(x), dim=0)
+    padded = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))]) if x.shape[0] < max(sizes) else x
+    return torch.cat([part[:n] for part, n in zip(all_gather(padded), sizes)], dim=0)
 
 
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+def gather_no_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+    x = x.contiguous()
+    sizes = sizes or [x.shape[0]] * dist.get_world_size()
+    if x.shape[0] < max(sizes):
+        x = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))])
+    parts = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(parts, x)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
+
+
+def gathered_sizes(x: torch.Tensor) -> list[int] | None:
+    """Rows of ``x`` on every process (one small all_gather); None with one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    parts = [torch.empty_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, n)
+    return [int(p) for p in parts]
 
 
 class Objective(nn.Module):
@@ -191,8 +217,9 @@ class Objective(nn.Module):
     It is what DDP wraps, so learnable loss parameters (an InfoNCE temperature) are synchronised too.
     """
 
-    def __init__(self, model: VSEModel, recipe: Recipe, steps_per_epoch: int):
+    def __init__(self, model: VSEModel, recipe: Recipe, steps_per_epoch: int, ragged: bool = False):
         super().__init__()
+        self.ragged = ragged      # batches may differ in size between processes (skipped bad samples)
         self.model = model
         self.recipe = recipe
         self.losses = nn.ModuleList(
@@ -215,11 +242,12 @@ class Objective(nn.Module):
         return out
 
     def forward(self, batch: dict[str, torch.Tensor], step: int, teacher_dense: torch.Tensor | None = None):
-        raw = {k: gather_with_grad(v) for k, v in self.embeddings(batch).items()}
+        sizes = gathered_sizes(batch["image_ids"]) if self.ragged else None
+        raw = {k: gather_with_grad(v, sizes) for k, v in self.embeddings(batch).items()}
         if teacher_dense is not None:
-            raw["teacher_dense"] = gather_no_grad(teacher_dense)
+            raw["teacher_dense"] = gather_no_grad(teacher_dense, sizes)
         unit = {k: l2norm(v.float()) for k, v in raw.items()}
-        ids = gather_no_grad(batch["image_ids"])
+        ids = gather_no_grad(batch["image_ids"], sizes)
         parts = {}
         total = 0.0
         for name, spec, loss, ramp in zip(self.names, self.recipe.losses, self.losses, self.ramp_steps):
@@ -243,6 +271,7 @@ class Progress:
         self.batches = 0           # micro-batches consumed (the data position)
         self.best_rsum = -1.0
         self.best_step = -1
+        self.skipped_samples = 0   # training samples dropped as unreadable (on_bad_sample: skip), all processes
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -273,8 +302,8 @@ def evaluate(model: VSEModel, urls: list[str], tokenizer: TextTokenizer, transfo
     model.eval()
     imgs, txts, owner = [], [], []
     n = 0
-    for samples in iter_eval_batches(urls, data.val_batch_size, data.val_max_images):
-        px = transform.normalize(transform.decode([s.image for s in samples]).to(device))
+    for samples, shards in iter_eval_batches(urls, data.val_batch_size, data.val_max_images, with_shards=True):
+        px = transform.normalize(transform.decode([s.image for s in samples], names=list(zip(shards, (s.key for s in samples)))).to(device))
         imgs.append(model.embed_images(px).float().cpu())
         caps = [c for s in samples for c in s.sparse]
         owner += [n + i for i, s in enumerate(samples) for _ in s.sparse]
@@ -372,10 +401,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     icfg = model.cfg.image
     transform = ImageTransform.from_processor(icfg.image_size, processor, icfg.mean, icfg.std,
                                               random_crop=icfg.random_crop, hflip=icfg.hflip)
-    collate = Collate(transform, tokenizer, text_fields(recipe, model), model.cfg.text.token_aug)
+    collate = Collate(transform, tokenizer, text_fields(recipe, model), model.cfg.text.token_aug,
+                      on_bad_sample=cfg.data.on_bad_sample)
 
     # --- optimisation
-    objective = Objective(model, recipe, steps_per_epoch)
+    objective = Objective(model, recipe, steps_per_epoch, ragged=cfg.data.on_bad_sample == "skip")
     groups = []
     for group, params in model.param_groups().items():
         trainable = [p for _, p in params if p.requires_grad]
@@ -391,7 +421,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     objective, optimizer = accelerator.prepare(objective, optimizer)
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
 
     run_doc = {
         "train": to_dict(cfg),
@@ -399,16 +428,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "model": model.cfg.to_dict(),
         "assets": assets,
         "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,   # as applied: the config's, else the launcher's
         "steps_per_epoch": steps_per_epoch,
         "epoch_unit": recipe.epoch_unit,
         "epoch_size": epoch_size,
         "total_steps": total_steps,
         "train_size": n_train,
     }
-    state_dir = out / "state"
-    if cfg.resume and (state_dir / "progress.json").exists():
-        accelerator.load_state(str(state_dir))
-        log.info("resumed from %s at step %d (batch %d)", state_dir, progress.step, progress.batches)
+    state_root = out / "state"
+    resume_from = find_state(state_root) if cfg.resume else None
+    if resume_from is not None:
+        progress.load_state_dict(load_state(resume_from, accelerator=accelerator, model=accelerator.unwrap_model(objective),
+                                            optimizer=optimizer, scheduler=scheduler))
+        log.info("resumed from %s at step %d (batch %d)", resume_from, progress.step, progress.batches)
     elif main:
         atomic_write_json(out / "run_config.json", run_doc)
     if cfg.tracker != "none":
@@ -451,22 +483,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         extra={**extra, "step": progress.step, "metrics": metrics or {}})
 
     def save_state() -> None:
-        tmp = out / "state.tmp"
-        accelerator.wait_for_everyone()
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        accelerator.wait_for_everyone()
-        if main:
-            atomic_write_json(tmp / "progress.json", progress.state_dict())
-            old = out / "state.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if state_dir.exists():
-                state_dir.rename(old)
-            tmp.rename(state_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        sync_skipped()
+        write_state(state_root, progress.step, accelerator=accelerator, model=accelerator.unwrap_model(objective),
+                    optimizer=optimizer, scheduler=scheduler, progress=progress.state_dict())
+
+    skipped_here = 0   # this process's skipped samples not yet added to progress.skipped_samples
+
+    def sync_skipped() -> None:
+        nonlocal skipped_here
+        n = torch.tensor([skipped_here], device=accelerator.device, dtype=torch.long)
+        if accelerator.num_processes > 1:
+            n = accelerator.reduce(n, reduction="sum")
+        progress.skipped_samples += int(n.item())
+        skipped_here = 0
 
     def validate() -> dict | None:
         metrics = None
@@ -494,6 +523,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     while progress.step < total_steps:
         batch = next(it)
         progress.batches += 1
+        skipped_here += int(batch.pop("skipped", torch.zeros(())).sum())
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         batch["pixels"] = transform.normalize(batch["pixels"])   # uint8 from the loader
         teacher_dense = None
@@ -525,6 +555,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             running = {}
             means["lr"] = scheduler.get_last_lr()[0]
             means["samples_per_s"] = (progress.batches - seen0) * cfg.data.batch_size * accelerator.num_processes / max(1e-9, time.time() - t0)
+            if cfg.data.on_bad_sample == "skip":
+                sync_skipped()
+                means["data/skipped_samples"] = progress.skipped_samples
             accelerator.log(means, step=progress.step)
             history.write(progress.step, means)
             bar.set_postfix(loss=f"{means['loss/total']:.3f}")
@@ -563,6 +596,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "best_rsum": progress.best_rsum if progress.best_step >= 0 else None,
         "best_step": progress.best_step if progress.best_step >= 0 else None,
         "final_metrics": metrics,
+        "mixed_precision": accelerator.mixed_precision,
+        "skipped_samples": progress.skipped_samples,
         "teacher_sha": [teacher_sha, state_fingerprint(teacher)] if teacher is not None else None,
         "teacher_cache": {"hits": teacher_cache.hits, "misses": teacher_cache.misses} if teacher_cache else None,
         "checkpoint": str(result_dir),
