@@ -2,6 +2,7 @@
 
     densecap run --source folder -S path=photos/ --captioner vllm-server -C base_url=http://host:8000 --out out/
     densecap run --config densecap.yaml --set num_workers=4 --rank 0 --world-size 8
+    densecap run ... --executor ray --ray-address auto --set executor.replicas=8   # a Ray cluster runs the units
     densecap sources | captioners | filters       # what is registered, with parameters
     densecap report OUT_DIR                       # rebuild the summary report
 
@@ -111,6 +112,12 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         v = getattr(args, name)
         if v is not None:
             doc[name] = v
+    if args.executor:
+        doc.setdefault("executor", {})["type"] = args.executor
+    if args.ray_address is not None:
+        ex = doc.setdefault("executor", {})
+        ex["address"] = args.ray_address
+        ex.setdefault("type", "ray")
     if args.no_progress:
         doc["progress"] = False
     if args.recaption:
@@ -148,6 +155,10 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output shard directory")
     r.add_argument("--report", help="report directory (default OUT/report)")
     r.add_argument("--num-workers", dest="num_workers", type=int)
+    r.add_argument("--executor", choices=("local", "ray"),
+                   help="who runs the units: local (default: this process and --num-workers processes) or ray (a Ray cluster)")
+    r.add_argument("--ray-address", dest="ray_address", metavar="auto|HOST:PORT",
+                   help="the Ray cluster to join (implies --executor ray); without it a local one is started")
     r.add_argument("--rank", type=int)
     r.add_argument("--world-size", dest="world_size", type=int)
     r.add_argument("--batch-size", dest="batch_size", type=int)

@@ -63,6 +63,34 @@ def _check_source_paths(source: PluginConfig) -> None:
 
 
 @dataclass
+class ExecutorConfig:
+    """Who runs the units. ``local``: this process and ``num_workers`` processes it starts.
+    ``ray``: a Ray cluster (``densecap[ray]``); each replica is a Ray actor holding the caption
+    sources, a unit whose worker or node dies is retried by Ray, and this process (the driver)
+    plans, shows progress and writes the manifest and report."""
+
+    type: Literal["local", "ray"] = "local"
+    # ray: '' = start a local Ray cluster that ends with this process (densecap.ray_cluster);
+    # 'auto' = the cluster this machine belongs to ($RAY_ADDRESS or `ray start`); or HOST:PORT
+    address: str = ""
+    replicas: int = 0  # ray: worker actors (0 = num_workers)
+    num_cpus: float = 1.0  # ray: CPUs each replica reserves
+    num_gpus: float = 0.0  # ray: GPUs each replica reserves (vllm-offline: 1 = one engine per GPU)
+    max_retries: int = 3  # ray: times a unit is retried after its worker process or node died
+    # ray: num_cpus / num_gpus / object_store_memory size the local cluster (no address); anything
+    # else goes to ray.init() (e.g. runtime_env, namespace)
+    init: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.replicas < 0:
+            raise ValueError("replicas must be >= 0")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("num_cpus and num_gpus must be >= 0")
+
+
+@dataclass
 class DensecapConfig:
     source: PluginConfig = field(default_factory=lambda: PluginConfig("shards"))
     captioners: list[PluginConfig] = field(default_factory=lambda: [PluginConfig("synthetic-oracle")])
@@ -76,6 +104,7 @@ class DensecapConfig:
     # formats re-encoded (PNG losslessly, JPEG at quality 95; meta.original_format records theirs);
     # 'jpg' / 'png' / 'webp' = that one; 'keep' = every image as it comes (mixed extensions)
     image_ext: Literal["auto", "keep", "jpg", "png", "webp"] = "auto"
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

@@ -148,6 +148,8 @@ class Worker:
         self.chain = FilterChain([FILTERS.create(f.type, f.params, f"filters[{i}].params") for i, f in enumerate(cfg.filters)])
         self.loop = asyncio.new_event_loop()
         self.started = False
+        #: more entries for every shard's stats file (the Ray executor: which process wrote it)
+        self.stats_extra: dict[str, Any] = {}
 
     def start(self) -> None:
         if not self.started:
@@ -239,6 +241,19 @@ class Worker:
                     if id(s) not in new:
                         counts["captions_refiltered"] += 1
 
+    def _endpoint_stats(self, since: dict | None = None) -> dict[str, dict]:
+        """label -> url -> {ok, failed[, down]} for caption sources with several servers (counts
+        since the ``since`` snapshot when given)."""
+        out: dict[str, dict] = {}
+        for c in self.captioners:
+            eps = c.endpoint_stats() if len(getattr(c, "endpoints", ())) > 1 else None
+            if not eps:
+                continue
+            before = (since or {}).get(c.label, {})
+            out[c.label] = {url: {**e, "ok": e["ok"] - before.get(url, {}).get("ok", 0),
+                                  "failed": e["failed"] - before.get(url, {}).get("failed", 0)} for url, e in eps.items()}
+        return out
+
     def process(self, unit: Unit, progress=None) -> dict[str, Any]:
         """Write the unit's shard; returns its stats."""
         self.start()
@@ -250,6 +265,7 @@ class Worker:
             rejects = [r for r in map(json.loads, rp.read_text().splitlines()) if r.get("kind") == "image"]
         counts: Counter = Counter()
         retries0 = sum(getattr(c, "retries", 0) for c in self.captioners)
+        endpoints0 = self._endpoint_stats()
         self.chain.reset()
         t0 = time.perf_counter()
         image_ext = self.image_exts.get(unit.split)
@@ -289,12 +305,16 @@ class Worker:
                 image_ext=image_ext or "mixed",
                 config_hash=config_fingerprint(self.cfg),
             )
+            endpoints = self._endpoint_stats(since=endpoints0)
+            w.stats.update(self.stats_extra)
+            if endpoints:  # several servers: what each answered and failed for this shard, and which are out
+                w.stats["endpoints"] = endpoints
             stats = dict(w.stats)
         stats.update(shard=out_tar.name, count=w.count)
         return stats
 
 
-EXECUTION_FIELDS = ("num_workers", "batch_size", "progress")
+EXECUTION_FIELDS = ("num_workers", "batch_size", "progress", "executor")
 
 
 def strip_transport(captioners: list[dict]) -> list[dict]:
@@ -314,8 +334,8 @@ def strip_transport(captioners: list[dict]) -> list[dict]:
 def content_config(cfg: DensecapConfig) -> dict[str, Any]:
     """What decides a shard's content: the image source, the caption sources (model, prompt,
     sampling...) without their transport params (server address, key, concurrency, timeouts,
-    retries), the filters, the image format and ``recaption``; not workers, batch size or
-    progress bars."""
+    retries), the filters, the image format and ``recaption``; not workers, batch size, progress
+    bars or the executor."""
     doc = {k: v for k, v in to_dict(cfg).items() if k in DensecapConfig.__dataclass_fields__ and k not in EXECUTION_FIELDS}
     doc["captioners"] = strip_transport(doc["captioners"])
     return doc
@@ -344,12 +364,14 @@ def resolve_image_exts(source: ImageSource, units: list[Unit], setting: str) -> 
 
 
 def plan_units(
-    source: ImageSource, out: Path, rank: int, world_size: int, fingerprint: str | None = None
+    source: ImageSource, out: Path, rank: int, world_size: int, fingerprint: str | None = None, *, clean: bool = True
 ) -> tuple[list[Unit], list[Unit]]:
     """(this rank's units still to do, all of this rank's units).
 
     A complete shard is redone when it recorded caption errors (to fill them) or when it was
     written under another configuration (``fingerprint``: other sources, prompts or filters).
+    ``clean=False`` leaves an unfinished unit's leftovers for whoever writes it (the Ray executor's
+    workers clear them under the unit's lock: :func:`process_exclusively`).
     """
     units = source.units()
     names = [shard_name(u.split, u.index) for u in units]
@@ -366,12 +388,50 @@ def plan_units(
             continue
         if stale:
             log.warning("%s was written under another configuration: captioning it again", p.name)
-        if st is None or stale:  # leftovers of an interrupted write of this unit (never other ranks' units)
+        if clean and (st is None or stale):  # leftovers of an interrupted write of this unit (never other ranks' units)
             p.with_name(p.name + ".tmp").unlink(missing_ok=True)
             p.unlink(missing_ok=True)
             stats_path(p).unlink(missing_ok=True)
         todo.append(u)
     return todo, mine
+
+
+UNIT_LOCKS = ".densecap-units"
+
+
+def process_exclusively(worker: Worker, unit: Unit, fingerprint: str) -> dict[str, Any]:
+    """Write ``unit`` while holding ``<out>/.densecap-units/<shard>.lock`` (an flock the kernel drops
+    when the holder dies), for executors whose workers are not children of the process holding the
+    rank lock (Ray): a retry of a unit, or a rerun after its driver was killed, waits for any earlier
+    attempt still writing it, then looks again. A shard completed meanwhile is not written twice
+    (its stats come back with ``skipped: true``); otherwise the earlier attempt's leftovers are
+    cleared here, under the lock, and the unit is written as by the local executor."""
+    import fcntl
+
+    lock_dir = worker.out / UNIT_LOCKS
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    name = shard_name(unit.split, unit.index)
+    fd = os.open(lock_dir / (name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while an earlier attempt's process still lives
+        p = worker.out / name
+        sp = stats_path(p)
+        st = None
+        if p.exists() and sp.exists():
+            try:
+                st = json.loads(sp.read_text())
+            except ValueError:
+                st = None
+        stale = st is not None and st.get("config_hash") not in (None, fingerprint)
+        if st is not None and not st.get("caption_errors") and not stale:
+            return {**st, "shard": name, "count": st.get("count", 0), "skipped": True}
+        if st is None or stale:
+            p.with_name(p.name + ".tmp").unlink(missing_ok=True)
+            p.unlink(missing_ok=True)
+            sp.unlink(missing_ok=True)
+        return worker.process(unit)
+    finally:
+        os.close(fd)
 
 
 # ---- multi-process ----------------------------------------------------------------
@@ -410,13 +470,15 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     base = DensecapConfig(**{k: getattr(cfg, k) for k in DensecapConfig.__dataclass_fields__})
     atomic_write_text(out / f"densecap-config.rank{cfg.rank}.json", json.dumps(to_dict(cfg), indent=2) + "\n")
     worker = Worker(base, out)
-    todo, mine = plan_units(worker.source, out, cfg.rank, cfg.world_size, config_fingerprint(base))
+    on_ray = cfg.executor.type == "ray"
+    todo, mine = plan_units(worker.source, out, cfg.rank, cfg.world_size, config_fingerprint(base), clean=not on_ray)
     image_exts = resolve_image_exts(worker.source, worker.source.units(), cfg.image_ext) if todo else {}
     worker.image_exts = image_exts
     known = [u.size for u in todo]
     total = sum(known) if all(k is not None for k in known) else None
     log.info("densecap: %d unit(s) for rank %d/%d, %d already complete", len(todo), cfg.rank, cfg.world_size, len(mine) - len(todo))
     results: list[dict] = []
+    ray_info: dict[str, Any] = {}
     fatal = ""
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc=f"densecap rank {cfg.rank}", unit="img", disable=not cfg.progress, dynamic_ncols=True)
@@ -427,7 +489,13 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
         bar.set_postfix_str(f"{sum(r.get('captions_requested', 0) for r in results) / el if el else 0:.1f} cap/s shards {len(results)}/{len(todo)}")
 
     try:
-        if cfg.num_workers == 1 or len(todo) <= 1:
+        if on_ray:
+            worker.close()
+            if todo:
+                from .ray_executor import run_units
+
+                fatal = run_units(base, out, todo, image_exts, results, tick, ray_info)
+        elif cfg.num_workers == 1 or len(todo) <= 1:
             try:
                 for u in todo:
                     results.append(worker.process(u, progress=tick))
@@ -458,12 +526,16 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     agg: Counter = Counter()
     for r in results:
+        if r.get("skipped"):  # completed by an earlier attempt while this run waited for its lock
+            continue
         for k, v in r.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("index", "schema_version", "bytes", "seconds", "captions_per_s", "completion_tokens_per_s"):
                 agg[k] += v
     summary = {
         "units_total": len(mine),
         "units_run": len(results),
+        "executor": cfg.executor.type,
+        **({"units_skipped": sum(1 for r in results if r.get("skipped")), **ray_info} if on_ray else {}),
         "seconds": round(seconds, 2),
         "captions_per_s": round(agg.get("captions_requested", 0) / seconds, 3) if seconds else 0.0,
         **{k: int(v) if float(v).is_integer() else round(v, 3) for k, v in agg.items()},

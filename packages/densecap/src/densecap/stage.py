@@ -22,6 +22,9 @@ class DensecapStage(Stage):
     that finds other ranks' units still unfinished stops with an error saying so, and the one
     that completes the set writes the manifest and report and goes on to the next stages (a
     rerun on any machine once all have finished does the same).
+
+    On a Ray cluster instead: ``params.executor: {type: ray, address: auto, replicas: N}`` (one
+    pipeline process drives the whole cluster; the executor is left out of the cache key).
     """
 
     Params = StageConfig
@@ -29,7 +32,7 @@ class DensecapStage(Stage):
     outputs = {"shards": "shards with dense texts, manifest.json and rejects/", "report": "summary report directory"}
     version = "1"
     # How this process takes part, not what the dataset is: several ranks share one output.
-    execution_params = ("rank", "world_size", "num_workers", "batch_size", "progress")
+    execution_params = ("rank", "world_size", "num_workers", "batch_size", "progress", "executor")
 
     @classmethod
     def cache_params(cls, params: dict) -> dict:
