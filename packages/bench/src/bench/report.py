@@ -67,7 +67,7 @@ def _paired(rsums: dict[str, dict[str, float]], val: dict[str, float], seeds_tab
              "| rSum | " + " | ".join(f"D2S-VSE - {o}" for o in others) + " |", "|---|" + "---|" * len(others)]
     for k, r in rows:
         lines.append(f"| {k} | " + " | ".join(f"{r[d2s] - r[o]:+.1f}" if o in r else "n/a" for o in others) + " |")
-    return lines + ["", f"One seed, so no interval: the same comparison over 5 seeds, with 95% intervals, is in "
+    return lines + ["", f"One seed, so no interval: the same comparison over several seeds, with 95% intervals, is in "
                         f"`{seeds_table}`.", ""]
 
 
