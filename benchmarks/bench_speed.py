@@ -59,8 +59,15 @@ def _large_child(engine: str, n: int, m: int, dim: int, chunk: int, k: int, q) -
     r = faiss_ranks(img, txt, k=k) if engine == "faiss" else retrieval_ranks(img, txt, chunk_size=chunk)
     sec = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    q.put({"engine": engine, "seconds": sec, "peak_rss_gib": peak / 2**20, "inputs_rss_gib": base / 2**20,
-           "i2t_r1": metrics_from_ranks(r.i2t, r.t2i).i2t_r1})
+    q.put(
+        {
+            "engine": engine,
+            "seconds": sec,
+            "peak_rss_gib": peak / 2**20,
+            "inputs_rss_gib": base / 2**20,
+            "i2t_r1": metrics_from_ranks(r.i2t, r.t2i).i2t_r1,
+        }
+    )
 
 
 def run_large(engine: str, n: int, m: int, dim: int, chunk: int, k: int) -> dict:
@@ -98,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t_floor, _ = timed(lambda: img @ txt.T, args.repeat)
     t_bench, ranks = timed(lambda: retrieval_ranks(img, txt, chunk_size=args.chunk_size), args.repeat)
-    rows = [("one matmul img @ txt.T (floor)", t_floor, "1.00x floor"),
-            ("bench (d2s.retrieval, exact)", t_bench, f"{t_bench / t_floor:.2f}x floor")]
+    rows = [
+        ("one matmul img @ txt.T (floor)", t_floor, "1.00x floor"),
+        ("bench (d2s.retrieval, exact)", t_bench, f"{t_bench / t_floor:.2f}x floor"),
+    ]
     if not args.skip_loop:
         t_loop, (ri, rt) = timed(lambda: reference_loops(img_np, txt_np, args.per_image))
         np.testing.assert_array_equal(ranks.i2t, ri)
@@ -115,9 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     large = []
     for engine in [e for e in args.large_engines.split(",") if e]:
         log.info("large: %s on %d x %d, dim %d ...", engine, args.large_images, args.large_texts, args.large_dim)
-        large.append(run_large(engine, args.large_images, args.large_texts, args.large_dim, args.chunk_size, args.faiss_k))
+        large.append(
+            run_large(engine, args.large_images, args.large_texts, args.large_dim, args.chunk_size, args.faiss_k)
+        )
     if large:
-        print(f"\n| {args.large_images} x {args.large_texts}, dim {args.large_dim} | seconds | peak RSS GiB | of which inputs |\n|---|---|---|---|")
+        print(
+            f"\n| {args.large_images} x {args.large_texts}, dim {args.large_dim} | seconds | peak RSS GiB | of which inputs |\n|---|---|---|---|"
+        )
         for r in large:
             label = f"FAISS IndexFlatIP top-{args.faiss_k}" if r["engine"] == "faiss" else "bench exact chunked"
             print(f"| {label} | {r['seconds']:.1f} | {r['peak_rss_gib']:.2f} | {r['inputs_rss_gib']:.2f} |")

@@ -38,8 +38,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def densecap(args: list[str], env: dict[str, str]) -> tuple[float, dict]:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "densecap.cli", "run", "--no-progress", *args], capture_output=True,
-                       text=True, env=env, cwd=REPO, timeout=3600)
+    r = subprocess.run(
+        [sys.executable, "-m", "densecap.cli", "run", "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=3600,
+    )
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"densecap failed ({r.returncode}): {r.stderr[-3000:]}")
@@ -47,7 +53,9 @@ def densecap(args: list[str], env: dict[str, str]) -> tuple[float, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--shard-size", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8)
@@ -74,31 +82,65 @@ def main(argv: list[str] | None = None) -> int:
                 from densecap.testing.tiny_vlm import build_tiny_llava
                 from densecap.testing.vllm_server import VLLMServer
 
-                server = VLLMServer(build_tiny_llava(tmp / "tiny-llava"), name=args.model, scratch=tmp / "scratch",
-                                    max_num_seqs=max(8, args.concurrency))
+                server = VLLMServer(
+                    build_tiny_llava(tmp / "tiny-llava"),
+                    name=args.model,
+                    scratch=tmp / "scratch",
+                    max_num_seqs=max(8, args.concurrency),
+                )
                 server.start()
                 base_url = server.base_url
                 print(f"vLLM server started in {server.start_seconds:.1f}s", file=sys.stderr)
             cluster = RayCluster(num_cpus=2, num_gpus=0, object_store_memory=200_000_000).start()
             print(f"local Ray cluster started in {cluster.start_seconds:.1f}s", file=sys.stderr)
             env = {**os.environ, "HF_HUB_OFFLINE": "1", **cluster.client_env()}
-            common = ["--input", str(world), "--filters", "length,repetition,garbage", "-F", "length.min_words=1",
-                      "--captioner", "vllm-server", "-C", f"base_url={base_url}", "-C", f"model={args.model}",
-                      "-C", "prompt_family=llava", "-C", f"concurrency={args.concurrency}",
-                      "-C", f"sampling.max_tokens={args.max_tokens}"]
+            common = [
+                "--input",
+                str(world),
+                "--filters",
+                "length,repetition,garbage",
+                "-F",
+                "length.min_words=1",
+                "--captioner",
+                "vllm-server",
+                "-C",
+                f"base_url={base_url}",
+                "-C",
+                f"model={args.model}",
+                "-C",
+                "prompt_family=llava",
+                "-C",
+                f"concurrency={args.concurrency}",
+                "-C",
+                f"sampling.max_tokens={args.max_tokens}",
+            ]
             # warm-up (server caches, page cache), not counted
             densecap([*common, "--out", str(tmp / "warm"), "--set", "captioners.0.params.sampling.max_tokens=4"], env)
             runs: dict[str, list[dict]] = {"local": [], "ray": []}
             for i in range(args.rounds):
                 for kind in ("local", "ray"):
-                    extra = (["--executor", "ray", "--ray-address", cluster.address, "--set", f"executor.replicas={args.replicas}"]
-                             if kind == "ray" else [])
+                    extra = (
+                        [
+                            "--executor",
+                            "ray",
+                            "--ray-address",
+                            cluster.address,
+                            "--set",
+                            f"executor.replicas={args.replicas}",
+                        ]
+                        if kind == "ray"
+                        else []
+                    )
                     wall, s = densecap([*common, "--out", str(tmp / f"{kind}{i}"), *extra], env)
                     assert s["captions_requested"] == args.images and s["caption_errors"] == 0, s
                     startup = float(s.get("ray_startup_s", 0.0))
-                    rec = {"wall_s": round(wall, 2), "seconds": s["seconds"], "ray_startup_s": startup,
-                           "captions_per_s": round(args.images / s["seconds"], 3),
-                           "steady_captions_per_s": round(args.images / (s["seconds"] - startup), 3)}
+                    rec = {
+                        "wall_s": round(wall, 2),
+                        "seconds": s["seconds"],
+                        "ray_startup_s": startup,
+                        "captions_per_s": round(args.images / s["seconds"], 3),
+                        "steady_captions_per_s": round(args.images / (s["seconds"] - startup), 3),
+                    }
                     runs[kind].append(rec)
                     print(f"round {i} {kind:5s}: {json.dumps(rec)}", file=sys.stderr)
         finally:
@@ -111,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.mean(r[key] for r in runs[kind])
 
     result = {
-        "images": args.images, "units": -(-args.images // args.shard_size), "concurrency": args.concurrency,
-        "max_tokens": args.max_tokens, "replicas": args.replicas, "rounds": args.rounds, "runs": runs,
+        "images": args.images,
+        "units": -(-args.images // args.shard_size),
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "replicas": args.replicas,
+        "rounds": args.rounds,
+        "runs": runs,
         "local_captions_per_s": round(mean("local", "captions_per_s"), 3),
         "ray_captions_per_s": round(mean("ray", "captions_per_s"), 3),
         "ray_steady_captions_per_s": round(mean("ray", "steady_captions_per_s"), 3),
@@ -120,13 +167,20 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_steady": round(mean("ray", "steady_captions_per_s") / mean("local", "captions_per_s"), 3),
         "ray_startup_s": round(mean("ray", "ray_startup_s"), 2),
         "local_cluster_start_s": round(cluster.start_seconds, 2) if cluster else None,
-        "wall_local_s": round(mean("local", "wall_s"), 2), "wall_ray_s": round(mean("ray", "wall_s"), 2),
+        "wall_local_s": round(mean("local", "wall_s"), 2),
+        "wall_ray_s": round(mean("ray", "wall_s"), 2),
     }
     print(f"local executor          : {result['local_captions_per_s']:7.2f} captions/s")
-    print(f"ray executor, end to end: {result['ray_captions_per_s']:7.2f} captions/s  (ratio {result['ratio_end_to_end']:.3f})")
-    print(f"ray executor, steady    : {result['ray_steady_captions_per_s']:7.2f} captions/s  (ratio {result['ratio_steady']:.3f}, target >= 0.9)")
-    print(f"ray fixed start-up      : {result['ray_startup_s']:.1f}s joining a running cluster "
-          f"(+ {result['local_cluster_start_s']:.1f}s to start a local one)")
+    print(
+        f"ray executor, end to end: {result['ray_captions_per_s']:7.2f} captions/s  (ratio {result['ratio_end_to_end']:.3f})"
+    )
+    print(
+        f"ray executor, steady    : {result['ray_steady_captions_per_s']:7.2f} captions/s  (ratio {result['ratio_steady']:.3f}, target >= 0.9)"
+    )
+    print(
+        f"ray fixed start-up      : {result['ray_startup_s']:.1f}s joining a running cluster "
+        f"(+ {result['local_cluster_start_s']:.1f}s to start a local one)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import logging
 import sys
@@ -35,15 +34,31 @@ async def raw_rate(base_url: str, model: str, urls: list[str], concurrency: int,
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=120, limits=httpx.Limits(max_connections=concurrency)
+    ) as client:
 
         async def one(url: str) -> None:
             async with sem:
-                r = await client.post("/v1/chat/completions", json={
-                    "model": model, "max_tokens": max_tokens, "temperature": 0.2, "top_p": 0.9, "seed": 0,
-                    "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                              {"type": "text", "text": prompt}]}],
-                })
+                r = await client.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": model,
+                        "max_tokens": max_tokens,
+                        "temperature": 0.2,
+                        "top_p": 0.9,
+                        "seed": 0,
+                        "messages": [
+                            {
+                                "role": "user",
+                                "content": [
+                                    {"type": "image_url", "image_url": {"url": url}},
+                                    {"type": "text", "text": prompt},
+                                ],
+                            }
+                        ],
+                    },
+                )
                 r.raise_for_status()
 
         t0 = time.perf_counter()
@@ -51,18 +66,33 @@ async def raw_rate(base_url: str, model: str, urls: list[str], concurrency: int,
         return len(urls) / (time.perf_counter() - t0)
 
 
-def densecap_rate(base_url: str, model: str, world: Path, out: Path, concurrency: int, max_tokens: int, n: int) -> tuple[float, dict]:
+def densecap_rate(
+    base_url: str, model: str, world: Path, out: Path, concurrency: int, max_tokens: int, n: int
+) -> tuple[float, dict]:
     from d2s.config import from_dict
     from densecap.config import RunConfig
     from densecap.run import run
 
-    cfg = from_dict(RunConfig, {
-        "source": {"type": "shards", "params": {"path": str(world)}},
-        "captioners": [{"type": "vllm-server", "params": {
-            "base_url": base_url, "model": model, "prompt_family": "llava", "concurrency": concurrency,
-            "sampling": {"temperature": 0.2, "top_p": 0.9, "max_tokens": max_tokens, "seed": 0}}}],
-        "out": str(out), "progress": False,
-    })
+    cfg = from_dict(
+        RunConfig,
+        {
+            "source": {"type": "shards", "params": {"path": str(world)}},
+            "captioners": [
+                {
+                    "type": "vllm-server",
+                    "params": {
+                        "base_url": base_url,
+                        "model": model,
+                        "prompt_family": "llava",
+                        "concurrency": concurrency,
+                        "sampling": {"temperature": 0.2, "top_p": 0.9, "max_tokens": max_tokens, "seed": 0},
+                    },
+                }
+            ],
+            "out": str(out),
+            "progress": False,
+        },
+    )
     t0 = time.perf_counter()
     summary = run(cfg)
     seconds = time.perf_counter() - t0
@@ -71,7 +101,9 @@ def densecap_rate(base_url: str, model: str, world: Path, out: Path, concurrency
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--shard-size", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=8)
@@ -98,25 +130,37 @@ def main(argv: list[str] | None = None) -> int:
             from densecap.testing.tiny_vlm import build_tiny_llava
             from densecap.testing.vllm_server import VLLMServer
 
-            server = VLLMServer(build_tiny_llava(tmp / "tiny-llava"), name=args.model, scratch=tmp / "scratch",
-                                max_num_seqs=max(8, args.concurrency))
+            server = VLLMServer(
+                build_tiny_llava(tmp / "tiny-llava"),
+                name=args.model,
+                scratch=tmp / "scratch",
+                max_num_seqs=max(8, args.concurrency),
+            )
             server.start()
             base_url = server.base_url
             print(f"vLLM server started in {server.start_seconds:.1f}s", file=sys.stderr)
         try:
             prompt = "Describe this image in detail."
-            asyncio.run(raw_rate(base_url, args.model, urls[: 2 * args.concurrency], args.concurrency, args.max_tokens, prompt))  # warm-up
+            asyncio.run(
+                raw_rate(base_url, args.model, urls[: 2 * args.concurrency], args.concurrency, args.max_tokens, prompt)
+            )  # warm-up
             raw1 = asyncio.run(raw_rate(base_url, args.model, urls, args.concurrency, args.max_tokens, prompt))
-            dc, summary = densecap_rate(base_url, args.model, world, tmp / "out", args.concurrency, args.max_tokens, len(urls))
+            dc, summary = densecap_rate(
+                base_url, args.model, world, tmp / "out", args.concurrency, args.max_tokens, len(urls)
+            )
             raw2 = asyncio.run(raw_rate(base_url, args.model, urls, args.concurrency, args.max_tokens, prompt))
         finally:
             if server is not None:
                 server.stop()
     raw = (raw1 + raw2) / 2
     result = {
-        "images": len(urls), "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-        "raw_captions_per_s": round(raw, 2), "raw_runs": [round(raw1, 2), round(raw2, 2)],
-        "densecap_captions_per_s": round(dc, 2), "ratio": round(dc / raw, 3),
+        "images": len(urls),
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "raw_captions_per_s": round(raw, 2),
+        "raw_runs": [round(raw1, 2), round(raw2, 2)],
+        "densecap_captions_per_s": round(dc, 2),
+        "ratio": round(dc / raw, 3),
         "completion_tokens": summary.get("completion_tokens"),
     }
     print(f"raw async client : {raw:7.2f} captions/s  (runs {raw1:.2f}, {raw2:.2f})")

@@ -54,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--sharing", default="file_system", choices=["file_system", "file_descriptor"],
-                    help="how the loader worker hands tensors over (file_descriptor: torch's Linux default)")
+    ap.add_argument(
+        "--sharing",
+        default="file_system",
+        choices=["file_system", "file_descriptor"],
+        help="how the loader worker hands tensors over (file_descriptor: torch's Linux default)",
+    )
     ap.add_argument("--block", type=int, default=10, help="steps per block; the two runs alternate blocks")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1)
@@ -83,21 +87,31 @@ def main(argv: list[str] | None = None) -> int:
         obj = Objective(model, recipe, steps_per_epoch=10**9)
         opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-4)
         teacher = None
-        if recipe.teacher != "none":   # stage 2: a frozen text encoder behind the trainer's cache
+        if recipe.teacher != "none":  # stage 2: a frozen text encoder behind the trainer's cache
             teacher = TeacherCache(copy.deepcopy(model.text).requires_grad_(False).eval())
         return obj, opt, teacher
 
     model = create_model(args.model, assets_dir=assets, student_head=recipe.student_head)
     tok = TextTokenizer(AutoTokenizer.from_pretrained(tokenizer_source(model.cfg, assets)))
     proc = AutoImageProcessor.from_pretrained(processor_source(model.cfg, assets))
-    transform = ImageTransform.from_processor(model.cfg.image.image_size, proc, model.cfg.image.mean, model.cfg.image.std)
+    transform = ImageTransform.from_processor(
+        model.cfg.image.image_size, proc, model.cfg.image.mean, model.cfg.image.std
+    )
     collate = Collate(transform, tok, text_fields(recipe, model), model.cfg.text.token_aug)
-    stream = ShardStream(split_shards(shards, "train"), batch_size=args.batch_size, collate=collate, seed=0,
-                         shuffle_buffer=1000, need_dense=recipe.needs_dense, sharing_strategy=args.sharing)
+    stream = ShardStream(
+        split_shards(shards, "train"),
+        batch_size=args.batch_size,
+        collate=collate,
+        seed=0,
+        shuffle_buffer=1000,
+        need_dense=recipe.needs_dense,
+        sharing_strategy=args.sharing,
+    )
 
     def loader():
-        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
-                                           prefetch_factor=4 if args.workers else None)
+        return torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None
+        )
 
     class Side:
         """One training run: its own model and optimizer, fed from ``batches``."""
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             tw = time.perf_counter()
             batch = dict(next(self.it))
             self.wait += time.perf_counter() - tw
-            batch["pixels"] = transform.normalize(batch["pixels"])   # as the trainer does
+            batch["pixels"] = transform.normalize(batch["pixels"])  # as the trainer does
             teacher_dense = self.teacher(batch["teacher_ids"], batch["teacher_mask"]) if self.teacher else None
             loss, _ = self.obj(batch, 0, teacher_dense)
             loss.backward()
@@ -132,14 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     # (the same batches, in the same order, as the shards run will get)
     blocks = max(1, args.steps // args.block)
     it = iter(loader())
-    memory = [next(it)]            # the first one includes the worker's start
+    memory = [next(it)]  # the first one includes the worker's start
     t = time.perf_counter()
     memory += [next(it) for _ in range(args.warmup + blocks * args.block - 1)]
     worker_s = (time.perf_counter() - t) / max(1, len(memory) - 1)
     del it
 
-    print(f"model {args.model}, recipe {args.recipe}, batch {args.batch_size}, {args.threads} thread(s), "
-          f"{args.workers} loader worker(s) ({args.sharing}), {blocks} x {args.block} timed steps per side after {args.warmup}")
+    print(
+        f"model {args.model}, recipe {args.recipe}, batch {args.batch_size}, {args.threads} thread(s), "
+        f"{args.workers} loader worker(s) ({args.sharing}), {blocks} x {args.block} timed steps per side after {args.warmup}"
+    )
     print(f"loader alone: {worker_s * 1000:.1f} ms/batch")
     # Both runs advance in alternating blocks, so that drift of the machine's speed (other
     # tenants, frequency) hits both alike; the first side of each pair alternates too.
@@ -151,17 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     pair_ratios = []
     for b in range(blocks):
         times = {}
-        for side in ((mem, shard) if b % 2 == 0 else (shard, mem)):
+        for side in (mem, shard) if b % 2 == 0 else (shard, mem):
             if side is mem:
-                time.sleep(0.5)   # the loader's worker fills its prefetch queue and goes idle
+                time.sleep(0.5)  # the loader's worker fills its prefetch queue and goes idle
             times[id(side)] = side.block(args.block)
         pair_ratios.append(times[id(mem)] / times[id(shard)])
     mem_sps = mem.steps * args.batch_size / mem.seconds
     shard_sps = shard.steps * args.batch_size / shard.seconds
     q = sorted(pair_ratios)
     print(f"in-memory tensors : {mem_sps:8.1f} samples/s ({mem.seconds / mem.steps:.3f} s/step)")
-    print(f"from shards       : {shard_sps:8.1f} samples/s ({shard.seconds / shard.steps:.3f} s/step, "
-          f"{shard.wait / shard.steps * 1000:.1f} ms/step waiting for the next batch)")
+    print(
+        f"from shards       : {shard_sps:8.1f} samples/s ({shard.seconds / shard.steps:.3f} s/step, "
+        f"{shard.wait / shard.steps * 1000:.1f} ms/step waiting for the next batch)"
+    )
     print(f"ratio per block pair: min {q[0]:.3f}, median {q[len(q) // 2]:.3f}, max {q[-1]:.3f}")
     print(f"ratio shards/memory: {shard_sps / mem_sps:.3f} (target >= 0.9)")
     return 0

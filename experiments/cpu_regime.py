@@ -83,7 +83,7 @@ def mechanism(run_dir: Path) -> dict[str, float]:
     b1 = load_bundle(stage_record(run_dir, "stage1")["outputs"]["bundle"])
     b2 = load_bundle(stage_record(run_dir, "d2s")["outputs"]["bundle"])
     img1, img2 = b1.embed_images(images), b2.embed_images(images)
-    teacher_dense = b1.embed_texts(dense)      # the stage-1 text encoder is the frozen teacher
+    teacher_dense = b1.embed_texts(dense)  # the stage-1 text encoder is the frozen teacher
     before = retrieval_metrics(img1, teacher_dense, owner).rsum
     after = retrieval_metrics(img2, teacher_dense, owner).rsum
     # the student head's raw outputs on the test captions
@@ -96,7 +96,7 @@ def mechanism(run_dir: Path) -> dict[str, float]:
         outs.append(m.student(words, mask.bool()).float())
     h = torch.nn.functional.normalize(torch.cat(outs), dim=-1)
     n = h.shape[0]
-    pair_cos = float((h.sum(0).pow(2).sum() - n) / (n * (n - 1)))   # mean over pairs i != j
+    pair_cos = float((h.sum(0).pow(2).sum() - n) / (n * (n - 1)))  # mean over pairs i != j
     return {
         "image_cos_stage1_stage2": float((img1 * img2).sum(-1).mean()),
         "teacher_dense_to_image_rsum_before": float(before),
@@ -126,13 +126,21 @@ def interval(diffs: list[float]) -> tuple[float, float, float]:
 
 def report(per_seed: dict[int, dict]) -> tuple[dict, str]:
     seeds = sorted(per_seed)
-    lines = [f"Seeds: {', '.join(map(str, seeds))} (n = {len(seeds)}); rSum out of 600; intervals: 95% Student t "
-             "over the paired per-seed differences.", ""]
+    lines = [
+        f"Seeds: {', '.join(map(str, seeds))} (n = {len(seeds)}); rSum out of 600; intervals: 95% Student t "
+        "over the paired per-seed differences.",
+        "",
+    ]
     table: dict = {}
-    rows = [("val", "custom", "val, sparse captions (best checkpoint's rSum)"),
-            ("test", "custom", "test, sparse captions"), ("test", "long_text", "test, long text (image <-> dense text)")]
-    lines += ["| split, task | baseline | pre-training only | D2S-VSE | D2S - pre-training only | D2S - baseline |",
-              "|---|---|---|---|---|---|"]
+    rows = [
+        ("val", "custom", "val, sparse captions (best checkpoint's rSum)"),
+        ("test", "custom", "test, sparse captions"),
+        ("test", "long_text", "test, long text (image <-> dense text)"),
+    ]
+    lines += [
+        "| split, task | baseline | pre-training only | D2S-VSE | D2S - pre-training only | D2S - baseline |",
+        "|---|---|---|---|---|---|",
+    ]
     for split, bench, label in rows:
         if not all(bench in per_seed[s][split][a] for s in seeds for a in ARMS):
             continue
@@ -145,14 +153,24 @@ def report(per_seed: dict[int, dict]) -> tuple[dict, str]:
             cells.append(f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]")
         table[f"{split}/{bench}"] = {"per_arm": vals, "d2s_minus": diffs}
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Per seed (D2S - pre-training only, D2S - baseline), test sparse: " + ", ".join(
-        f"seed {s}: {per_seed[s]['test']['d2s']['custom'] - per_seed[s]['test']['pretrain']['custom']:+.1f} / "
-        f"{per_seed[s]['test']['d2s']['custom'] - per_seed[s]['test']['baseline']['custom']:+.1f}" for s in seeds), ""]
+    lines += [
+        "",
+        "Per seed (D2S - pre-training only, D2S - baseline), test sparse: "
+        + ", ".join(
+            f"seed {s}: {per_seed[s]['test']['d2s']['custom'] - per_seed[s]['test']['pretrain']['custom']:+.1f} / "
+            f"{per_seed[s]['test']['d2s']['custom'] - per_seed[s]['test']['baseline']['custom']:+.1f}"
+            for s in seeds
+        ),
+        "",
+    ]
     mech = {k: [per_seed[s]["mechanism"][k] for s in seeds] for k in per_seed[seeds[0]]["mechanism"]}
     lines += ["| mechanism (test images / captions) | mean +- sd | per seed |", "|---|---|---|"]
     for k, v in mech.items():
-        lines.append(f"| {k} | {np.mean(v):.3f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.3f} | "
-                     + ", ".join(f"{x:.3f}" for x in v) + " |")
+        lines.append(
+            f"| {k} | {np.mean(v):.3f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.3f} | "
+            + ", ".join(f"{x:.3f}" for x in v)
+            + " |"
+        )
     return {"seeds": seeds, "table": table, "mechanism": mech, "per_seed": per_seed}, "\n".join(lines) + "\n"
 
 
@@ -163,8 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pipeline", type=Path, default=ROOT / "pipelines" / "cpu_regime.yaml")
     ap.add_argument("--parallel", type=int, default=2, help="seeds run at once (each uses ~2 processes)")
     ap.add_argument("--report-only", action="store_true", help="no training: collect the finished runs")
-    ap.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "cpu_regime",
-                    help="per-seed figures (JSON) and the summary; seeds with no run dir are read from here")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "experiments" / "results" / "cpu_regime",
+        help="per-seed figures (JSON) and the summary; seeds with no run dir are read from here",
+    )
     a = ap.parse_args(argv)
     runs = a.runs.resolve()
     runs.mkdir(parents=True, exist_ok=True)
@@ -175,8 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {a.seeds[0]} failed (rc {rc}); see {runs}/seed-{a.seeds[0]}.log", file=sys.stderr)
             return rc
         with ThreadPoolExecutor(a.parallel) as ex:
-            rcs = dict(zip(a.seeds[1:], ex.map(lambda s: run_seed(s, runs, first, a.pipeline, runs / f"seed-{s}.log"),
-                                                a.seeds[1:])))
+            rcs = dict(
+                zip(
+                    a.seeds[1:],
+                    ex.map(lambda s: run_seed(s, runs, first, a.pipeline, runs / f"seed-{s}.log"), a.seeds[1:]),
+                )
+            )
         failed = [s for s, rc in rcs.items() if rc]
         if failed:
             print(f"seeds {failed} failed; see their logs in {runs}", file=sys.stderr)

@@ -24,9 +24,20 @@ def trained(tmp_path_factory):
                 w.write(s)
     write_manifest(world)
     build_assets(world, root / "assets", ["tiny-vit"])
-    doc = {"shards": str(world), "out": str(root / "run"), "assets": str(root / "assets"), "model": "tiny-vit",
-           "recipe": "baseline", "steps": 2, "threads": 1, "val_every": 0, "tracker": "none", "log_every": 1,
-           "save_every": 100, "data": {"batch_size": 16, "num_workers": 0, "shuffle_buffer": 16}}
+    doc = {
+        "shards": str(world),
+        "out": str(root / "run"),
+        "assets": str(root / "assets"),
+        "model": "tiny-vit",
+        "recipe": "baseline",
+        "steps": 2,
+        "threads": 1,
+        "val_every": 0,
+        "tracker": "none",
+        "log_every": 1,
+        "save_every": 100,
+        "data": {"batch_size": 16, "num_workers": 0, "shuffle_buffer": 16},
+    }
     s = vse_train.train(vse_train.parse_config(doc))
     return world, s["bundle"]
 
@@ -38,8 +49,21 @@ def test_cli_with_real_bundle_and_shards(trained, tmp_path):
 
     world, bundle = trained
     out = tmp_path / "res"
-    rc = main(["retrieval", "--bundle", str(bundle), "--shards", str(world), "--split", "test",
-               "--save-embeddings", str(tmp_path / "emb.safetensors"), "--out", str(out)])
+    rc = main(
+        [
+            "retrieval",
+            "--bundle",
+            str(bundle),
+            "--shards",
+            str(world),
+            "--split",
+            "test",
+            "--save-embeddings",
+            str(tmp_path / "emb.safetensors"),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = read_results(out)
     assert set(res.benchmarks) == {"custom", "long_text"}
@@ -53,8 +77,15 @@ def test_stage_with_real_bundle(trained, tmp_path):
     from d2s.pipeline import Runner, load_pipeline
 
     world, bundle = trained
-    doc = {"stages": {"eval": {"type": "bench-retrieval", "params": {"split": "test", "chunk_size": 8},
-                               "inputs": {"bundle": str(bundle), "shards": str(world)}}}}
+    doc = {
+        "stages": {
+            "eval": {
+                "type": "bench-retrieval",
+                "params": {"split": "test", "chunk_size": 8},
+                "inputs": {"bundle": str(bundle), "shards": str(world)},
+            }
+        }
+    }
     p = load_pipeline(doc=doc, run_dir=tmp_path / "run")
     Runner(p).run()
     res = read_results(p.stage("eval").outputs["results"])
@@ -74,8 +105,19 @@ def test_cli_names_shard_and_key_of_a_corrupt_image(trained, tmp_path, capsys):
         for s in samples:
             w.write(s)
     write_manifest(tmp_path / "w")
-    rc = main(["retrieval", "--bundle", str(bundle), "--shards", str(tmp_path / "w"), "--split", "test",
-               "--out", str(tmp_path / "res")])
+    rc = main(
+        [
+            "retrieval",
+            "--bundle",
+            str(bundle),
+            "--shards",
+            str(tmp_path / "w"),
+            "--split",
+            "test",
+            "--out",
+            str(tmp_path / "res"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert "test-000000.tar" in err and repr(bad.key) in err and "cannot decode" in err, err[-2000:]

@@ -60,8 +60,23 @@ def write_saved(tmp_path, seed=0, n=30, per=5):
 def test_cli_saved_embeddings_json_markdown_and_compare_png(tmp_path, capsys):
     img, txt = write_saved(tmp_path, 0)
     out = tmp_path / "run0"
-    rc = main(["retrieval", "--img-emb", str(tmp_path / "img0.npy"), "--txt-emb", str(tmp_path / "txt0.npy"),
-               "--txt-to-img", str(tmp_path / "map0.json"), "--chunk-size", "7", "--name", "noisy", "--out", str(out)])
+    rc = main(
+        [
+            "retrieval",
+            "--img-emb",
+            str(tmp_path / "img0.npy"),
+            "--txt-emb",
+            str(tmp_path / "txt0.npy"),
+            "--txt-to-img",
+            str(tmp_path / "map0.json"),
+            "--chunk-size",
+            "7",
+            "--name",
+            "noisy",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["format"] == "d2s-bench-retrieval" and doc["name"] == "noisy"
@@ -73,7 +88,9 @@ def test_cli_saved_embeddings_json_markdown_and_compare_png(tmp_path, capsys):
     from safetensors.numpy import save_file
 
     img1, txt1 = write_saved(tmp_path, 1)
-    save_file({"img": img1, "txt": txt1, "dense": img1 + 0.1, "dense_img": np.arange(30)}, str(tmp_path / "e1.safetensors"))
+    save_file(
+        {"img": img1, "txt": txt1, "dense": img1 + 0.1, "dense_img": np.arange(30)}, str(tmp_path / "e1.safetensors")
+    )
     assert main(["retrieval", "--embeddings", str(tmp_path / "e1.safetensors"), "--out", str(tmp_path / "run1")]) == 0
     r1 = read_results(tmp_path / "run1")
     assert set(r1.benchmarks) == {"custom", "long_text"} and r1.benchmarks["long_text"].metrics.rsum == 600
@@ -91,14 +108,46 @@ def test_cli_saved_embeddings_json_markdown_and_compare_png(tmp_path, capsys):
 def test_cli_bad_inputs_exit_2_with_message(tmp_path, capsys):
     write_saved(tmp_path, 0)
     np.save(tmp_path / "bad.npy", np.full((30, 16), np.nan, np.float32))
-    rc = main(["retrieval", "--img-emb", str(tmp_path / "bad.npy"), "--txt-emb", str(tmp_path / "txt0.npy"), "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "retrieval",
+            "--img-emb",
+            str(tmp_path / "bad.npy"),
+            "--txt-emb",
+            str(tmp_path / "txt0.npy"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2 and "NaN" in capsys.readouterr().err
     (tmp_path / "short.json").write_text(json.dumps([0] * 10))
-    rc = main(["retrieval", "--img-emb", str(tmp_path / "img0.npy"), "--txt-emb", str(tmp_path / "txt0.npy"),
-               "--txt-to-img", str(tmp_path / "short.json"), "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "retrieval",
+            "--img-emb",
+            str(tmp_path / "img0.npy"),
+            "--txt-emb",
+            str(tmp_path / "txt0.npy"),
+            "--txt-to-img",
+            str(tmp_path / "short.json"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2 and "expected shape [150]" in capsys.readouterr().err
-    rc = main(["retrieval", "--img-emb", str(tmp_path / "img0.npy"), "--txt-emb", str(tmp_path / "txt0.npy"),
-               "--protocol", "coco_5k", "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "retrieval",
+            "--img-emb",
+            str(tmp_path / "img0.npy"),
+            "--txt-emb",
+            str(tmp_path / "txt0.npy"),
+            "--protocol",
+            "coco_5k",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2 and "expects 5000 images, got 30" in capsys.readouterr().err
     assert main(["retrieval", "--out", str(tmp_path / "o")]) == 2
     assert main(["retrieval", "--bundle", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
@@ -112,8 +161,18 @@ def write_shards(root, n=10, dense_every=1):
         for i in range(n):
             c = names[i % len(names)]
             dense = [DenseText(f"a picture that is entirely {c}", "test")] if i % dense_every == 0 else []
-            w.write(Sample(f"s{i:03d}", png(COLORS[c]), "png", f"s{i}", "toy", "test",
-                           sparse=[f"{c} square", f"something {c}"], dense=dense))
+            w.write(
+                Sample(
+                    f"s{i:03d}",
+                    png(COLORS[c]),
+                    "png",
+                    f"s{i}",
+                    "toy",
+                    "test",
+                    sparse=[f"{c} square", f"something {c}"],
+                    dense=dense,
+                )
+            )
     write_manifest(root)
 
 
@@ -143,8 +202,17 @@ def test_corrupt_image_is_named_with_shard_and_key(tmp_path):
             for i in range(10):
                 c = names[i % len(names)]
                 im = png(COLORS[c])
-                w.write(Sample(f"s{i:03d}", damage(im) if f"s{i:03d}" == key else im, "png", f"s{i}", "toy", "test",
-                               sparse=[f"{c} square"]))
+                w.write(
+                    Sample(
+                        f"s{i:03d}",
+                        damage(im) if f"s{i:03d}" == key else im,
+                        "png",
+                        f"s{i}",
+                        "toy",
+                        "test",
+                        sparse=[f"{c} square"],
+                    )
+                )
         write_manifest(root)
         data = load_shards(root, "test")
         with pytest.raises(SampleError) as e:
@@ -174,8 +242,15 @@ def test_karpathy_loader(tmp_path):
     for i, c in enumerate(COLORS):
         (tmp_path / "imgs" / "val2014" / f"{c}.png").write_bytes(png(COLORS[c]))
         sents = [{"raw": f"a {c} thing {k}"} for k in range(6 if i == 0 else 5)]
-        entries.append({"filepath": "val2014", "filename": f"{c}.png", "split": "test" if i < 4 else "train",
-                        "sentences": sents, "cocoid": i})
+        entries.append(
+            {
+                "filepath": "val2014",
+                "filename": f"{c}.png",
+                "split": "test" if i < 4 else "train",
+                "sentences": sents,
+                "cocoid": i,
+            }
+        )
     (tmp_path / "k.json").write_text(json.dumps({"images": entries}))
     data = load_karpathy(tmp_path / "k.json", tmp_path / "imgs", "test")
     assert len(data.images) == 4 and len(data.captions) == 20  # the 6th caption of image 0 is dropped
@@ -196,9 +271,15 @@ def test_stage_through_pipeline_runner(tmp_path, monkeypatch):
     (tmp_path / "bundle").mkdir()
     seen = []
     monkeypatch.setattr(bench.stages, "load_encoder", lambda path, device=None: seen.append(path) or ColorEncoder())
-    doc = {"stages": {"eval": {"type": "bench-retrieval",
-                               "params": {"split": "test", "protocols": ["custom"], "chunk_size": 4},
-                               "inputs": {"bundle": str(tmp_path / "bundle"), "shards": str(tmp_path / "shards")}}}}
+    doc = {
+        "stages": {
+            "eval": {
+                "type": "bench-retrieval",
+                "params": {"split": "test", "protocols": ["custom"], "chunk_size": 4},
+                "inputs": {"bundle": str(tmp_path / "bundle"), "shards": str(tmp_path / "shards")},
+            }
+        }
+    }
     p = load_pipeline(doc=doc, run_dir=tmp_path / "run")
     report = Runner(p).run()
     out = p.stage("eval").outputs["results"]
@@ -208,8 +289,10 @@ def test_stage_through_pipeline_runner(tmp_path, monkeypatch):
     assert report[0]["summary"]["long_text"] == pytest.approx(res.benchmarks["long_text"].metrics.rsum)
     assert res.benchmarks["custom"].metrics.t2i_r1 == 50  # two images per colour: half the captions lose the tie
     with pytest.raises(Exception, match="unknown protocol"):
-        load_pipeline(doc={"stages": {"eval": {**doc["stages"]["eval"], "params": {"protocols": ["coco_2k"]}}}},
-                      run_dir=tmp_path / "run")
+        load_pipeline(
+            doc={"stages": {"eval": {**doc["stages"]["eval"], "params": {"protocols": ["coco_2k"]}}}},
+            run_dir=tmp_path / "run",
+        )
 
 
 def test_results_roundtrip_named_fields(tmp_path):

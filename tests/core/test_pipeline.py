@@ -91,7 +91,10 @@ def test_from_requires_completed_upstream(tmp_path):
     [
         (lambda d: d["stages"]["make"].update(type="no-such-type"), "stage 'make'.type: unknown stage type"),
         (lambda d: d["stages"]["make"].update(type=f"{TOY}:NotAStage"), "not a d2s.pipeline.Stage"),
-        (lambda d: d["stages"]["make"]["params"].update(colour=1), r"stage 'make' params: unknown field\(s\) \['colour'\]"),
+        (
+            lambda d: d["stages"]["make"]["params"].update(colour=1),
+            r"stage 'make' params: unknown field\(s\) \['colour'\]",
+        ),
         (lambda d: d["stages"]["make"]["params"].update(repeat="x"), "stage 'make' params.repeat: expected an integer"),
         (lambda d: d["stages"]["make"]["params"].update(repeat=0), "stage 'make' params: repeat must be >= 1"),
         (lambda d: d["stages"]["shout"].update(inputs={}), "stage 'shout' inputs.src: required input is missing"),

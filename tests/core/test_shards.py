@@ -40,11 +40,23 @@ def jpg(value: int) -> bytes:
 def make(i: int, split="train", dense_params=None) -> Sample:
     ext, data = ("png", png(i)) if i % 2 else ("jpg", jpg(i))
     dense = [
-        DenseText(text=f"dense {i}", source="oracle", params=dense_params or {"temperature": 0.2}, scores={"words": 2.0}),
+        DenseText(
+            text=f"dense {i}", source="oracle", params=dense_params or {"temperature": 0.2}, scores={"words": 2.0}
+        ),
         DenseText(text="I'm sorry", source="vlm", model="m", verdict="refusal"),
     ]
-    return Sample(key=f"k{i:04d}", image=data, image_ext=ext, id=f"img{i}", dataset="t", split=split,
-                  path=f"/x/{i}.{ext}", sparse=[f"cap {i} {j}" for j in range(5)], dense=dense, meta={"a": str(i)})
+    return Sample(
+        key=f"k{i:04d}",
+        image=data,
+        image_ext=ext,
+        id=f"img{i}",
+        dataset="t",
+        split=split,
+        path=f"/x/{i}.{ext}",
+        sparse=[f"cap {i} {j}" for j in range(5)],
+        dense=dense,
+        meta={"a": str(i)},
+    )
 
 
 def write_dataset(d, n_shards=2, per=3, split="train"):
@@ -158,12 +170,19 @@ def _write_raw(path, members):
 @pytest.mark.parametrize(
     "members, message",
     [
-        ([("a.json", json.dumps(make(1).json_dict()).encode())], r"shard .*bad.tar, key 'a': missing image member '.png'"),
+        (
+            [("a.json", json.dumps(make(1).json_dict()).encode())],
+            r"shard .*bad.tar, key 'a': missing image member '.png'",
+        ),
         ([("a.png", png(1)), ("a.json", b"{not json")], r"key 'a': malformed json member"),
-        ([("a.png", png(1)), ("a.json", json.dumps({**make(1).json_dict(), "schema_version": 99}).encode())],
-         r"key 'a': unknown schema_version 99"),
-        ([("a.png", png(1)), ("a.json", json.dumps({**make(1).json_dict(), "sparse": "one"}).encode())],
-         r"key 'a': json field 'sparse' missing or not a list"),
+        (
+            [("a.png", png(1)), ("a.json", json.dumps({**make(1).json_dict(), "schema_version": 99}).encode())],
+            r"key 'a': unknown schema_version 99",
+        ),
+        (
+            [("a.png", png(1)), ("a.json", json.dumps({**make(1).json_dict(), "sparse": "one"}).encode())],
+            r"key 'a': json field 'sparse' missing or not a list",
+        ),
         ([("a.png", png(1))], r"key 'a': missing json member"),
     ],
 )

@@ -24,8 +24,17 @@ SHAPE_RE = "|".join(SHAPES)
 SIZE_RE = "|".join(SIZES)
 # An independent reading of the caption language: noun phrases, positions, relations.
 NP = rf"an? (?:(?P<{{p}}size>{SIZE_RE}) )?(?:(?P<{{p}}color>{COLOR_RE}) )?(?P<{{p}}shape>{SHAPE_RE})"
-POS = {"top left": (0, 0), "top": (0, 1), "top right": (0, 2), "left": (1, 0), "center": (1, 1),
-       "right": (1, 2), "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2)}
+POS = {
+    "top left": (0, 0),
+    "top": (0, 1),
+    "top right": (0, 2),
+    "left": (1, 0),
+    "center": (1, 1),
+    "right": (1, 2),
+    "bottom left": (2, 0),
+    "bottom": (2, 1),
+    "bottom right": (2, 2),
+}
 
 
 def matches(obj, m, p=""):
@@ -36,16 +45,21 @@ def caption_is_true(cap: str, scene: dict) -> bool:
     objs = scene["objects"]
     rel = re.fullmatch(NP.format(p="a") + r" (?P<rel>above|left of) " + NP.format(p="b"), cap)
     if rel:
+
         def neighbour(a, b):
             if rel["rel"] == "above":
                 return a["col"] == b["col"] and b["row"] == a["row"] + 1
             return a["row"] == b["row"] and b["col"] == a["col"] + 1
+
         return any(matches(a, rel, "a") and matches(b, rel, "b") and neighbour(a, b) for a in objs for b in objs)
     sc = re.fullmatch(r"an? (?P<type>\w+) scene with " + NP.format(p="a"), cap)
     if sc:
         return sc["type"] == scene["scene_type"] and any(matches(o, sc, "a") for o in objs)
     m = re.fullmatch(
-        NP.format(p="a") + r"(?: and " + NP.format(p="b") + r")?(?: at the (?P<pos>[a-z ]+)| on an? (?P<tex>\w+) background)?",
+        NP.format(p="a")
+        + r"(?: and "
+        + NP.format(p="b")
+        + r")?(?: at the (?P<pos>[a-z ]+)| on an? (?P<tex>\w+) background)?",
         cap,
     )
     if not m:
@@ -88,8 +102,9 @@ def test_every_sparse_caption_is_true_and_dense_covers_every_object():
 
 def test_checker_rejects_false_captions():
     scene = scene_of(make_sample(CFG, "train", 0))
-    absent = next((c, s) for c in COLORS for s in SHAPES
-                  if not any(o["color"] == c and o["shape"] == s for o in scene["objects"]))
+    absent = next(
+        (c, s) for c in COLORS for s in SHAPES if not any(o["color"] == c and o["shape"] == s for o in scene["objects"])
+    )
     assert not caption_is_true(f"a {absent[0]} {absent[1]}", scene)
     other = next(t["name"] for t in scene_types(CFG) if t["name"] != scene["scene_type"])
     o = scene["objects"][0]
@@ -106,7 +121,7 @@ def test_sparse_captions_are_partial_and_scene_types_share_objects():
             words.append(len(cap.split()))
     assert 3 <= np.mean(words) <= 12
     sigs = [{(o["shape"], o["color"]) for o in t["signature"]} for t in scene_types(CFG)]
-    shared = sum(len(a & b) for i, a in enumerate(sigs) for b in sigs[i + 1:])
+    shared = sum(len(a & b) for i, a in enumerate(sigs) for b in sigs[i + 1 :])
     assert shared >= len(sigs)  # signature objects recur across scene types (hard negatives)
 
 
@@ -135,8 +150,13 @@ def test_near_duplicate_groups_differ_in_one_attribute():
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_shape_renders_visibly(shape):
-    scene = {"scene_type": "park", "background": "sand", "texture": "plain", "grid": 3,
-             "objects": [{"shape": shape, "color": "blue", "size": "large", "row": 1, "col": 1}]}
+    scene = {
+        "scene_type": "park",
+        "background": "sand",
+        "texture": "plain",
+        "grid": 3,
+        "objects": [{"shape": shape, "color": "blue", "size": "large", "row": 1, "col": 1}],
+    }
     img = np.asarray(render(scene, 64))
     assert (np.abs(img.astype(int) - img[0, 0].astype(int)).sum(-1) > 60).sum() > 40
 

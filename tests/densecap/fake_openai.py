@@ -21,11 +21,14 @@ import json
 import threading
 import time
 from collections import Counter, defaultdict, deque
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
-WORDS = ("red green blue yellow square circle triangle large small bright dark striped dotted wooden metal glass "
-         "river mountain forest window door table chair lamp shadow light corner edge center pattern texture").split()
+WORDS = (
+    "red green blue yellow square circle triangle large small bright dark striped dotted wooden metal glass "
+    "river mountain forest window door table chair lamp shadow light corner edge center pattern texture"
+).split()
 
 
 def digest(image: bytes) -> str:
@@ -39,8 +42,15 @@ def caption_for(d: str, n_words: int = 24) -> str:
 
 
 class FakeOpenAI:
-    def __init__(self, *, model: str = "fake-vlm", api_key: str | None = None, delay: float = 0.0,
-                 text_fn: Callable[[str], str] | None = None, max_requests: int = 100_000):
+    def __init__(
+        self,
+        *,
+        model: str = "fake-vlm",
+        api_key: str | None = None,
+        delay: float = 0.0,
+        text_fn: Callable[[str], str] | None = None,
+        max_requests: int = 100_000,
+    ):
         self.model = model
         self.api_key = api_key  # when set, requests without "Authorization: Bearer <key>" get 401
         self.delay = delay  # seconds each chat request takes (a slow server)
@@ -75,7 +85,7 @@ class FakeOpenAI:
         assert self.httpd is not None
         return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
-    def start(self) -> "FakeOpenAI":
+    def start(self) -> FakeOpenAI:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
         self.httpd.timeout = 0.1
@@ -97,7 +107,7 @@ class FakeOpenAI:
         if self.httpd is not None:
             self.httpd.server_close()
 
-    def __enter__(self) -> "FakeOpenAI":
+    def __enter__(self) -> FakeOpenAI:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -157,15 +167,26 @@ def _handler(srv: FakeOpenAI):
                 return
             try:
                 body = json.loads(raw)
-                url = next(p["image_url"]["url"] for m in body["messages"] if isinstance(m.get("content"), list)
-                           for p in m["content"] if p.get("type") == "image_url")
+                url = next(
+                    p["image_url"]["url"]
+                    for m in body["messages"]
+                    if isinstance(m.get("content"), list)
+                    for p in m["content"]
+                    if p.get("type") == "image_url"
+                )
                 d = digest(base64.b64decode(url.split(",", 1)[1]))
             except (ValueError, KeyError, StopIteration, TypeError):
                 self._send(400, b'{"error": "bad request"}')
                 return
             answer = srv.next_answer(d)
-            srv.log.append({"digest": d, "t": time.time(), "answer": answer if isinstance(answer, str) else list(answer),
-                            "body": {k: v for k, v in body.items() if k != "messages"}})
+            srv.log.append(
+                {
+                    "digest": d,
+                    "t": time.time(),
+                    "answer": answer if isinstance(answer, str) else list(answer),
+                    "body": {k: v for k, v in body.items() if k != "messages"},
+                }
+            )
             if srv.delay:
                 time.sleep(srv.delay)
             if srv.hold is not None:
@@ -181,14 +202,26 @@ def _handler(srv: FakeOpenAI):
                 self._send(200, json.dumps({"id": "cmpl-1", "object": "chat.completion", "choices": []}).encode())
             elif isinstance(answer, (tuple, list)) and answer[0] == "status":
                 _, code, retry_after = answer
-                self._send(code, json.dumps({"error": {"message": f"fault {code}"}}).encode(),
-                           {"Retry-After": str(retry_after)} if retry_after is not None else None)
+                self._send(
+                    code,
+                    json.dumps({"error": {"message": f"fault {code}"}}).encode(),
+                    {"Retry-After": str(retry_after)} if retry_after is not None else None,
+                )
             else:
                 text = srv.text_fn(d)
-                self._send(200, json.dumps({
-                    "id": "cmpl-1", "object": "chat.completion", "model": srv.model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 20, "completion_tokens": len(text.split())},
-                }).encode())
+                self._send(
+                    200,
+                    json.dumps(
+                        {
+                            "id": "cmpl-1",
+                            "object": "chat.completion",
+                            "model": srv.model,
+                            "choices": [
+                                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                            ],
+                            "usage": {"prompt_tokens": 20, "completion_tokens": len(text.split())},
+                        }
+                    ).encode(),
+                )
 
     return Handler

@@ -20,10 +20,34 @@ def test_one_of_two_servers_dies_mid_run_work_moves_failures_recorded_and_filled
     files = image_folder(tmp_path / "photos", 12)
     out = tmp_path / "out"
     with FakeOpenAI() as a, FakeOpenAI() as b:
-        args = ["--source", "folder", "--input", tmp_path / "photos", "-S", "chunk_size=4", "--batch-size", 2,
-                "--filters", "length", "--out", out, "--captioner", "vllm-server",
-                "-C", f"base_urls=[{a.base_url},{b.base_url}]", "-C", "model=fake-vlm", "-C", "concurrency=2",
-                "-C", "max_retries=0", "-C", "max_consecutive_failures=2", "-C", "backoff=0.01"]
+        args = [
+            "--source",
+            "folder",
+            "--input",
+            tmp_path / "photos",
+            "-S",
+            "chunk_size=4",
+            "--batch-size",
+            2,
+            "--filters",
+            "length",
+            "--out",
+            out,
+            "--captioner",
+            "vllm-server",
+            "-C",
+            f"base_urls=[{a.base_url},{b.base_url}]",
+            "-C",
+            "model=fake-vlm",
+            "-C",
+            "concurrency=2",
+            "-C",
+            "max_retries=0",
+            "-C",
+            "max_consecutive_failures=2",
+            "-C",
+            "backoff=0.01",
+        ]
         stop = threading.Event()
 
         def kill_b() -> None:  # b stops answering after its 3rd request (connections closed, no reply)
@@ -49,7 +73,10 @@ def test_one_of_two_servers_dies_mid_run_work_moves_failures_recorded_and_filled
         assert sum(st["caption_errors"] for st in stats.values()) == len(failed)
         last = stats[max(stats)]["endpoints"]["vllm-server"]
         assert "consecutive failed attempts" in last[b.base_url]["down"] and "down" not in last[a.base_url]
-        assert sum(st["endpoints"]["vllm-server"][a.base_url]["ok"] for st in stats.values()) >= len(files) - len(failed) - 3
+        assert (
+            sum(st["endpoints"]["vllm-server"][a.base_url]["ok"] for st in stats.values())
+            >= len(files) - len(failed) - 3
+        )
         requested_from_a = len(a.log)
 
         # rerun with b still dead: it is left out at start (recorded), a fills the failures
@@ -59,7 +86,7 @@ def test_one_of_two_servers_dies_mid_run_work_moves_failures_recorded_and_filled
     got = samples(out)
     assert Counter(s.id for s in got) == Counter({n: 1 for n in files})
     assert all(not s.dense[0].error and s.dense[0].text for s in got)
-    for p, st in stats_of(out).items():
+    for st in stats_of(out).values():
         if st["filled"]:
             assert st["endpoints"]["vllm-server"][b.base_url]["down"].startswith("at start")
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 12
@@ -70,8 +97,22 @@ def test_all_servers_down_at_start_fails_clearly_and_one_alive_is_enough(tmp_pat
     image_folder(tmp_path / "photos", 2)
     with FakeOpenAI() as a, FakeOpenAI() as b:
         a.down = b.down = True
-        common = ["--source", "folder", "--input", tmp_path / "photos", "--filters", "length", "--captioner", "vllm-server",
-                  "-C", f"base_urls=[{a.base_url},{b.base_url}]", "-C", "model=fake-vlm", "-C", "connect_timeout=2"]
+        common = [
+            "--source",
+            "folder",
+            "--input",
+            tmp_path / "photos",
+            "--filters",
+            "length",
+            "--captioner",
+            "vllm-server",
+            "-C",
+            f"base_urls=[{a.base_url},{b.base_url}]",
+            "-C",
+            "model=fake-vlm",
+            "-C",
+            "connect_timeout=2",
+        ]
         assert run_cli(*common, "--out", tmp_path / "none") == 2
         assert not completed_shards(tmp_path / "none")
         a.down = False

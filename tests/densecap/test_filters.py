@@ -8,8 +8,10 @@ from d2s.schema import DenseText, Sample
 from densecap.filters import DEFAULT_FILTERS, FILTERS, FilterChain
 
 SPARSE = ["a red car parked next to a tall building", "a car on a quiet street"]
-GOOD = ("A red car is parked on a quiet street next to a tall grey building. Two people walk past the car "
-        "on the pavement, and a row of green trees lines the far side of the street under a pale sky.")
+GOOD = (
+    "A red car is parked on a quiet street next to a tall grey building. Two people walk past the car "
+    "on the pavement, and a row of green trees lines the far side of the street under a pale sky."
+)
 
 
 def sample(sparse=SPARSE):
@@ -32,7 +34,10 @@ def chain(**overrides):
         ("As an AI language model I can say this street has a red car parked near a building.", "refusal"),
         ("lar}\x0b d\ufffd\ufffd window\ufffd ietos %% ## @@ 0x33 ;; ~~ \x04\ufffd Hos ^^ car street", "garbage"),
         ("Красная машина стоит на тихой улице рядом с высоким серым зданием и деревьями car street.", "garbage"),
-        ("A wooden table holds a bowl of oranges, a teapot and two cups, with a window behind it showing hills.", "ungrounded"),
+        (
+            "A wooden table holds a bowl of oranges, a teapot and two cups, with a window behind it showing hills.",
+            "ungrounded",
+        ),
     ],
 )
 def test_each_reason(text, reason):

@@ -32,10 +32,21 @@ def caption(params):
 
 def test_llava_jsonl(tmp_path):
     p = tmp_path / "llava.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in [
-        {"question_id": 9, "prompt": "Describe this image in detail.", "text": "dense nine", "model_id": "llava-v1-13b"},
-        {"question_id": 25, "text": "dense twenty-five"},
-    ]) + "\n")
+    p.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {
+                    "question_id": 9,
+                    "prompt": "Describe this image in detail.",
+                    "text": "dense nine",
+                    "model_id": "llava-v1-13b",
+                },
+                {"question_id": 25, "text": "dense twenty-five"},
+            ]
+        )
+        + "\n"
+    )
     src, out = caption({"path": str(p), "model": "llava-v1-13b", "prompt": "Describe this image in detail."})
     assert [d.text if d else None for d in out] == ["dense nine", "dense twenty-five", None]
     assert out[0].source == "import" and out[0].model == "llava-v1-13b" and out[0].prompt.startswith("Describe")
@@ -44,12 +55,26 @@ def test_llava_jsonl(tmp_path):
 
 def test_sharegpt4v_json(tmp_path):
     p = tmp_path / "share-captioner_coco_lcs_sam_1246k_1107.json"
-    p.write_text(json.dumps([
-        {"id": "000000000009", "image": "coco/train2017/000000000009.jpg",
-         "conversations": [{"from": "human", "value": "<image>\nAnalyze the image."}, {"from": "gpt", "value": " sg nine "}]},
-        {"id": "sa_1", "image": "sam/images/sa_1.jpg", "conversations": [{"from": "gpt", "value": "sam"}]},
-        {"id": "x", "image": "coco/train2017/000000000077.jpg", "conversations": [{"from": "gpt", "value": "sg 77"}]},
-    ]))
+    p.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "000000000009",
+                    "image": "coco/train2017/000000000009.jpg",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nAnalyze the image."},
+                        {"from": "gpt", "value": " sg nine "},
+                    ],
+                },
+                {"id": "sa_1", "image": "sam/images/sa_1.jpg", "conversations": [{"from": "gpt", "value": "sam"}]},
+                {
+                    "id": "x",
+                    "image": "coco/train2017/000000000077.jpg",
+                    "conversations": [{"from": "gpt", "value": "sg 77"}],
+                },
+            ]
+        )
+    )
     _, out = caption({"path": str(p)})
     assert [d.text if d else None for d in out] == ["sg nine", None, "sg 77"]
 
@@ -60,8 +85,11 @@ def test_generic_tables(tmp_path, fmt):
 
     df = pd.DataFrame({"image_id": ["9", "25"], "caption": ["t nine", "t 25"], "extra": [1, 2]})
     p = tmp_path / f"corpus.{fmt}"
-    {"csv": lambda: df.to_csv(p, index=False), "jsonl": lambda: df.to_json(p, orient="records", lines=True),
-     "parquet": lambda: df.to_parquet(p)}[fmt]()
+    {
+        "csv": lambda: df.to_csv(p, index=False),
+        "jsonl": lambda: df.to_json(p, orient="records", lines=True),
+        "parquet": lambda: df.to_parquet(p),
+    }[fmt]()
     _, out = caption({"path": str(p), "format": "table", "id_field": "image_id", "text_field": "caption"})
     assert [d.text if d else None for d in out] == ["t nine", "t 25", None]
 

@@ -37,7 +37,7 @@ def install_plugin(site) -> None:
     dist = site / "shouty_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shouty-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text('[densecap.caption_sources]\nshouty = shouty_plugin:Shouty\n')
+    (dist / "entry_points.txt").write_text("[densecap.caption_sources]\nshouty = shouty_plugin:Shouty\n")
 
 
 def test_external_caption_source_via_entry_point(world_dir, tmp_path):
@@ -49,8 +49,25 @@ def test_external_caption_source_via_entry_point(world_dir, tmp_path):
     assert listed.returncode == 0, listed.stderr
     assert "shouty: Says what the sparse captions say" in listed.stdout and "suffix: str = '!'" in listed.stdout
     out = tmp_path / "out"
-    r = run_densecap(["run", "--no-progress", "--input", str(world_dir), "-S", "split=val", "--captioner", "shouty",
-                      "-C", "suffix=_LOUD", "--filters", "length", "--out", str(out)], env=env)
+    r = run_densecap(
+        [
+            "run",
+            "--no-progress",
+            "--input",
+            str(world_dir),
+            "-S",
+            "split=val",
+            "--captioner",
+            "shouty",
+            "-C",
+            "suffix=_LOUD",
+            "--filters",
+            "length",
+            "--out",
+            str(out),
+        ],
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     (s, *_) = read_samples(out, "val")
     (d,) = s.dense

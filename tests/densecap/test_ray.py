@@ -68,12 +68,28 @@ def unit_writers(rc) -> list[int]:
 
 def start_cli(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
-    return subprocess.Popen(densecap_cmd() + ["run", "--no-progress", *map(str, args)], stdout=open(log_path, "w"),
-                            stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    return subprocess.Popen(
+        densecap_cmd() + ["run", "--no-progress", *map(str, args)],
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+    )
 
 
-COMPARED_STATS = ("count", "captions_requested", "captions_kept", "captions_dropped", "captions_missing", "caption_errors",
-                  "images_rejected", "config_hash", "image_ext", "filters", "captioners")
+COMPARED_STATS = (
+    "count",
+    "captions_requested",
+    "captions_kept",
+    "captions_dropped",
+    "captions_missing",
+    "caption_errors",
+    "images_rejected",
+    "config_hash",
+    "image_ext",
+    "filters",
+    "captioners",
+)
 
 
 @pytest.mark.slow
@@ -81,15 +97,44 @@ def test_ray_shards_equal_local_shards_with_oracle_and_import(world_dir, tmp_pat
     # an imported corpus covering two thirds of the images (the rest are counted as missing)
     ids = sorted(s.id for s in iter_samples(sorted(completed_shards(world_dir))))
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": i, "text": f"an imported description of image {i} with enough words to keep"}) + "\n"
-                              for n, i in enumerate(ids) if n % 3))
-    common = ["--input", str(world_dir), "--captioner", "synthetic-oracle", "--captioner", "import",
-              "-C", f"1:path={corpus}", "-C", "1:model=corpus-v1", "--filters", "length,repetition,near-duplicate",
-              "--batch-size", "3"]
+    corpus.write_text(
+        "".join(
+            json.dumps({"id": i, "text": f"an imported description of image {i} with enough words to keep"}) + "\n"
+            for n, i in enumerate(ids)
+            if n % 3
+        )
+    )
+    common = [
+        "--input",
+        str(world_dir),
+        "--captioner",
+        "synthetic-oracle",
+        "--captioner",
+        "import",
+        "-C",
+        f"1:path={corpus}",
+        "-C",
+        "1:model=corpus-v1",
+        "--filters",
+        "length,repetition,near-duplicate",
+        "--batch-size",
+        "3",
+    ]
     r = run_densecap(["run", "--no-progress", *common, "--out", str(tmp_path / "local")])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_densecap(["run", "--no-progress", *common, "--out", str(tmp_path / "ray"), *ray_args(ray_cluster),
-                      "--set", "executor.replicas=2"], env=ray_env(ray_cluster))
+    r = run_densecap(
+        [
+            "run",
+            "--no-progress",
+            *common,
+            "--out",
+            str(tmp_path / "ray"),
+            *ray_args(ray_cluster),
+            "--set",
+            "executor.replicas=2",
+        ],
+        env=ray_env(ray_cluster),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)
     assert summary["executor"] == "ray" and summary["complete"] and summary["units_run"] == 4
@@ -99,7 +144,9 @@ def test_ray_shards_equal_local_shards_with_oracle_and_import(world_dir, tmp_pat
     for k, a in local.items():
         b = ray_[k]
         assert (a.id, a.split, a.image, a.sparse) == (b.id, b.split, b.image, b.sparse)
-        assert [(d.source, d.text, d.model, d.verdict) for d in a.dense] == [(d.source, d.text, d.model, d.verdict) for d in b.dense]
+        assert [(d.source, d.text, d.model, d.verdict) for d in a.dense] == [
+            (d.source, d.text, d.model, d.verdict) for d in b.dense
+        ]
     assert any(len(s.dense) == 1 for s in local.values()) and any(len(s.dense) == 2 for s in local.values())
     sl, sr = stats_of(tmp_path / "local"), stats_of(tmp_path / "ray")
     assert set(sl) == set(sr)
@@ -112,8 +159,10 @@ def test_ray_shards_equal_local_shards_with_oracle_and_import(world_dir, tmp_pat
     assert (tmp_path / "ray" / "report" / "summary.json").exists()
     # the rerun is a no-op on Ray too
     before = {p: Path(p).stat().st_mtime_ns for p in completed_shards(tmp_path / "ray")}
-    r = run_densecap(["run", "--no-progress", *common, "--out", str(tmp_path / "ray"), *ray_args(ray_cluster)],
-                     env=ray_env(ray_cluster))
+    r = run_densecap(
+        ["run", "--no-progress", *common, "--out", str(tmp_path / "ray"), *ray_args(ray_cluster)],
+        env=ray_env(ray_cluster),
+    )
     assert r.returncode == 0 and json.loads(r.stdout)["units_run"] == 0
     assert before == {p: Path(p).stat().st_mtime_ns for p in completed_shards(tmp_path / "ray")}
 
@@ -165,20 +214,42 @@ def test_ray_cluster_started_by_the_driver_ends_with_it(tmp_path):
     out = tmp_path / "out"
     with FakeOpenAI() as srv:
         srv.hold = threading.Event()
-        args = ["--source", "folder", "--input", tmp_path / "photos", "-S", "chunk_size=2", "--filters", "length",
-                "--out", out, "--captioner", "vllm-server", "-C", f"base_url={srv.base_url}", "-C", "model=fake-vlm",
-                "--executor", "ray", "--set", "executor.init={num_cpus: 2, object_store_memory: 100000000}"]
+        args = [
+            "--source",
+            "folder",
+            "--input",
+            tmp_path / "photos",
+            "-S",
+            "chunk_size=2",
+            "--filters",
+            "length",
+            "--out",
+            out,
+            "--captioner",
+            "vllm-server",
+            "-C",
+            f"base_url={srv.base_url}",
+            "-C",
+            "model=fake-vlm",
+            "--executor",
+            "ray",
+            "--set",
+            "executor.init={num_cpus: 2, object_store_memory: 100000000}",
+        ]
         first = start_cli(args, tmp_path / "first.log")
         seen: set[int] = set()
         try:
             watch_tree(first, seen, lambda: len(srv.log) >= 2 or first.poll() is not None)
             seen |= descendants(first.pid)
             writers = [p for p in seen if cmdline(p).startswith("ray::UnitWriter")]
-            assert writers and any("raylet" in cmdline(p) for p in seen) and any("gcs_server" in cmdline(p) for p in seen), \
-                [cmdline(p)[:50] for p in seen]
+            assert (
+                writers and any("raylet" in cmdline(p) for p in seen) and any("gcs_server" in cmdline(p) for p in seen)
+            ), [cmdline(p)[:50] for p in seen]
             first.send_signal(signal.SIGKILL)
             first.wait()
-            wait_until(lambda: not any(alive(p) for p in seen), "every process of the killed driver's cluster ends", limit=60)
+            wait_until(
+                lambda: not any(alive(p) for p in seen), "every process of the killed driver's cluster ends", limit=60
+            )
         finally:
             srv.hold.set()
             if first.poll() is None:
@@ -204,14 +275,40 @@ def test_sigkilled_ray_worker_unit_is_retried_every_image_once(tmp_path, ray_clu
     out = tmp_path / "out"
     with FakeOpenAI() as srv:
         srv.hold = threading.Event()  # requests hang until released: both replicas stay mid-unit
-        args = ["--source", "folder", "--input", tmp_path / "photos", "-S", "chunk_size=2", "--batch-size", 1,
-                "--filters", "length", "--out", out, "--captioner", "vllm-server", "-C", f"base_url={srv.base_url}",
-                "-C", "model=fake-vlm", "-C", "concurrency=1", *ray_args(ray_cluster),
-                "--set", "executor.replicas=2", "--set", "executor.max_retries=2"]
+        args = [
+            "--source",
+            "folder",
+            "--input",
+            tmp_path / "photos",
+            "-S",
+            "chunk_size=2",
+            "--batch-size",
+            1,
+            "--filters",
+            "length",
+            "--out",
+            out,
+            "--captioner",
+            "vllm-server",
+            "-C",
+            f"base_url={srv.base_url}",
+            "-C",
+            "model=fake-vlm",
+            "-C",
+            "concurrency=1",
+            *ray_args(ray_cluster),
+            "--set",
+            "executor.replicas=2",
+            "--set",
+            "executor.max_retries=2",
+        ]
         proc = start_cli(args, tmp_path / "driver.log", ray_env(ray_cluster))
         try:
-            wait_until(lambda: len(unit_writers(ray_cluster)) == 2 and len(srv.log) >= 2,
-                       "two Ray replicas with a request in flight", limit=120)
+            wait_until(
+                lambda: len(unit_writers(ray_cluster)) == 2 and len(srv.log) >= 2,
+                "two Ray replicas with a request in flight",
+                limit=120,
+            )
             assert list(out.glob("*.tar.tmp")), "the replicas should be writing their shards"
             victim = unit_writers(ray_cluster)[0]
             os.kill(victim, signal.SIGKILL)
@@ -239,9 +336,31 @@ def test_sigkilled_ray_driver_rerun_finishes_nothing_twice(tmp_path, ray_cluster
     files = image_folder(tmp_path / "photos", 16)
     out = tmp_path / "out"
     with FakeOpenAI(delay=0.15) as srv:
-        args = ["--source", "folder", "--input", tmp_path / "photos", "-S", "chunk_size=2", "--batch-size", 1,
-                "--filters", "length", "--out", out, "--captioner", "vllm-server", "-C", f"base_url={srv.base_url}",
-                "-C", "model=fake-vlm", "-C", "concurrency=1", *ray_args(ray_cluster), "--set", "executor.replicas=2"]
+        args = [
+            "--source",
+            "folder",
+            "--input",
+            tmp_path / "photos",
+            "-S",
+            "chunk_size=2",
+            "--batch-size",
+            1,
+            "--filters",
+            "length",
+            "--out",
+            out,
+            "--captioner",
+            "vllm-server",
+            "-C",
+            f"base_url={srv.base_url}",
+            "-C",
+            "model=fake-vlm",
+            "-C",
+            "concurrency=1",
+            *ray_args(ray_cluster),
+            "--set",
+            "executor.replicas=2",
+        ]
         proc = start_cli(args, tmp_path / "first.log", ray_env(ray_cluster))
         try:
             wait_until(lambda: len(completed_shards(out)) >= 2, "two shards written by the first driver", limit=180)
@@ -256,13 +375,22 @@ def test_sigkilled_ray_driver_rerun_finishes_nothing_twice(tmp_path, ray_cluster
         assert 2 <= len(done_at_kill) < 8, "the run finished before it could be killed: make it longer"
         assert not (out / "manifest.json").exists()
         n_first = len(srv.log)
-        r = subprocess.run(densecap_cmd() + ["run", "--no-progress", *map(str, args)], capture_output=True, text=True,
-                           cwd=REPO, timeout=300, env={**os.environ, **ray_env(ray_cluster)})
+        r = subprocess.run(
+            densecap_cmd() + ["run", "--no-progress", *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+            env={**os.environ, **ray_env(ray_cluster)},
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         rerun_digests = Counter(e["digest"] for e in srv.log[n_first:])
     got = samples_of(out)
     assert Counter(s.id for s in got) == Counter({n: 1 for n in files})
-    assert not list(out.glob("*.tmp")) and json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 16
+    assert (
+        not list(out.glob("*.tmp"))
+        and json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 16
+    )
     # shards finished before the kill are untouched, and none of their images was asked again
     from tests.densecap.fake_openai import digest
 
@@ -282,8 +410,15 @@ def test_executor_is_an_execution_setting(world_dir):
     from densecap.stage import DensecapStage
 
     a = from_dict(RunConfig, {"out": "x", "source": {"type": "shards", "params": {"path": str(world_dir)}}}, "config")
-    b = from_dict(RunConfig, {"out": "x", "source": {"type": "shards", "params": {"path": str(world_dir)}},
-                              "executor": {"type": "ray", "address": "auto", "replicas": 8, "num_gpus": 1}}, "config")
+    b = from_dict(
+        RunConfig,
+        {
+            "out": "x",
+            "source": {"type": "shards", "params": {"path": str(world_dir)}},
+            "executor": {"type": "ray", "address": "auto", "replicas": 8, "num_gpus": 1},
+        },
+        "config",
+    )
     assert config_fingerprint(a) == config_fingerprint(b)
     assert "executor" not in DensecapStage.cache_params({"executor": {"type": "ray"}, "recaption": False})
     from d2s.config import ConfigError
@@ -304,20 +439,44 @@ def vllm_world(tmp_path_factory) -> Path:
 
 def vllm_args(*urls: str, extra: tuple[str, ...] = ()) -> list[str]:
     where = [f"base_urls=[{','.join(urls)}]"] if len(urls) > 1 else [f"base_url={urls[0]}"]
-    return ["--captioner", "vllm-server", *[x for w in where for x in ("-C", w)], "-C", "model=tiny-llava",
-            "-C", "prompt_family=llava", "-C", "sampling.temperature=0", "-C", "sampling.max_tokens=24", *extra]
+    return [
+        "--captioner",
+        "vllm-server",
+        *[x for w in where for x in ("-C", w)],
+        "-C",
+        "model=tiny-llava",
+        "-C",
+        "prompt_family=llava",
+        "-C",
+        "sampling.temperature=0",
+        "-C",
+        "sampling.max_tokens=24",
+        *extra,
+    ]
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_ray_and_local_give_the_same_counts_and_verdicts_with_real_vllm(vllm_server, vllm_world, tmp_path, ray_cluster):
-    common = ["run", "--no-progress", "--input", str(vllm_world), "--batch-size", "3",
-              "--filters", "length,repetition,garbage", "-F", "length.min_words=1",
-              *vllm_args(vllm_server.base_url, extra=("-C", "concurrency=4"))]
+    common = [
+        "run",
+        "--no-progress",
+        "--input",
+        str(vllm_world),
+        "--batch-size",
+        "3",
+        "--filters",
+        "length,repetition,garbage",
+        "-F",
+        "length.min_words=1",
+        *vllm_args(vllm_server.base_url, extra=("-C", "concurrency=4")),
+    ]
     r = run_densecap([*common, "--out", str(tmp_path / "local")])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_densecap([*common, "--out", str(tmp_path / "ray"), *ray_args(ray_cluster), "--set", "executor.replicas=2"],
-                     env=ray_env(ray_cluster))
+    r = run_densecap(
+        [*common, "--out", str(tmp_path / "ray"), *ray_args(ray_cluster), "--set", "executor.replicas=2"],
+        env=ray_env(ray_cluster),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     sl, sr = stats_of(tmp_path / "local"), stats_of(tmp_path / "ray")
     assert set(sl) == set(sr) and len(sl) == 8
@@ -325,26 +484,58 @@ def test_ray_and_local_give_the_same_counts_and_verdicts_with_real_vllm(vllm_ser
         assert {k: sl[name].get(k) for k in COMPARED_STATS} == {k: sr[name].get(k) for k in COMPARED_STATS}, name
     local, ray_ = by_key(tmp_path / "local"), by_key(tmp_path / "ray")
     assert set(local) == set(ray_) and len(local) == 48
-    assert Counter(d.verdict for s in local.values() for d in s.dense) == Counter(d.verdict for s in ray_.values() for d in s.dense)
+    assert Counter(d.verdict for s in local.values() for d in s.dense) == Counter(
+        d.verdict for s in ray_.values() for d in s.dense
+    )
     assert all(not d.error and d.model == "tiny-llava" for s in ray_.values() for d in s.dense)
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_two_vllm_endpoints_one_killed_mid_run(vllm_server, tiny_vlm, vllm_world, tmp_path, ray_cluster, tmp_path_factory):
+def test_two_vllm_endpoints_one_killed_mid_run(
+    vllm_server, tiny_vlm, vllm_world, tmp_path, ray_cluster, tmp_path_factory
+):
     from densecap.testing.vllm_server import VLLMServer
 
     second = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-second"), max_num_seqs=8)
     out = tmp_path / "out"
     urls = (vllm_server.base_url, second.base_url)
-    args = ["run", "--no-progress", "--input", str(vllm_world), "--out", str(out), "--batch-size", "4", "--filters", "none",
-            *vllm_args(*urls, extra=("-C", "concurrency=4", "-C", "max_retries=0", "-C", "max_consecutive_failures=2",
-                                     "-C", "timeout=30", "-C", "connect_timeout=3")),
-            *ray_args(ray_cluster), "--set", "executor.replicas=2"]
+    args = [
+        "run",
+        "--no-progress",
+        "--input",
+        str(vllm_world),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--filters",
+        "none",
+        *vllm_args(
+            *urls,
+            extra=(
+                "-C",
+                "concurrency=4",
+                "-C",
+                "max_retries=0",
+                "-C",
+                "max_consecutive_failures=2",
+                "-C",
+                "timeout=30",
+                "-C",
+                "connect_timeout=3",
+            ),
+        ),
+        *ray_args(ray_cluster),
+        "--set",
+        "executor.replicas=2",
+    ]
     try:
         second.start()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **ray_env(ray_cluster)}
-        proc = subprocess.Popen(densecap_cmd() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        proc = subprocess.Popen(
+            densecap_cmd() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+        )
         try:
             wait_until(lambda: len(completed_shards(out)) >= 1 or proc.poll() is not None, "a first shard", limit=300)
             second.kill()  # one server dies mid-run (requests in flight on it fail: max_retries=0)
@@ -391,26 +582,54 @@ def test_pipeline_stage_runs_on_ray_and_keeps_its_cache_when_switched_back(world
     import yaml
 
     def pipeline(executor: dict) -> Path:
-        doc = {"name": "dc", "stages": {"captions": {
-            "type": "densecap", "inputs": {"shards": str(world_dir)},
-            "params": {"captioners": [{"type": "synthetic-oracle"}], "filters": [{"type": "length"}], "progress": False,
-                       "executor": executor}}}}
+        doc = {
+            "name": "dc",
+            "stages": {
+                "captions": {
+                    "type": "densecap",
+                    "inputs": {"shards": str(world_dir)},
+                    "params": {
+                        "captioners": [{"type": "synthetic-oracle"}],
+                        "filters": [{"type": "length"}],
+                        "progress": False,
+                        "executor": executor,
+                    },
+                }
+            },
+        }
         path = tmp_path / f"p-{executor['type']}.yaml"
         path.write_text(yaml.safe_dump(doc))
         return path
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **ray_env(ray_cluster)}
     d2s = [sys.executable, "-m", "d2s.cli", "run"]
-    r = subprocess.run([*d2s, str(pipeline({"type": "ray", "address": ray_cluster.address, "replicas": 2})),
-                        "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    r = subprocess.run(
+        [
+            *d2s,
+            str(pipeline({"type": "ray", "address": ray_cluster.address, "replicas": 2})),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "run" / "captions" / "shards"
     stats = stats_of(out)
     assert len(stats) == 4 and len({st["worker"] for st in stats.values()}) == 2  # written by the two replicas
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 24
     before = {p: Path(p).stat().st_mtime_ns for p in completed_shards(out)}
-    r = subprocess.run([*d2s, str(pipeline({"type": "local"})), "--run-dir", str(tmp_path / "run")], capture_output=True,
-                       text=True, env=env, cwd=REPO, timeout=300)
+    r = subprocess.run(
+        [*d2s, str(pipeline({"type": "local"})), "--run-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert before == {p: Path(p).stat().st_mtime_ns for p in completed_shards(out)}
     assert "skip" in (r.stdout + r.stderr)

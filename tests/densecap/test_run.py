@@ -44,10 +44,26 @@ def test_oracle_run_writes_shards_manifest_report(world_dir, tmp_path):
 
 def test_two_sources_coexist_and_rerun_is_a_noop(world_dir, tmp_path):
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"question_id": f"train_{i:08d}", "text": f"imported text {i}"}) + "\n" for i in range(5)))
+    corpus.write_text(
+        "".join(json.dumps({"question_id": f"train_{i:08d}", "text": f"imported text {i}"}) + "\n" for i in range(5))
+    )
     out = tmp_path / "out"
-    args = ["--input", world_dir, "--out", out, "--captioner", "synthetic-oracle", "--captioner", "import=llava-v1",
-            "-C", f"1:path={corpus}", "-C", "1:model=llava-v1-13b", "--filters", "none"]
+    args = [
+        "--input",
+        world_dir,
+        "--out",
+        out,
+        "--captioner",
+        "synthetic-oracle",
+        "--captioner",
+        "import=llava-v1",
+        "-C",
+        f"1:path={corpus}",
+        "-C",
+        "1:model=llava-v1-13b",
+        "--filters",
+        "none",
+    ]
     assert run(*args) == 0
     got = {s.id: s for s in all_samples(out)}
     assert [d.source for d in got["train_00000003"].dense] == ["synthetic-oracle", "llava-v1"]
@@ -91,8 +107,10 @@ def test_num_workers(world_dir, tmp_path):
 
 def test_config_file_and_errors(world_dir, tmp_path, capsys, caplog):
     cfg = tmp_path / "densecap.yaml"
-    cfg.write_text(f"source: {{type: shards, params: {{path: {world_dir}}}}}\ncaptioners: [{{type: synthetic-oracle}}]\n"
-                   f"filters: [{{type: length, params: {{min_words: 3}}}}]\nout: {tmp_path / 'o'}\n")
+    cfg.write_text(
+        f"source: {{type: shards, params: {{path: {world_dir}}}}}\ncaptioners: [{{type: synthetic-oracle}}]\n"
+        f"filters: [{{type: length, params: {{min_words: 3}}}}]\nout: {tmp_path / 'o'}\n"
+    )
     assert main(["run", "--config", str(cfg), "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["filters"] == [{"type": "length", "params": {"min_words": 3}, "label": ""}]
@@ -130,7 +148,11 @@ def test_densecap_pipeline_stage(world_dir, tmp_path, monkeypatch):
             "captions": {
                 "type": "densecap",
                 "inputs": {"shards": str(world_dir)},
-                "params": {"captioners": [{"type": "synthetic-oracle"}], "filters": [{"type": "length"}], "progress": False},
+                "params": {
+                    "captioners": [{"type": "synthetic-oracle"}],
+                    "filters": [{"type": "length"}],
+                    "progress": False,
+                },
             }
         },
     }

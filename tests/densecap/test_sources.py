@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from pathlib import Path
 
 import pytest
 
@@ -77,14 +76,27 @@ def test_karpathy(tmp_path):
         fn = f"COCO_val2014_{i:012d}.jpg"
         if i != 4:  # the last one is missing on disk
             (root / "val2014" / fn).write_bytes(png_bytes((0, i * 50, 0), fmt="JPEG"))
-        images.append({"filepath": "val2014", "filename": fn, "split": split, "cocoid": 100 + i, "imgid": i,
-                       "sentences": [{"raw": f"caption {i} a"}, {"raw": f"caption {i} b "}]})
+        images.append(
+            {
+                "filepath": "val2014",
+                "filename": fn,
+                "split": split,
+                "cocoid": 100 + i,
+                "imgid": i,
+                "sentences": [{"raw": f"caption {i} a"}, {"raw": f"caption {i} b "}],
+            }
+        )
     kp = tmp_path / "dataset_coco.json"
     kp.write_text(json.dumps({"dataset": "coco", "images": images}))
     src = make("karpathy", path=str(kp), image_root=str(root))
     samples, rejects = collect(src)
     splits = {s.id: (u.split, s.split) for u, s in samples}
-    assert splits == {"100": ("train", "train"), "101": ("train", "train"), "102": ("val", "val"), "103": ("test", "test")}
+    assert splits == {
+        "100": ("train", "train"),
+        "101": ("train", "train"),
+        "102": ("val", "val"),
+        "103": ("test", "test"),
+    }
     assert [r.id for _, r in rejects] == ["104"] and "unreadable" in rejects[0][1].reason
     s100 = next(s for _, s in samples if s.id == "100")
     assert s100.sparse == ["caption 0 a", "caption 0 b"] and s100.dataset == "coco" and s100.path.startswith("val2014/")
@@ -140,10 +152,14 @@ def test_hf_dataset_from_disk(tmp_path):
     imgs = [Image.new("RGB", (20, 20), (i * 50, 10, 10)) for i in range(4)]
     ds = datasets.Dataset.from_dict(
         {"image": imgs, "caption": [f"cap {i}" for i in range(4)], "uid": [f"u{i}" for i in range(4)]},
-        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"), "uid": datasets.Value("string")}),
+        features=datasets.Features(
+            {"image": datasets.Image(), "caption": datasets.Value("string"), "uid": datasets.Value("string")}
+        ),
     )
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "hfds"))
-    src = make("hf", path=str(tmp_path / "hfds"), split="train", caption_column="caption", id_column="uid", chunk_size=3)
+    src = make(
+        "hf", path=str(tmp_path / "hfds"), split="train", caption_column="caption", id_column="uid", chunk_size=3
+    )
     assert [u.size for u in src.units()] == [3, 1]
     samples, rejects = collect(src)
     assert not rejects and [s.id for _, s in samples] == ["u0", "u1", "u2", "u3"]
@@ -168,8 +184,24 @@ def test_corrupt_images_are_recorded_and_skipped(tmp_path):
     # the import source gives every image the same long caption; no filters
     corpus = tmp_path / "dense.csv"
     corpus.write_text("id,text\n" + "".join(f"ok{i}.png,a picture number {i}\n" for i in range(3)))
-    rc = main(["run", "--source", "folder", "--input", str(root), "--captioner", "import", "-C", f"path={corpus}",
-               "--filters", "none", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "run",
+            "--source",
+            "folder",
+            "--input",
+            str(root),
+            "--captioner",
+            "import",
+            "-C",
+            f"path={corpus}",
+            "--filters",
+            "none",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     got = read_samples(out, "train")
     assert sorted(s.id for s in got) == ["ok0.png", "ok1.png", "ok2.png"]

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from d2s.config import ConfigError
-from d2s.pipeline import PipelineError, Runner, load_pipeline
+from d2s.pipeline import Runner, load_pipeline
 
 BASE = {
     "name": "dc",
@@ -55,15 +55,27 @@ VLLM = {"base_url": "http://127.0.0.1:8000", "model": "m"}
     "params, fields",
     [
         ({"captioners": [{"type": "synthetic-orcale"}]}, ["captioners[0].type", "synthetic-orcale"]),
-        ({"captioners": [{"type": "vllm-server", "params": {**VLLM, "temperatur": 0.2}}]},
-         ["captioners[0].params", "temperatur"]),
-        ({"captioners": [{"type": "vllm-server", "params": {**VLLM, "concurrency": "lots"}}]},
-         ["captioners[0].params.concurrency"]),
-        ({"captioners": [{"type": "synthetic-oracle"}, {"type": "vllm-server", "label": "v",
-                                                         "params": {**VLLM, "sampling": {"top_q": 0.9}}}]},
-         ["captioners[1].params.sampling", "top_q"]),
-        ({"captioners": [{"type": "import", "params": {"format": "table"}}]},
-         ["captioners[0].params.path", "required"]),
+        (
+            {"captioners": [{"type": "vllm-server", "params": {**VLLM, "temperatur": 0.2}}]},
+            ["captioners[0].params", "temperatur"],
+        ),
+        (
+            {"captioners": [{"type": "vllm-server", "params": {**VLLM, "concurrency": "lots"}}]},
+            ["captioners[0].params.concurrency"],
+        ),
+        (
+            {
+                "captioners": [
+                    {"type": "synthetic-oracle"},
+                    {"type": "vllm-server", "label": "v", "params": {**VLLM, "sampling": {"top_q": 0.9}}},
+                ]
+            },
+            ["captioners[1].params.sampling", "top_q"],
+        ),
+        (
+            {"captioners": [{"type": "import", "params": {"format": "table"}}]},
+            ["captioners[0].params.path", "required"],
+        ),
         ({"filters": [{"type": "length"}, {"type": "lenght"}]}, ["filters[1].type", "lenght"]),
         ({"filters": [{"type": "length", "params": {"min_words": "many"}}]}, ["filters[0].params.min_words"]),
         ({"filters": [{"type": "near-duplicate", "params": {"treshold": 0.5}}]}, ["filters[0].params", "treshold"]),
@@ -113,8 +125,10 @@ def test_folder_paths_must_exist(tmp_path):
     doc = doc_with(source={"type": "folder", "params": {"path": str(tmp_path / "photos")}})
     del doc["stages"]["captions"]["inputs"]
     load(doc, tmp_path)
-    for params, field in (({"path": str(tmp_path / "fotos")}, "source.params.path"),
-                          ({"path": str(tmp_path / "photos"), "captions": str(tmp_path / "caps.csv")}, "source.params.captions")):
+    for params, field in (
+        ({"path": str(tmp_path / "fotos")}, "source.params.path"),
+        ({"path": str(tmp_path / "photos"), "captions": str(tmp_path / "caps.csv")}, "source.params.captions"),
+    ):
         doc["stages"]["captions"]["params"]["source"] = {"type": "folder", "params": params}
         with pytest.raises(ConfigError, match=r"stage 'captions'.*" + field.replace(".", r"\.")):
             load(doc, tmp_path)
@@ -138,20 +152,27 @@ def test_two_ranks_share_one_output(tmp_path):
     set, writes the manifest and goes on; rank 0 rerun then finds the stage done (rank and
     world_size are execution params: one dataset, one cache key)."""
     doc = copy.deepcopy(BASE)
-    run0 = load_pipeline(doc=doc, overrides=["captions.params.rank=0", "captions.params.world_size=2"], run_dir=tmp_path / "run")
+    run0 = load_pipeline(
+        doc=doc, overrides=["captions.params.rank=0", "captions.params.world_size=2"], run_dir=tmp_path / "run"
+    )
     out = run0.stage("captions").outputs["shards"]
     with pytest.raises(RuntimeError, match="rank 0/2 finished its 2 unit"):
         Runner(run0).run()
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
     assert not (out / "manifest.json").exists()
 
-    run1 = load_pipeline(doc=doc, overrides=["captions.params.rank=1", "captions.params.world_size=2"], run_dir=tmp_path / "run")
+    run1 = load_pipeline(
+        doc=doc, overrides=["captions.params.rank=1", "captions.params.world_size=2"], run_dir=tmp_path / "run"
+    )
     report = Runner(run1).run()
     assert report[-1]["summary"]["captions_kept"] == 4  # only rank 1's units were captioned here
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == 8 and manifest["splits"]["val"]["count"] == 4
 
-    again = Runner(load_pipeline(doc=doc, overrides=["captions.params.rank=0", "captions.params.world_size=2"],
-                                 run_dir=tmp_path / "run")).run()
+    again = Runner(
+        load_pipeline(
+            doc=doc, overrides=["captions.params.rank=0", "captions.params.world_size=2"], run_dir=tmp_path / "run"
+        )
+    ).run()
     assert again[-1]["action"] == "skip"
     assert json.loads((out / "manifest.json").read_text()) == manifest

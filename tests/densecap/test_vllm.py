@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -56,10 +55,34 @@ def offline_run(request, tmp_path_factory):
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     log_file = open(tmp / "offline.log", "w")
     proc = subprocess.Popen(
-        [str(vllm_python), "-m", "densecap.cli", "run", "--no-progress", "--input", str(world_dir), "-S", "split=val",
-         "--captioner", "vllm-offline", "-C", f"model={tiny_vlm}", "-C", "prompt_family=llava", "-C", "sampling.max_tokens=16",
-         "--filters", "none", "--out", str(out)],
-        stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+        [
+            str(vllm_python),
+            "-m",
+            "densecap.cli",
+            "run",
+            "--no-progress",
+            "--input",
+            str(world_dir),
+            "-S",
+            "split=val",
+            "--captioner",
+            "vllm-offline",
+            "-C",
+            f"model={tiny_vlm}",
+            "-C",
+            "prompt_family=llava",
+            "-C",
+            "sampling.max_tokens=16",
+            "--filters",
+            "none",
+            "--out",
+            str(out),
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
     )
     try:
         yield proc, out, tmp / "offline.log"
@@ -71,8 +94,17 @@ def offline_run(request, tmp_path_factory):
 
 
 def server_args(srv, *extra: str) -> list[str]:
-    return ["--captioner", "vllm-server", "-C", f"base_url={srv.base_url}", "-C", "model=tiny-llava",
-            "-C", "prompt_family=llava", *extra]
+    return [
+        "--captioner",
+        "vllm-server",
+        "-C",
+        f"base_url={srv.base_url}",
+        "-C",
+        "model=tiny-llava",
+        "-C",
+        "prompt_family=llava",
+        *extra,
+    ]
 
 
 def samples_of(out: Path):
@@ -92,7 +124,9 @@ def wait_for_shards(out: Path, proc: subprocess.Popen, n: int, timeout: float = 
 
 def start_densecap(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(densecap_cmd() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    return subprocess.Popen(
+        densecap_cmd() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
 
 
 def test_captions_arrive_with_provenance_and_concurrency(vllm_server, world_dir, tmp_path):
@@ -101,13 +135,27 @@ def test_captions_arrive_with_provenance_and_concurrency(vllm_server, world_dir,
     from densecap.run import run
 
     out = tmp_path / "out"
-    cfg = from_dict(RunConfig, {
-        "source": {"type": "shards", "params": {"path": str(world_dir)}},
-        "captioners": [{"type": "vllm-server", "params": {
-            "base_url": vllm_server.base_url, "model": "tiny-llava", "prompt_family": "llava", "concurrency": 4,
-            "sampling": {"temperature": 0.7, "top_p": 0.95, "max_tokens": 24, "seed": 7}}}],
-        "out": str(out), "progress": False, "batch_size": 16,
-    })
+    cfg = from_dict(
+        RunConfig,
+        {
+            "source": {"type": "shards", "params": {"path": str(world_dir)}},
+            "captioners": [
+                {
+                    "type": "vllm-server",
+                    "params": {
+                        "base_url": vllm_server.base_url,
+                        "model": "tiny-llava",
+                        "prompt_family": "llava",
+                        "concurrency": 4,
+                        "sampling": {"temperature": 0.7, "top_p": 0.95, "max_tokens": 24, "seed": 7},
+                    },
+                }
+            ],
+            "out": str(out),
+            "progress": False,
+            "batch_size": 16,
+        },
+    )
     summary = run(cfg)
     assert summary["complete"] and summary["captions_requested"] == 32 and summary["caption_errors"] == 0
     got = samples_of(out)
@@ -119,7 +167,9 @@ def test_captions_arrive_with_provenance_and_concurrency(vllm_server, world_dir,
         assert d.scores["completion_tokens"] > 0 and d.scores["prompt_tokens"] > 16  # 16 image tokens + text
         assert not d.error and d.text and d.verdict != "error"
         assert d.verdict == "keep" or d.verdict in summary or f"dropped_{d.verdict}" in summary
-    stats = [json.loads(Path(p).with_name(Path(p).name[:-4] + ".stats.json").read_text()) for p in completed_shards(out)]
+    stats = [
+        json.loads(Path(p).with_name(Path(p).name[:-4] + ".stats.json").read_text()) for p in completed_shards(out)
+    ]
     assert max(st["max_in_flight"]["vllm-server"] for st in stats) > 1  # requests really overlapped
     assert sum(st["completion_tokens"] for st in stats) == sum(int(s.dense[0].scores["completion_tokens"]) for s in got)
     assert json.loads((out / "report" / "summary.json").read_text())["captions"] == 32
@@ -128,10 +178,32 @@ def test_captions_arrive_with_provenance_and_concurrency(vllm_server, world_dir,
 def test_unreachable_server_and_wrong_model_fail_clearly(vllm_server, world_dir, tmp_path):
     from densecap.testing.vllm_server import free_port
 
-    r = run_densecap(["run", "--input", str(world_dir), "--out", str(tmp_path / "a"), "--captioner", "vllm-server",
-                      "-C", f"base_url=http://127.0.0.1:{free_port()}", "-C", "connect_timeout=2"])
+    r = run_densecap(
+        [
+            "run",
+            "--input",
+            str(world_dir),
+            "--out",
+            str(tmp_path / "a"),
+            "--captioner",
+            "vllm-server",
+            "-C",
+            f"base_url=http://127.0.0.1:{free_port()}",
+            "-C",
+            "connect_timeout=2",
+        ]
+    )
     assert r.returncode == 2 and "cannot reach" in r.stderr and "Is the server running?" in r.stderr
-    r = run_densecap(["run", "--input", str(world_dir), "--out", str(tmp_path / "b"), *server_args(vllm_server, "-C", "model=llava-13b")])
+    r = run_densecap(
+        [
+            "run",
+            "--input",
+            str(world_dir),
+            "--out",
+            str(tmp_path / "b"),
+            *server_args(vllm_server, "-C", "model=llava-13b"),
+        ]
+    )
     assert r.returncode == 2
     assert "model 'llava-13b' is not served" in r.stderr and "tiny-llava" in r.stderr
     assert not completed_shards(tmp_path / "a") and not completed_shards(tmp_path / "b")
@@ -139,8 +211,19 @@ def test_unreachable_server_and_wrong_model_fail_clearly(vllm_server, world_dir,
 
 def test_sigkilled_run_resumes_with_every_image_once(vllm_server, big_world, tmp_path):
     out = tmp_path / "out"
-    args = ["run", "--no-progress", "--input", str(big_world), "--out", str(out), "--batch-size", "2", "--filters", "length,garbage",
-            *server_args(vllm_server, "-C", "concurrency=2", "-C", "sampling.max_tokens=48")]
+    args = [
+        "run",
+        "--no-progress",
+        "--input",
+        str(big_world),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--filters",
+        "length,garbage",
+        *server_args(vllm_server, "-C", "concurrency=2", "-C", "sampling.max_tokens=48"),
+    ]
     proc = start_densecap(args)
     wait_for_shards(out, proc, 1)
     proc.send_signal(signal.SIGKILL)
@@ -172,9 +255,33 @@ def test_offline_engine_in_vllm_venv(offline_run):
 
 def test_server_killed_mid_run_records_failures_then_rerun_fills(vllm_server, big_world, tmp_path):
     out = tmp_path / "out"
-    args = ["run", "--no-progress", "--input", str(big_world), "--out", str(out), "--batch-size", "3", "--filters", "none",
-            *server_args(vllm_server, "-C", "concurrency=3", "-C", "sampling.max_tokens=48", "-C", "max_retries=2",
-                         "-C", "backoff=0.1", "-C", "max_consecutive_failures=3", "-C", "timeout=20")]
+    args = [
+        "run",
+        "--no-progress",
+        "--input",
+        str(big_world),
+        "--out",
+        str(out),
+        "--batch-size",
+        "3",
+        "--filters",
+        "none",
+        *server_args(
+            vllm_server,
+            "-C",
+            "concurrency=3",
+            "-C",
+            "sampling.max_tokens=48",
+            "-C",
+            "max_retries=2",
+            "-C",
+            "backoff=0.1",
+            "-C",
+            "max_consecutive_failures=3",
+            "-C",
+            "timeout=20",
+        ),
+    ]
     proc = start_densecap(args)
     try:
         wait_for_shards(out, proc, 1)
@@ -192,13 +299,18 @@ def test_server_killed_mid_run_records_failures_then_rerun_fills(vllm_server, bi
         (d,) = s.dense
         assert d.verdict == "error" and not d.text and d.source == "vllm-server"
         assert "failed after 3 attempts" in d.error or "not attempted" in d.error
-    stats = [json.loads(Path(p).with_name(Path(p).name[:-4] + ".stats.json").read_text()) for p in completed_shards(out)]
+    stats = [
+        json.loads(Path(p).with_name(Path(p).name[:-4] + ".stats.json").read_text()) for p in completed_shards(out)
+    ]
     assert sum(st["caption_errors"] for st in stats) == len(failed) and any(st["retries"] > 0 for st in stats)
     rejects = [json.loads(x) for p in (out / "rejects").glob("*.jsonl") for x in p.read_text().splitlines()]
     assert {r["key"] for r in rejects if r["reason"] == "error"} == {s.key for s in failed}
     assert len(got) < 60 and not (out / "manifest.json").exists()
-    clean = {p: (Path(p).stat().st_mtime_ns, Path(p).stat().st_size) for p, st in completed_shards(out).items()
-             if not st["caption_errors"]}
+    clean = {
+        p: (Path(p).stat().st_mtime_ns, Path(p).stat().st_size)
+        for p, st in completed_shards(out).items()
+        if not st["caption_errors"]
+    }
     assert clean, "some shard should have finished before the server died"
 
     # the server comes back on ANOTHER port; transport settings change too (issue 11, item 1):
@@ -207,9 +319,31 @@ def test_server_killed_mid_run_records_failures_then_rerun_fills(vllm_server, bi
 
     vllm_server.port = free_port()
     vllm_server.start()
-    moved = ["run", "--no-progress", "--input", str(big_world), "--out", str(out), "--batch-size", "3", "--filters", "none",
-             *server_args(vllm_server, "-C", "concurrency=5", "-C", "sampling.max_tokens=48", "-C", "max_retries=4",
-                          "-C", "timeout=60", "-C", "connect_timeout=5")]
+    moved = [
+        "run",
+        "--no-progress",
+        "--input",
+        str(big_world),
+        "--out",
+        str(out),
+        "--batch-size",
+        "3",
+        "--filters",
+        "none",
+        *server_args(
+            vllm_server,
+            "-C",
+            "concurrency=5",
+            "-C",
+            "sampling.max_tokens=48",
+            "-C",
+            "max_retries=4",
+            "-C",
+            "timeout=60",
+            "-C",
+            "connect_timeout=5",
+        ),
+    ]
     r = run_densecap(moved)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "another configuration" not in r.stderr
@@ -218,5 +352,7 @@ def test_server_killed_mid_run_records_failures_then_rerun_fills(vllm_server, bi
     keys = Counter(s.key for s in got)
     assert set(keys) == {f"train_{i:08d}" for i in range(60)} and set(keys.values()) == {1}
     assert all(len(s.dense) == 1 and not s.dense[0].error and s.dense[0].text for s in got)
-    stats = [json.loads(Path(p).with_name(Path(p).name[:-4] + ".stats.json").read_text()) for p in completed_shards(out)]
+    stats = [
+        json.loads(Path(p).with_name(Path(p).name[:-4] + ".stats.json").read_text()) for p in completed_shards(out)
+    ]
     assert any(st["filled"] for st in stats) and all(st["caption_errors"] == 0 for st in stats)

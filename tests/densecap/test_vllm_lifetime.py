@@ -72,13 +72,20 @@ def test_server_dies_when_its_starter_is_sigkilled(tiny_vlm, vllm_python, tmp_pa
     from densecap.testing.vllm_server import free_port
 
     port = free_port()
-    code = ("import sys, time\n"
-            "from densecap.testing.vllm_server import VLLMServer\n"
-            f"srv = VLLMServer({str(tiny_vlm)!r}, port={port}, scratch={str(tmp_path / 'scratch')!r}).start()\n"
-            "print('ready', flush=True)\n"
-            "time.sleep(600)\n")
-    starter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    code = (
+        "import sys, time\n"
+        "from densecap.testing.vllm_server import VLLMServer\n"
+        f"srv = VLLMServer({str(tiny_vlm)!r}, port={port}, scratch={str(tmp_path / 'scratch')!r}).start()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    starter = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     _readline(starter, "ready")
     # a test run killed from outside (a timeout, SIGKILL) never reaches its fixture's stop()
     _check_server_dies(starter, port, lambda p: p.send_signal(signal.SIGKILL))
@@ -88,8 +95,13 @@ def test_module_cli_stopped_with_sigterm_stops_its_server(tiny_vlm, vllm_python,
     from densecap.testing.vllm_server import free_port
 
     port = free_port()
-    starter = subprocess.Popen([sys.executable, "-m", "densecap.testing.vllm_server", str(tiny_vlm), "--port", str(port)],
-                               stdout=subprocess.PIPE, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    starter = subprocess.Popen(
+        [sys.executable, "-m", "densecap.testing.vllm_server", str(tiny_vlm), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     _readline(starter, "serving")
 
     def term(p):

@@ -12,7 +12,6 @@ Without ``.venv-vllm`` the end-to-end tests FAIL (run ``bash scripts/setup_vllm_
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -52,13 +51,20 @@ def write_fake_karpathy(root: Path, dataset: str) -> tuple[Path, Path]:
                 f"a {obj} on a plain background",
                 f"the {colour} {obj} is near the centre",
             ]
-            images.append({
-                "filepath": folder, "filename": name, "split": split,
-                "imgid": n, ("cocoid" if dataset == "coco" else "flickrid"): 1000 + n,
-                "sentids": list(range(5 * n, 5 * n + 5)),
-                "sentences": [{"raw": s, "tokens": s.split(), "imgid": n, "sentid": 5 * n + i}
-                              for i, s in enumerate(sentences)],
-            })
+            images.append(
+                {
+                    "filepath": folder,
+                    "filename": name,
+                    "split": split,
+                    "imgid": n,
+                    ("cocoid" if dataset == "coco" else "flickrid"): 1000 + n,
+                    "sentids": list(range(5 * n, 5 * n + 5)),
+                    "sentences": [
+                        {"raw": s, "tokens": s.split(), "imgid": n, "sentid": 5 * n + i}
+                        for i, s in enumerate(sentences)
+                    ],
+                }
+            )
             n += 1
     split_file = root / f"dataset_{dataset}.json"
     split_file.write_text(json.dumps({"dataset": dataset, "images": images}))
@@ -67,8 +73,9 @@ def write_fake_karpathy(root: Path, dataset: str) -> tuple[Path, Path]:
 
 def d2s(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "d2s.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "d2s.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def data_overrides(split_file: Path, image_root: Path) -> list[str]:
@@ -81,11 +88,29 @@ def data_overrides(split_file: Path, image_root: Path) -> list[str]:
 @pytest.mark.parametrize("dataset", ["coco", "f30k"])
 def test_paper_pipeline_dry_run(dataset, tmp_path):
     split_file, image_root = write_fake_karpathy(tmp_path / "data", dataset)
-    r = d2s(["run", str(PIPELINES[dataset]), "--dry-run", "--run-dir", str(tmp_path / "run"),
-             *data_overrides(split_file, image_root)], cwd=tmp_path, timeout=300)
+    r = d2s(
+        [
+            "run",
+            str(PIPELINES[dataset]),
+            "--dry-run",
+            "--run-dir",
+            str(tmp_path / "run"),
+            *data_overrides(split_file, image_root),
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    plan = json.loads(r.stdout[r.stdout.index("["):])
-    assert [e["stage"] for e in plan] == ["captions", "stage1", "d2s", "baseline", "bench_baseline", "bench_d2s", "report"]
+    plan = json.loads(r.stdout[r.stdout.index("[") :])
+    assert [e["stage"] for e in plan] == [
+        "captions",
+        "stage1",
+        "d2s",
+        "baseline",
+        "bench_baseline",
+        "bench_d2s",
+        "report",
+    ]
     assert all(e["action"] == "run" for e in plan)
 
 
@@ -107,11 +132,17 @@ def test_paper_pipeline_recipe_values(dataset, tmp_path):
     assert cap["type"] == "vllm-server"
     assert {k: cap["params"]["sampling"][k] for k in ("temperature", "top_p")} == {"temperature": 0.2, "top_p": 0.9}
     assert v["max_new_tokens"] == 500
-    assert [s["params"]["recipe"] for s in (st["stage1"], st["d2s"], st["baseline"])] == ["stage1", "stage2", "baseline"]
+    assert [s["params"]["recipe"] for s in (st["stage1"], st["d2s"], st["baseline"])] == [
+        "stage1",
+        "stage2",
+        "baseline",
+    ]
     opt = st["d2s"]["params"]["optim"]
     assert (opt["schedule"], opt["decay_epochs"], opt["decay_factor"]) == ("step", [9, 15, 20, 25], 0.3)
     assert st["d2s"]["params"]["data"]["val_split"] == "val"
-    assert all(st[b]["params"]["split"] == "test" and st[b]["params"]["long_text"] for b in ("bench_baseline", "bench_d2s"))
+    assert all(
+        st[b]["params"]["split"] == "test" and st[b]["params"]["long_text"] for b in ("bench_baseline", "bench_d2s")
+    )
 
     # the densecap plug-in params with the vars substituted, parsed by the registered classes
     def sub(x):
@@ -134,7 +165,9 @@ def test_paper_pipeline_recipe_values(dataset, tmp_path):
     for i, f in enumerate(p["filters"]):
         FILTERS.parse_params(f["type"], f.get("params", {}), f"filters[{i}]")
     for name in ("stage1", "d2s", "baseline"):
-        params = sub({**st[name]["params"], "data": sub(st[name]["params"]["data"]), "optim": sub(st[name]["params"]["optim"])})
+        params = sub(
+            {**st[name]["params"], "data": sub(st[name]["params"]["data"]), "optim": sub(st[name]["params"]["optim"])}
+        )
         tp = from_dict(VseTrainParams, params, f"stages.{name}.params")
         assert (tp.data.batch_size, tp.optim.lr, tp.mixed_precision) == (128, 2e-4, "fp16")
 
@@ -163,12 +196,22 @@ def vllm_server(tmp_path_factory):
 
 def stand_in_overrides(server_url: str) -> list[str]:
     return [
-        f"vars.vllm_url={server_url}", "vars.vlm=tiny-llava", "vars.prompt_family=llava",
-        "vars.max_new_tokens=24", "vars.vllm_concurrency=4", "vars.caption_workers=1",
+        f"vars.vllm_url={server_url}",
+        "vars.vlm=tiny-llava",
+        "vars.prompt_family=llava",
+        "vars.max_new_tokens=24",
+        "vars.vllm_concurrency=4",
+        "vars.caption_workers=1",
         # the tiny VLM writes gibberish: keep one real filter the gibberish can pass
         "captions.params.filters=[{type: length, params: {min_words: 1}}]",
-        "vars.model=tiny-vit", "vars.stage1_epochs=2", "vars.epochs=2", "vars.batch_size=4",
-        "vars.mixed_precision='no'", "vars.val_every_epochs=1", "vars.val_max_images=3", "vars.loader_workers=0",
+        "vars.model=tiny-vit",
+        "vars.stage1_epochs=2",
+        "vars.epochs=2",
+        "vars.batch_size=4",
+        "vars.mixed_precision='no'",
+        "vars.val_every_epochs=1",
+        "vars.val_max_images=3",
+        "vars.loader_workers=0",
         "vars.protocols=[custom]",
     ]
 
@@ -188,8 +231,17 @@ def finite_metrics(results_dir: Path) -> dict:
 def test_paper_pipeline_end_to_end_with_stand_ins(dataset, vllm_server, tmp_path):
     split_file, image_root = write_fake_karpathy(tmp_path / "data", dataset)
     run_dir = tmp_path / "run"
-    r = d2s(["run", str(PIPELINES[dataset]), "--run-dir", str(run_dir), *data_overrides(split_file, image_root),
-             *stand_in_overrides(vllm_server.base_url)], cwd=tmp_path)
+    r = d2s(
+        [
+            "run",
+            str(PIPELINES[dataset]),
+            "--run-dir",
+            str(run_dir),
+            *data_overrides(split_file, image_root),
+            *stand_in_overrides(vllm_server.base_url),
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
 
     # dense captions really came from the served model, for every split
@@ -201,7 +253,9 @@ def test_paper_pipeline_end_to_end_with_stand_ins(dataset, vllm_server, tmp_path
         assert all(len(s.sparse) == 5 for s in samples)
         dense = [d for s in samples for d in s.dense]
         assert dense and all(d.model == "tiny-llava" and d.source == "vllm-server" for d in dense), dense[:2]
-        assert all(d.params["temperature"] == pytest.approx(0.2) and d.params["top_p"] == pytest.approx(0.9) for d in dense)
+        assert all(
+            d.params["temperature"] == pytest.approx(0.2) and d.params["top_p"] == pytest.approx(0.9) for d in dense
+        )
 
     # stage 2 started from stage 1, every run trained its 2 epochs and chose its checkpoint on val;
     # at batch 4 stage 1's epoch is the 6 training images (1 step), a sparse arm's the 30 captions (7)
@@ -212,7 +266,9 @@ def test_paper_pipeline_end_to_end_with_stand_ins(dataset, vllm_server, tmp_path
         assert summary["steps"] == steps[stage] and summary["best_step"] is not None, summary
         cfg = json.loads((run_dir / stage / "run" / "run_config.json").read_text())
         assert cfg["train"]["data"]["val_split"] == "val" and cfg["train"]["optim"]["schedule"] == "step"
-    assert json.loads((run_dir / "d2s" / "run" / "run_config.json").read_text())["train"]["init"] == str(run_dir / "stage1" / "checkpoint")
+    assert json.loads((run_dir / "d2s" / "run" / "run_config.json").read_text())["train"]["init"] == str(
+        run_dir / "stage1" / "checkpoint"
+    )
 
     for bench in ("bench_baseline", "bench_d2s"):
         benchmarks = finite_metrics(run_dir / bench / "results")

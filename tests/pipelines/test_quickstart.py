@@ -12,9 +12,15 @@ from d2s.pipeline import Runner, load_pipeline
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "pipelines" / "quickstart.yaml"
 TINY = [
-    "world.params.train=256", "world.params.val=64", "world.params.test=64", "world.params.shard_size=128",
-    "vars.dense_steps=4", "vars.sparse_steps=4",
-    "stage1.params.data.batch_size=32", "stage1.params.data.val_max_images=64", "stage1.params.threads=1",
+    "world.params.train=256",
+    "world.params.val=64",
+    "world.params.test=64",
+    "world.params.shard_size=128",
+    "vars.dense_steps=4",
+    "vars.sparse_steps=4",
+    "stage1.params.data.batch_size=32",
+    "stage1.params.data.val_max_images=64",
+    "stage1.params.threads=1",
 ]
 
 
@@ -29,9 +35,20 @@ def quickstart_run(tmp_path_factory):
 def test_report_has_tables_for_every_model(quickstart_run):
     run_dir, _ = quickstart_run
     report = (run_dir / "report" / "report" / "report.md").read_text()
-    for heading in ("## Sparse-caption retrieval", "## Long-text retrieval", "## Training", "## Dense captions", "## Examples"):
+    for heading in (
+        "## Sparse-caption retrieval",
+        "## Long-text retrieval",
+        "## Training",
+        "## Dense captions",
+        "## Examples",
+    ):
         assert heading in report
-    for row in ("| baseline (sparse only) |", "| dense pre-training only |", "| D2S-VSE |", "| D2S-VSE - baseline (sparse only) |"):
+    for row in (
+        "| baseline (sparse only) |",
+        "| dense pre-training only |",
+        "| D2S-VSE |",
+        "| D2S-VSE - baseline (sparse only) |",
+    ):
         assert row in report
     assert (run_dir / "report" / "report" / "training_curves.png").stat().st_size > 1000
     assert list((run_dir / "report" / "report").glob("example_*.png"))
@@ -41,8 +58,12 @@ def test_report_shows_the_paired_difference_of_its_run(quickstart_run):
     run_dir, _ = quickstart_run
     report = (run_dir / "report" / "report" / "report.md").read_text()
     assert "## Paired difference of this run" in report and "docs/experiments.md" in report
-    rsum = {name: json.loads((run_dir / f"bench_{name}" / "results" / "results.json").read_text())
-            ["benchmarks"]["custom"]["metrics"]["rsum"] for name in ("baseline", "pretrain", "d2s")}
+    rsum = {
+        name: json.loads((run_dir / f"bench_{name}" / "results" / "results.json").read_text())["benchmarks"]["custom"][
+            "metrics"
+        ]["rsum"]
+        for name in ("baseline", "pretrain", "d2s")
+    }
     row = next(ln for ln in report.splitlines() if ln.startswith("| test, custom |"))
     cells = [c.strip() for c in row.strip("|").split("|")][1:]
     assert float(cells[0]) == pytest.approx(rsum["d2s"] - rsum["baseline"], abs=0.051)

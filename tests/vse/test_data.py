@@ -35,7 +35,9 @@ def parts(world, assets):
     model = create_model("tiny-vit", assets_dir=assets, student_head=recipe.student_head)
     processor = AutoImageProcessor.from_pretrained(processor_source(model.cfg, assets))
     tokenizer = TextTokenizer(AutoTokenizer.from_pretrained(tokenizer_source(model.cfg, assets)))
-    transform = ImageTransform.from_processor(model.cfg.image.image_size, processor, model.cfg.image.mean, model.cfg.image.std)
+    transform = ImageTransform.from_processor(
+        model.cfg.image.image_size, processor, model.cfg.image.mean, model.cfg.image.std
+    )
     collate = Collate(transform, tokenizer, text_fields(recipe, model), model.cfg.text.token_aug)
     return processor, transform, collate, recipe
 
@@ -57,7 +59,7 @@ def test_decode_is_uint8_and_normalize_checks_its_input(parts):
     u8 = transform.decode([_png(a), Image.fromarray(a).convert("L")])
     assert u8.dtype == torch.uint8 and u8.shape == (2, 3, 64, 64)
     assert torch.equal(u8[0], torch.from_numpy(a).permute(2, 0, 1))
-    assert torch.equal(u8[1][0], u8[1][1])            # grey -> 3 equal channels
+    assert torch.equal(u8[1][0], u8[1][1])  # grey -> 3 equal channels
     with pytest.raises(TypeError, match="uint8"):
         transform.normalize(u8.float())
 
@@ -68,8 +70,14 @@ def test_loader_worker_batches_equal_in_process_batches(world, parts):
     _, _, collate, recipe = parts
 
     def stream():
-        return ShardStream(split_shards(world, "train"), batch_size=32, collate=collate, seed=3,
-                           shuffle_buffer=64, need_dense=recipe.needs_dense)
+        return ShardStream(
+            split_shards(world, "train"),
+            batch_size=32,
+            collate=collate,
+            seed=3,
+            shuffle_buffer=64,
+            need_dense=recipe.needs_dense,
+        )
 
     it = iter(stream())
     local = [next(it) for _ in range(5)]
@@ -125,13 +133,17 @@ def test_loader_shared_memory_is_released(world, assets, end):
     when the training process exits with batches in flight, or is SIGKILLed holding some."""
     tok_dir = str(tokenizer_source(get_model_config("tiny-vit"), assets))
     before = _torch_shm()
-    proc = subprocess.Popen([sys.executable, "-c", _TAKE_BATCHES, str(world), tok_dir, end],
-                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _TAKE_BATCHES, str(world), tok_dir, end],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "holding"
         if end == "hold":
             assert _torch_shm() - before, "the batches the trainer holds should be named segments"
-            os.kill(proc.pid, signal.SIGKILL)       # the trainer dies; its loader worker notices and exits
+            os.kill(proc.pid, signal.SIGKILL)  # the trainer dies; its loader worker notices and exits
         assert proc.wait(timeout=60) == (-signal.SIGKILL if end == "hold" else 0)
         left = _wait_for_no_new_segments(before, 30)
         assert not left, f"left behind: {sorted(left)[:5]}"

@@ -7,17 +7,23 @@ train and eval, what a batch contains) where it is a composition of real modules
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from vse.data import ImageTransform, ShardStream, TextTokenizer
-from vse.losses import triplet_loss
-from vse.models import StudentConfig, StudentHead, TextConfig, TextEncoder, TokenAugConfig, get_model_config, l2norm, size_augment_keep
+from vse.models import (
+    StudentConfig,
+    StudentHead,
+    TextConfig,
+    TextEncoder,
+    TokenAugConfig,
+    get_model_config,
+    l2norm,
+    size_augment_keep,
+)
 from vse.recipes import get_recipe
 from vse.train import Objective, freeze_teacher, parse_config, ramp_factor, state_fingerprint, text_fields, train
 
@@ -28,9 +34,19 @@ def tiny_text_encoder(**text_overrides) -> TextEncoder:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                                attention_probs_dropout_prob=0.0), add_pooling_layer=False)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
+        add_pooling_layer=False,
+    )
     cfg = TextConfig(backbone=None, **text_overrides)  # type: ignore[arg-type]
     return TextEncoder(cfg, bert, embed_dim=8, gpo=get_model_config("tiny-vit").gpo)
 
@@ -63,7 +79,7 @@ def test_head_is_added_raw_in_training_and_l2_normalised_at_evaluation():
         train_out = text(ids, mask, head)
         train_raw = text(ids, mask, head, normalize=False)
         text.eval()
-        caption_e, h_e = parts()      # (BatchNorm of the text MLP uses running statistics now)
+        caption_e, h_e = parts()  # (BatchNorm of the text MLP uses running statistics now)
         eval_out = text(ids, mask, head)
     assert torch.allclose(train_raw, caption + h, atol=1e-5)
     assert torch.allclose(train_out, l2norm(caption + h), atol=1e-5)
@@ -86,7 +102,7 @@ def test_caption_embedding_ends_in_a_layernorm():
 
 def test_head_tokens_start_from_a_unit_normal():
     head = StudentHead(StudentConfig(num_tokens=100, layers=1, heads=4), 64)
-    assert abs(float(head.tokens.detach().std()) - 1.0) < 0.05           # 6400 draws of N(0, 1)
+    assert abs(float(head.tokens.detach().std()) - 1.0) < 0.05  # 6400 draws of N(0, 1)
     small = StudentHead(StudentConfig(num_tokens=100, layers=1, heads=4, token_init_std=0.02), 64)
     assert abs(float(small.tokens.detach().std()) - 0.02) < 0.002
 
@@ -148,11 +164,11 @@ class _Fixed(torch.nn.Module):
 def test_stage2_objective_is_ramped_summed_triplet_plus_mean_distillation():
     recipe = get_recipe("stage2")
     img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
-    sparse = torch.tensor([[1.6, 1.2], [0.0, 3.0], [2.0, 0.0]])     # the test_losses TXT scaled by 2, 3, 2
-    teacher = torch.tensor([[0.6, 0.8], [0.0, 5.0], [0.0, 1.0]])   # cos with sparse: 0.96, 1, 0
+    sparse = torch.tensor([[1.6, 1.2], [0.0, 3.0], [2.0, 0.0]])  # the test_losses TXT scaled by 2, 3, 2
+    teacher = torch.tensor([[0.6, 0.8], [0.0, 5.0], [0.0, 1.0]])  # cos with sparse: 0.96, 1, 0
     batch = {"pixels": None, "sparse_ids": None, "sparse_mask": None, "image_ids": torch.tensor([1, 2, 3])}
     obj = Objective(_Fixed(img, sparse), recipe, steps_per_epoch=4)
-    distill = 1 - (0.96 + 1.0 + 0.0) / 3                              # batch mean of 1 - cos
+    distill = 1 - (0.96 + 1.0 + 0.0) / 3  # batch mean of 1 - cos
     # step 0 of epoch 0: alignment ramped to 0, warm-up sums the hinge over all negatives (2.32)
     total, parts = obj(batch, 0, teacher)
     assert total.item() == pytest.approx(distill, abs=1e-5)
@@ -176,7 +192,7 @@ def test_epoch_counts_captions_for_sparse_recipes_and_images_for_stage1(world, a
     assert (run2["epoch_unit"], run2["epoch_size"], run2["steps_per_epoch"]) == ("captions", 2560, 80)
     # epochs: 0.5 of a caption epoch is 40 steps
     doc = cfg_doc(world, assets, tmp_path / "b", recipe="baseline", steps=None, epochs=0.05)
-    assert train(parse_config(doc))["steps"] == 4                       # round(0.05 * 80)
+    assert train(parse_config(doc))["steps"] == 4  # round(0.05 * 80)
 
 
 # ---- item 8: every caption once per epoch ----------------------------------------------------------------
@@ -191,7 +207,9 @@ def test_each_caption_once_per_cycle_of_passes():
     second = [stream.caption_choice(s, p) for p in range(5, 10)]
     assert sorted(first) == [0, 1, 2, 3, 4] and sorted(second) == [0, 1, 2, 3, 4]
     # another image (or seed) gets another order; "random" leaves the choice to the collate
-    orders = {tuple(stream.caption_choice(Sample(**{**s.__dict__, "id": f"img-{i}"}), p) for p in range(5)) for i in range(20)}
+    orders = {
+        tuple(stream.caption_choice(Sample(**{**s.__dict__, "id": f"img-{i}"}), p) for p in range(5)) for i in range(20)
+    }
     assert len(orders) > 1
     assert ShardStream(["u"], batch_size=1, collate=None, caption_sampling="random").caption_choice(s, 0) is None
 
@@ -203,14 +221,18 @@ def test_stream_feeds_every_caption_exactly_once_per_caption_epoch(world, assets
     from vse.data import Collate, TextField, image_id_int
 
     tok = TextTokenizer(AutoTokenizer.from_pretrained(str(assets / "tokenizer")))
-    collate = Collate(ImageTransform(64, [0.5] * 3, [0.5] * 3), tok, {"sparse": TextField("sparse", 32, augment=False)},
-                      TokenAugConfig())
+    collate = Collate(
+        ImageTransform(64, [0.5] * 3, [0.5] * 3),
+        tok,
+        {"sparse": TextField("sparse", 32, augment=False)},
+        TokenAugConfig(),
+    )
     samples = read_samples(world, "train")
     by_id = {image_id_int(s.id): s for s in samples}
     stream = ShardStream(split_shards(world, "train"), batch_size=64, collate=collate, seed=0, shuffle_buffer=1)
     seen = []
     it = iter(stream)
-    for _ in range(5 * 512 // 64):            # one caption epoch: 5 passes over the 512 images
+    for _ in range(5 * 512 // 64):  # one caption epoch: 5 passes over the 512 images
         b = next(it)
         texts = tok.tok.batch_decode(b["sparse_ids"], skip_special_tokens=True)
         for iid, text in zip(b["image_ids"].tolist(), texts):
@@ -238,8 +260,8 @@ def test_teacher_in_train_mode_is_stochastic_but_frozen(assets):
     ids, mask = ids_and_mask([9, 7, 12, 4], 12)
     with torch.no_grad():
         a, b = teacher(ids, mask), teacher(ids, mask)
-    assert not torch.allclose(a, b)                     # dropout on
-    assert state_fingerprint(teacher) == before          # BatchNorm running statistics untouched
+    assert not torch.allclose(a, b)  # dropout on
+    assert state_fingerprint(teacher) == before  # BatchNorm running statistics untouched
     assert not any(p.requires_grad for p in teacher.parameters())
     eval_teacher = freeze_teacher(copy.deepcopy(model.text), "eval")
     with torch.no_grad():
@@ -262,15 +284,18 @@ def test_size_augmentation_drops_about_ten_percent_of_tokens():
 
 def test_training_crop_and_flip():
     x = np.zeros((8, 8, 3), dtype=np.uint8)
-    x[:, :, 0] = np.arange(8, dtype=np.uint8)[None, :] * 30       # red grows left to right
+    x[:, :, 0] = np.arange(8, dtype=np.uint8)[None, :] * 30  # red grows left to right
     im = Image.fromarray(x)
     flip = ImageTransform(8, [0.5] * 3, [0.5] * 3, random_crop=[1.0, 1.0], hflip=1.0)
     out = flip.decode([im], np.random.default_rng(0))[0, 0].numpy()
-    assert np.array_equal(out, x[:, ::-1, 0])                       # full-size crop, then mirrored
-    assert np.array_equal(flip.decode([im])[0, 0].numpy(), x[:, :, 0])   # no rng (evaluation): untouched
+    assert np.array_equal(out, x[:, ::-1, 0])  # full-size crop, then mirrored
+    assert np.array_equal(flip.decode([im])[0, 0].numpy(), x[:, :, 0])  # no rng (evaluation): untouched
     crop = ImageTransform(4, [0.5] * 3, [0.5] * 3, random_crop=[0.5, 0.5], hflip=0.0)
-    windows = {tuple(np.asarray(im.resize((4, 4), Image.BILINEAR, box=(a, b, a + 4, b + 4)))[0, :, 0])
-               for a in range(5) for b in range(5)}
+    windows = {
+        tuple(np.asarray(im.resize((4, 4), Image.BILINEAR, box=(a, b, a + 4, b + 4)))[0, :, 0])
+        for a in range(5)
+        for b in range(5)
+    }
     for seed in range(10):
         got = crop.decode([im], np.random.default_rng(seed))[0, 0].numpy()
         assert tuple(got[0]) in windows
@@ -291,26 +316,37 @@ def wordpiece_tokenizer():
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##believ", "##able", "cat", "dog"])}
+    vocab = {
+        w: i
+        for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##believ", "##able", "cat", "dog"])
+    }
     tk = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tk.normalizer = normalizers.BertNormalizer(lowercase=True)
     tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return BertTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                             sep_token="[SEP]", mask_token="[MASK]")
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return BertTokenizerFast(
+        tokenizer_object=tk,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
 @pytest.mark.parametrize("unit, split_words", [("word", 0), ("token", 1)])
 def test_augmentation_alters_whole_words(unit, split_words):
     tok = TextTokenizer(wordpiece_tokenizer())
-    aug = TokenAugConfig(prob=0.5, mask=1.0, random=0.0, unit=unit)   # altered -> [MASK]
+    aug = TokenAugConfig(prob=0.5, mask=1.0, random=0.0, unit=unit)  # altered -> [MASK]
     rng = np.random.default_rng(0)
     mixed = 0
     for _ in range(200):
-        ids, _ = tok(["unbelievable cat"], 16, aug, rng)             # [CLS] un ##believ ##able cat [SEP]
+        ids, _ = tok(["unbelievable cat"], 16, aug, rng)  # [CLS] un ##believ ##able cat [SEP]
         pieces = ids[0, 1:4].tolist()
         assert ids.shape[1] == 6
-        mixed += len({p == 4 for p in pieces}) > 1                   # some pieces masked, some not
+        mixed += len({p == 4 for p in pieces}) > 1  # some pieces masked, some not
     assert (mixed > 0) == bool(split_words)
 
 
@@ -325,10 +361,10 @@ def test_clip_scaled_grads_option_clips_before_unscaling():
     def clipped_norm(option: bool) -> float:
         p = torch.nn.Parameter(torch.zeros(4))
         scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-        scaler.scale((p * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum()).backward()   # true grad norm 5
+        scaler.scale((p * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum()).backward()  # true grad norm 5
         opt = torch.optim.SGD([p], lr=1.0)
 
-        def unscale_then_clip(params, max_norm):   # what accelerate does: unscale, then clip
+        def unscale_then_clip(params, max_norm):  # what accelerate does: unscale, then clip
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(list(params), max_norm)
 
@@ -337,13 +373,13 @@ def test_clip_scaled_grads_option_clips_before_unscaling():
         scaler.unscale_(opt) if option else None
         return float(p.grad.norm())
 
-    assert clipped_norm(False) == pytest.approx(2.0, rel=1e-5)          # clipped at 2 after unscaling
+    assert clipped_norm(False) == pytest.approx(2.0, rel=1e-5)  # clipped at 2 after unscaling
     assert clipped_norm(True) == pytest.approx(2.0 / 1024.0, rel=1e-4)  # the reference: 2 / loss scale
 
 
 def test_run_level_warmup_sets_the_switch_and_the_ramp_of_alignment_terms_only():
-    from vse.recipes import with_warmup
     from vse.losses import TripletLoss, TripletParams
+    from vse.recipes import with_warmup
 
     r = with_warmup(get_recipe("stage2"), 0.1)
     triplet, distill = r.losses

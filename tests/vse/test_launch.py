@@ -18,14 +18,21 @@ def pipeline_doc(**launch) -> dict:
     doc = {
         "name": "launch",
         "stages": {
-            "world": {"type": "synthetic-world",
-                      "params": {"train": 128, "val": 32, "test": 0, "seed": 0, "shard_size": 64}},
+            "world": {
+                "type": "synthetic-world",
+                "params": {"train": 128, "val": 32, "test": 0, "seed": 0, "shard_size": 64},
+            },
             "train": {
                 "type": "vse-train",
                 "inputs": {"shards": "${world.shards}"},
                 "params": {
-                    "recipe": "baseline", "model": "tiny-vit", "steps": 3, "threads": 1, "tracker": "none",
-                    "val_every": 0, "log_every": 1,
+                    "recipe": "baseline",
+                    "model": "tiny-vit",
+                    "steps": 3,
+                    "threads": 1,
+                    "tracker": "none",
+                    "val_every": 0,
+                    "log_every": 1,
                     "data": {"batch_size": 16, "num_workers": 0, "shuffle_buffer": 32},
                     "launch": launch,
                 },
@@ -60,7 +67,10 @@ def test_two_process_cpu_launch_through_the_stage(tmp_path, monkeypatch):
     assert emb.shape[0] == 2
     assert (train.outputs["checkpoint"] / "model.safetensors").exists()
     # cached on a second run
-    assert Runner(load_pipeline(doc=pipeline_doc(num_processes=2, cpu=True), run_dir=tmp_path / "run")).run()[-1]["action"] == "skip"
+    assert (
+        Runner(load_pipeline(doc=pipeline_doc(num_processes=2, cpu=True), run_dir=tmp_path / "run")).run()[-1]["action"]
+        == "skip"
+    )
 
 
 def test_without_launch_the_stage_trains_in_process(tmp_path, monkeypatch):
@@ -81,12 +91,24 @@ def test_launch_command_flags(tmp_path):
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert "--multi_gpu" in cmd and "--cpu" not in cmd  # accelerate's --cpu launcher starts one process
     assert cmd[-5:] == ["-m", "vse.cli", "train", "--config", str(tmp_path / "c.json")]
-    multi = LaunchConfig(num_processes=16, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1",
-                         main_process_port=29500, extra_args=["--rdzv_backend", "static"])
+    multi = LaunchConfig(
+        num_processes=16,
+        num_machines=2,
+        machine_rank=1,
+        main_process_ip="10.0.0.1",
+        main_process_port=29500,
+        extra_args=["--rdzv_backend", "static"],
+    )
     cmd = multi.command(tmp_path / "c.json", "fp16")
-    for flag, value in (("--num_processes", "16"), ("--num_machines", "2"), ("--machine_rank", "1"),
-                        ("--main_process_ip", "10.0.0.1"), ("--main_process_port", "29500"), ("--mixed_precision", "fp16"),
-                        ("--rdzv_backend", "static")):
+    for flag, value in (
+        ("--num_processes", "16"),
+        ("--num_machines", "2"),
+        ("--machine_rank", "1"),
+        ("--main_process_ip", "10.0.0.1"),
+        ("--main_process_port", "29500"),
+        ("--mixed_precision", "fp16"),
+        ("--rdzv_backend", "static"),
+    ):
         assert cmd[cmd.index(flag) + 1] == value
     assert "--multi_gpu" in cmd
 
@@ -110,9 +132,9 @@ def test_bad_launch_params_name_the_field(tmp_path, launch, field):
 
 
 def test_failed_launch_raises_with_its_output(tmp_path, monkeypatch):
-    from d2s.pipeline import StageContext
     import logging
 
+    from d2s.pipeline import StageContext
     from vse.stages import launch_train
     from vse.train import parse_config
 

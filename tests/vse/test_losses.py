@@ -42,8 +42,8 @@ def test_triplet_masks_pairs_sharing_an_image():
 
 def test_triplet_warmup_switches_to_hardest():
     loss = TripletLoss(TripletParams(margin=0.2, max_violation=True, warmup_epochs=1.0), steps_per_epoch=10)
-    assert loss(IMG, TXT, None, step=9).item() == pytest.approx(2.32, abs=1e-6)    # sum over negatives
-    assert loss(IMG, TXT, None, step=10).item() == pytest.approx(1.92, abs=1e-6)   # hardest
+    assert loss(IMG, TXT, None, step=9).item() == pytest.approx(2.32, abs=1e-6)  # sum over negatives
+    assert loss(IMG, TXT, None, step=10).item() == pytest.approx(1.92, abs=1e-6)  # hardest
     mean = TripletLoss(TripletParams(warmup_reduction="mean"), steps_per_epoch=10)
     assert mean(IMG, TXT, None, step=0).item() == pytest.approx(1.16, abs=1e-6)
     never = TripletLoss(TripletParams(max_violation=False), steps_per_epoch=10)
@@ -71,7 +71,7 @@ def test_infonce_hand_case():
 def test_distill_cos_and_mse():
     s = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     t = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-    assert distill_loss(s, t, "cos", "sum").item() == pytest.approx(1.0)      # (1 - 0) + (1 - 1)
+    assert distill_loss(s, t, "cos", "sum").item() == pytest.approx(1.0)  # (1 - 0) + (1 - 1)
     assert distill_loss(s, t, "cos", "mean").item() == pytest.approx(0.5)
     # per pair the mean over the 2 dimensions: ((1)^2 + (-1)^2) / 2 = 1 and 0
     assert distill_loss(s, t, "mse", "sum").item() == pytest.approx(1.0)

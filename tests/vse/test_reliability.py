@@ -32,20 +32,57 @@ def _env(**extra):
 
 
 def _cli(args, cwd, **env):
-    return subprocess.run([sys.executable, "-m", "vse.cli", "train", *args], cwd=cwd, env=_env(**env),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "vse.cli", "train", *args],
+        cwd=cwd,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _common(world, assets, steps=7):
-    return ["--model", "tiny-vit", "--recipe", "baseline", "--shards", str(world), "--assets", str(assets),
-            "--steps", str(steps), "--batch-size", "16", "threads=1", "val_every=0", "tracker=none", "save_every=3",
-            "log_every=1", "data.num_workers=0", "data.shuffle_buffer=32", "optim.lr=0.001"]
+    return [
+        "--model",
+        "tiny-vit",
+        "--recipe",
+        "baseline",
+        "--shards",
+        str(world),
+        "--assets",
+        str(assets),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "16",
+        "threads=1",
+        "val_every=0",
+        "tracker=none",
+        "save_every=3",
+        "log_every=1",
+        "data.num_workers=0",
+        "data.shuffle_buffer=32",
+        "optim.lr=0.001",
+    ]
 
 
 def _doc(world, assets, out, **kw):
-    doc = {"shards": str(world), "out": str(out), "assets": str(assets), "model": "tiny-vit", "recipe": "baseline",
-           "steps": 3, "threads": 1, "val_every": 0, "tracker": "none", "log_every": 1, "save_every": 100,
-           "data": {"batch_size": 16, "num_workers": 0, "shuffle_buffer": 32}, "optim": {"lr": 1e-3}}
+    doc = {
+        "shards": str(world),
+        "out": str(out),
+        "assets": str(assets),
+        "model": "tiny-vit",
+        "recipe": "baseline",
+        "steps": 3,
+        "threads": 1,
+        "val_every": 0,
+        "tracker": "none",
+        "log_every": 1,
+        "save_every": 100,
+        "data": {"batch_size": 16, "num_workers": 0, "shuffle_buffer": 32},
+        "optim": {"lr": 1e-3},
+    }
     for k, v in kw.items():
         doc[k] = {**doc[k], **v} if isinstance(v, dict) and isinstance(doc.get(k), dict) else v
     return doc
@@ -112,8 +149,17 @@ def test_every_state_file_refuses_a_pickle(world, assets, tmp_path):
     state = find_state(src / "state")
     assert state is not None and state.name == "step-00000003"
     files = [src / "state" / "latest.json"] + sorted(p for p in state.iterdir() if p.is_file())
-    assert {p.name for p in files} >= {"latest.json", "model.safetensors", "optimizer.safetensors", "optimizer.json",
-                                       "scheduler.json", "progress.json", "rng-0.safetensors", "rng-0.json", "complete.json"}
+    assert {p.name for p in files} >= {
+        "latest.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "scheduler.json",
+        "progress.json",
+        "rng-0.safetensors",
+        "rng-0.json",
+        "complete.json",
+    }
     marker = tmp_path / "PAYLOAD_RAN"
     # control: an untouched copy resumes and trains the one step left
     ok = tmp_path / "ok"
@@ -154,9 +200,18 @@ def reference_run(world, assets, tmp_path_factory):
 
 
 # points of the save of step 6 (a complete state of step 3 exists) and where the rerun must resume
-EXPECTED_RESUME = {"begin": 3, "model": 3, "optimizer": 3, "scheduler": 3, "rng": 3, "files": 3,
-                   "marker": 3,      # step 6 complete, but the pointer still names step 3: its state is used
-                   "pointer": 6, "cleanup": 6, "end": 6}
+EXPECTED_RESUME = {
+    "begin": 3,
+    "model": 3,
+    "optimizer": 3,
+    "scheduler": 3,
+    "rng": 3,
+    "files": 3,
+    "marker": 3,  # step 6 complete, but the pointer still names step 3: its state is used
+    "pointer": 6,
+    "cleanup": 6,
+    "end": 6,
+}
 
 
 @pytest.mark.slow
@@ -184,7 +239,7 @@ def test_sigkill_during_the_first_save_starts_over_and_says_so(world, assets, re
     run = tmp_path / "run"
     killed = _cli(_common(world, assets) + ["--out", str(run)], tmp_path, **{KILL_ENV: "rng@3"})
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert find_state(run / "state") is None   # no save ever completed: step 0 is right
+    assert find_state(run / "state") is None  # no save ever completed: step 0 is right
     resumed = _cli(_common(world, assets) + ["--out", str(run)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "did not complete" in resumed.stderr and "resumed from" not in resumed.stderr
@@ -214,7 +269,7 @@ def test_a_damaged_state_fails_naming_the_file(world, assets, tmp_path):
     (state / "optimizer.safetensors").unlink()
     with pytest.raises(StateError, match="optimizer.safetensors"):
         train(parse_config(_doc(world, assets, run, steps=4)))
-    shutil.rmtree(state)   # the pointer names a state that is gone: never a silent restart at 0
+    shutil.rmtree(state)  # the pointer names a state that is gone: never a silent restart at 0
     with pytest.raises(StateError, match="latest.json"):
         train(parse_config(_doc(world, assets, run, steps=4)))
 
@@ -235,7 +290,9 @@ def _write_corrupt_world(out: Path, bad_train: dict[int, str], bad_val: dict[int
                 for i, s in enumerate(samples[start : start + 32], start):
                     s.dense = [DenseText(describe(json.loads(s.meta["scene"])), source="synthetic-oracle")]
                     if i in damage:
-                        s.image = s.image[: len(s.image) // 2] if damage[i] == "truncated" else b"\x00garbage, no image" * 8
+                        s.image = (
+                            s.image[: len(s.image) // 2] if damage[i] == "truncated" else b"\x00garbage, no image" * 8
+                        )
                         bad[f"{damage[i]}-{spec.name}"] = (w.path.name, s.key)
                     w.write(s)
     write_manifest(out)
@@ -285,9 +342,27 @@ def test_two_processes_skip_bad_samples_with_batches_of_different_sizes(corrupt_
     world, bad = corrupt_world
     out = tmp_path / "ddp"
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "vse.cli", "train", *_common(world, assets, steps=6), "--out", str(out), "cpu=true",
-           "data.on_bad_sample=skip"]
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "vse.cli",
+        "train",
+        *_common(world, assets, steps=6),
+        "--out",
+        str(out),
+        "cpu=true",
+        "data.on_bad_sample=skip",
+    ]
     r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -302,9 +377,19 @@ def test_two_processes_skip_bad_samples_with_batches_of_different_sizes(corrupt_
 def test_evaluation_names_shard_and_key_of_a_corrupt_image(corrupt_world, assets, tmp_path):
     world, bad = corrupt_world
     shard, key = bad["truncated-val"]
-    with pytest.raises(SampleError) as e:   # the policy is for training samples; evaluation always says
-        train(parse_config(_doc(world, assets, tmp_path / "run", steps=1, val_every=None,
-                                data={"on_bad_sample": "skip", "val_max_images": 32})))
+    with pytest.raises(SampleError) as e:  # the policy is for training samples; evaluation always says
+        train(
+            parse_config(
+                _doc(
+                    world,
+                    assets,
+                    tmp_path / "run",
+                    steps=1,
+                    val_every=None,
+                    data={"on_bad_sample": "skip", "val_max_images": 32},
+                )
+            )
+        )
     assert shard in str(e.value) and repr(key) in str(e.value) and "cannot decode" in str(e.value)
 
 
@@ -328,8 +413,24 @@ def test_bundle_names_the_key_of_a_corrupt_image(world, assets, tmp_path):
 
 def _launch(world, assets, out, flags, overrides, cwd):
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no", *flags,
-           "-m", "vse.cli", "train", *_common(world, assets, steps=2), "--out", str(out), *overrides]
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        *flags,
+        "-m",
+        "vse.cli",
+        "train",
+        *_common(world, assets, steps=2),
+        "--out",
+        str(out),
+        *overrides,
+    ]
     # an empty HF_HOME: no accelerate default config of this machine gets in the way
     return subprocess.run(cmd, cwd=cwd, env=_env(HF_HOME=str(cwd / "hf")), capture_output=True, text=True, timeout=600)
 
@@ -342,8 +443,10 @@ def test_launcher_mixed_precision_applies_unless_the_config_sets_one(world, asse
     assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["mixed_precision"] == "bf16"
     # `accelerate config` writes a file; a config file saying bf16 but the training config saying "no": "no"
     cfg = tmp_path / "accel.yaml"
-    cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\nnum_processes: 1\n"
-                   "num_machines: 1\nuse_cpu: false\n")
+    cfg.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\nnum_processes: 1\n"
+        "num_machines: 1\nuse_cpu: false\n"
+    )
     # quoted: YAML reads a bare no as false
     r = _launch(world, assets, tmp_path / "no", ["--config_file", str(cfg)], ["mixed_precision='no'"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

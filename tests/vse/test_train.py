@@ -52,10 +52,19 @@ def cfg_doc(world, assets, out, **kw):
 def test_short_run_lowers_the_loss(world, assets, tmp_path):
     # a recipe file (not a registered one): InfoNCE learns fastest in 40 steps of batch 32
     recipe = tmp_path / "infonce.json"
-    recipe.write_text(json.dumps({"losses": [{"kind": "infonce", "inputs": ["image", "sparse"]}],
-                                  "lr_mult": {"image_backbone": 1.0, "text_backbone": 1.0}}))
-    s = train(parse_config(cfg_doc(world, assets, tmp_path / "run", recipe=str(recipe), steps=40, log_every=10,
-                                   optim={"lr": 2e-3})))
+    recipe.write_text(
+        json.dumps(
+            {
+                "losses": [{"kind": "infonce", "inputs": ["image", "sparse"]}],
+                "lr_mult": {"image_backbone": 1.0, "text_backbone": 1.0},
+            }
+        )
+    )
+    s = train(
+        parse_config(
+            cfg_doc(world, assets, tmp_path / "run", recipe=str(recipe), steps=40, log_every=10, optim={"lr": 2e-3})
+        )
+    )
     assert s["steps"] == 40
     # mean loss of steps 31-40 vs steps 1-10 (measured ratio ~0.81)
     assert s["last_loss"] < 0.9 * s["first_loss"], s
@@ -137,13 +146,34 @@ def test_bad_model_and_recipe_fields():
 
 def _cli(args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "vse.cli", "train", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "vse.cli", "train", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
 
 
 def test_kill_and_resume_equals_uninterrupted(world, assets, tmp_path):
-    common = ["--model", "tiny-vit", "--recipe", "baseline", "--shards", str(world), "--assets", str(assets), "--steps", "7",
-              "--batch-size", "32", "threads=1", "val_every=0", "tracker=none", "save_every=3",
-              "data.num_workers=2", "data.shuffle_buffer=64", "optim.lr=0.001", "optim.warmup_steps=2"]
+    common = [
+        "--model",
+        "tiny-vit",
+        "--recipe",
+        "baseline",
+        "--shards",
+        str(world),
+        "--assets",
+        str(assets),
+        "--steps",
+        "7",
+        "--batch-size",
+        "32",
+        "threads=1",
+        "val_every=0",
+        "tracker=none",
+        "save_every=3",
+        "data.num_workers=2",
+        "data.shuffle_buffer=64",
+        "optim.lr=0.001",
+        "optim.warmup_steps=2",
+    ]
     ref = _cli(common + ["--out", str(tmp_path / "ref")], tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
     killed = _cli(common + ["--out", str(tmp_path / "run"), "kill_at_step=5"], tmp_path)
@@ -170,11 +200,42 @@ def test_two_process_accelerate_run(world, assets, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     accelerate = Path(sys.executable).with_name("accelerate")
     # accelerate's --cpu launcher expects mpirun for >1 process; the torchrun launcher + cpu=true gives gloo
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "vse.cli", "train",
-           "--model", "tiny-vit", "--recipe", "baseline", "--shards", str(world), "--assets", str(assets), "--out", str(out),
-           "--steps", "4", "--batch-size", "16", "cpu=true", "threads=1", "val_every=0", "tracker=none", "data.num_workers=0",
-           "data.shuffle_buffer=32"]
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "vse.cli",
+        "train",
+        "--model",
+        "tiny-vit",
+        "--recipe",
+        "baseline",
+        "--shards",
+        str(world),
+        "--assets",
+        str(assets),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "16",
+        "cpu=true",
+        "threads=1",
+        "val_every=0",
+        "tracker=none",
+        "data.num_workers=0",
+        "data.shuffle_buffer=32",
+    ]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     run = json.loads((out / "run_config.json").read_text())
@@ -232,7 +293,9 @@ def test_stage2_reuses_teacher_embeddings_across_epochs(world, assets, tmp_path)
     recipe = tmp_path / "stage2-eval-teacher.json"
     recipe.write_text(json.dumps(doc))
     # 20 steps x 32 = 640 dense texts drawn from 512 training images (one text each)
-    s2 = train(parse_config(cfg_doc(world, assets, tmp_path / "s2", recipe=str(recipe), steps=20, init=s1["checkpoint"])))
+    s2 = train(
+        parse_config(cfg_doc(world, assets, tmp_path / "s2", recipe=str(recipe), steps=20, init=s1["checkpoint"]))
+    )
     c = s2["teacher_cache"]
     assert c["hits"] + c["misses"] == 640
     assert c["misses"] <= 512  # at most one teacher pass per training text

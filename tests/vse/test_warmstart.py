@@ -14,19 +14,26 @@ from pathlib import Path
 import pytest
 import torch
 
+import vse.warmstart as ws
 from d2s.config import ConfigError, from_dict
 from d2s.schema import DenseText
 from d2s.shards import ShardWriter, write_manifest
 from d2s.synthetic import SplitSpec, WorldConfig, describe, make_sample, write_world
-
-import vse.warmstart as ws
 from vse.models import create_model
 from vse.warmstart import WarmStartParams, image_tags, label_vocab, warm_start
 
 PRETRAIN = 480
 # Small enough for a test, enough for the held-out figures to move well clear of the random init.
-PARAMS = dict(image_steps=200, text_steps=100, batch_size=32, text_lr=3e-3, warmup_steps=10, min_label_count=3,
-              holdout_fraction=0.1, seed=3)
+PARAMS = dict(
+    image_steps=200,
+    text_steps=100,
+    batch_size=32,
+    text_lr=3e-3,
+    warmup_steps=10,
+    min_label_count=3,
+    holdout_fraction=0.1,
+    seed=3,
+)
 SMALL = dict(PARAMS, image_steps=15, text_steps=15)
 
 
@@ -89,7 +96,9 @@ def test_heldout_metrics_improve_over_the_random_init(run):
     assert txt["loss"]["last10_mean"] < txt["loss"]["first10_mean"]
     # the MLM reads the sparse captions and the kept dense texts only (one per image, not the dropped ones)
     n_train = img["train_images"]
-    assert txt["train_dense_texts"] == n_train and txt["train_texts"] == n_train * (WorldConfig().captions_per_image + 1)
+    assert txt["train_dense_texts"] == n_train and txt["train_texts"] == n_train * (
+        WorldConfig().captions_per_image + 1
+    )
     on_disk = json.loads((run["warm"] / "tiny-vit" / "warmstart.json").read_text())
     assert on_disk["params"] == {**WarmStartParams().__dict__, **PARAMS}
     assert on_disk["image"]["steps"] == PARAMS["image_steps"] and on_disk["text"]["steps"] == PARAMS["text_steps"]
@@ -147,16 +156,37 @@ def test_missing_split_is_named_with_the_shards_dir_and_the_remedy(assets, shard
     from vse.cli import main
 
     out = tmp_path / "cli_assets"
-    assert main(["build-assets", "--shards", str(shards), "--out", str(out), "--model", "tiny-vit",
-                 "--warmstart-split", "pretrian"]) == 2
+    assert (
+        main(
+            [
+                "build-assets",
+                "--shards",
+                str(shards),
+                "--out",
+                str(out),
+                "--model",
+                "tiny-vit",
+                "--warmstart-split",
+                "pretrian",
+            ]
+        )
+        == 2
+    )
     assert not out.exists()
 
 
 def test_bad_params_name_the_field():
-    for doc, field in (({"image_steps": -1}, "image_steps"), ({"batch_size": 0}, "batch_size"),
-                       ({"mlm_probability": 1.5}, "mlm_probability"), ({"lr": "fast"}, "lr"),
-                       ({"holdout_fraction": 0}, "holdout_fraction"), ({"max_label_fraction": 2}, "max_label_fraction"),
-                       ({"min_label_count": 0}, "min_label_count"), ({"text_lr": 0}, "text_lr"), ({"bogus": 1}, "bogus")):
+    for doc, field in (
+        ({"image_steps": -1}, "image_steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"mlm_probability": 1.5}, "mlm_probability"),
+        ({"lr": "fast"}, "lr"),
+        ({"holdout_fraction": 0}, "holdout_fraction"),
+        ({"max_label_fraction": 2}, "max_label_fraction"),
+        ({"min_label_count": 0}, "min_label_count"),
+        ({"text_lr": 0}, "text_lr"),
+        ({"bogus": 1}, "bogus"),
+    ):
         with pytest.raises(ConfigError, match=field):
             from_dict(WarmStartParams, doc, "warmstart")
     from vse.stages import VseAssetsParams
@@ -172,9 +202,11 @@ def test_labels_are_caption_words_between_the_count_bounds():
         def __init__(self, *caps):
             self.sparse = list(caps)
 
-    tags = [image_tags(s) for s in (S("A red circle.", "a [MASK] square"), S("a red star"), S("a blue circle"), S("a mask"))]
+    tags = [
+        image_tags(s) for s in (S("A red circle.", "a [MASK] square"), S("a red star"), S("a blue circle"), S("a mask"))
+    ]
     assert tags[0] == {"a", "red", "circle", "square"}  # lower case, no punctuation, no special token
-    assert tags[3] == {"a", "mask"}                     # ... but the word itself is a word
+    assert tags[3] == {"a", "mask"}  # ... but the word itself is a word
     # "a" is on every image (above max 0.5); "square", "star", "blue" on one (below min 2)
     assert label_vocab(tags, 2, 0.5) == ["circle", "red"]
     assert label_vocab(tags, 1, 1.0) == ["a", "blue", "circle", "mask", "red", "square", "star"]
@@ -184,11 +216,24 @@ def test_vse_assets_stage_runs_the_warm_start(shards, tmp_path):
     from d2s.pipeline import StageContext
     from vse.stages import VseAssetsParams, VseAssetsStage
 
-    params = from_dict(VseAssetsParams, {"models": ["tiny-vit"], "warmstart": {"image_steps": 3, "text_steps": 3,
-                                                                                  "batch_size": 8, "min_label_count": 2}}, "params")
+    params = from_dict(
+        VseAssetsParams,
+        {
+            "models": ["tiny-vit"],
+            "warmstart": {"image_steps": 3, "text_steps": 3, "batch_size": 8, "min_label_count": 2},
+        },
+        "params",
+    )
     out = tmp_path / "assets"
-    ctx = StageContext("assets", tmp_path, tmp_path / "work", params, {"shards": str(shards)}, {"assets": out},
-                       logging.getLogger("test"))
+    ctx = StageContext(
+        "assets",
+        tmp_path,
+        tmp_path / "work",
+        params,
+        {"shards": str(shards)},
+        {"assets": out},
+        logging.getLogger("test"),
+    )
     result = VseAssetsStage().run(ctx)
     assert result["models"] == ["tiny-vit"]
     warm = result["warmstart"]["tiny-vit"]

@@ -6,9 +6,11 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol as TypingProtocol, Sequence
+from typing import Any, Literal
+from typing import Protocol as TypingProtocol
 
 import numpy as np
 import torch
@@ -77,7 +79,9 @@ class Embeddings:
             raise RetrievalInputError("dense and dense_img come together")
         if self.dense is not None:
             if self.dense_img.shape[0] != self.dense.shape[0]:
-                raise RetrievalInputError(f"{self.dense.shape[0]} dense texts but {self.dense_img.shape[0]} dense_img entries")
+                raise RetrievalInputError(
+                    f"{self.dense.shape[0]} dense texts but {self.dense_img.shape[0]} dense_img entries"
+                )
             if self.dense_img.numel() != torch.unique(self.dense_img).numel():
                 raise RetrievalInputError("dense_img: one long text per image (an image index repeats)")
 
@@ -203,7 +207,9 @@ def _embed_chunk(encoder: Encoder, data: EvalSet, start: int, images: list[bytes
         src = data.images[j]
         where = f"image file {src}: " if isinstance(src, str) else ""
         shard = data.image_shards[j] if j < len(data.image_shards) else None
-        raise SampleError(f"{where}cannot decode the image ({bad[1]}) [{data.name}]", shard=shard, key=data.image_ids[j]) from exc
+        raise SampleError(
+            f"{where}cannot decode the image ({bad[1]}) [{data.name}]", shard=shard, key=data.image_ids[j]
+        ) from exc
 
 
 def embed_eval_set(encoder: Encoder, data: EvalSet, settings: RetrievalSettings | None = None) -> Embeddings:
@@ -266,7 +272,7 @@ class BenchResults:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "results") -> "BenchResults":
+    def from_dict(cls, d: dict[str, Any], where: str = "results") -> BenchResults:
         if d.get("format") != RESULTS_FORMAT:
             raise RetrievalInputError(f"{where}: not a bench results file (format {d.get('format')!r})")
         try:
@@ -297,10 +303,15 @@ def markdown_table(results: BenchResults) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.benchmarks.items():
         m = r.metrics.to_dict()
-        cells = [name, str(r.n_images), str(r.n_texts)] + [f"{m[k]:.2f}" if k != "rsum" else f"**{m[k]:.2f}**" for k, _ in COLUMNS]
+        cells = [name, str(r.n_images), str(r.n_texts)] + [
+            f"{m[k]:.2f}" if k != "rsum" else f"**{m[k]:.2f}**" for k, _ in COLUMNS
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Recalls in %, ranks 1-based; ties: {results.settings.get('ties', 'stable')}. "
-              "coco_1k_5fold averages five sequential 1K folds."]
+    lines += [
+        "",
+        f"Recalls in %, ranks 1-based; ties: {results.settings.get('ties', 'stable')}. "
+        "coco_1k_5fold averages five sequential 1K folds.",
+    ]
     return "\n".join(lines) + "\n"
 
 

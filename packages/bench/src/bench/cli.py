@@ -46,8 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--txt-emb", help="text embeddings .npy or .safetensors[:KEY]")
     src.add_argument("--txt-to-img", help="caption -> image index (.npy/.json/.txt); default j // (M // N)")
     src.add_argument("--save-embeddings", help="also save the model's embeddings here (.safetensors)")
-    r.add_argument("--protocol", action="append", choices=[p for p in list_protocols() if p != "long_text"],
-                   help="sparse-caption protocol (repeatable; default custom)")
+    r.add_argument(
+        "--protocol",
+        action="append",
+        choices=[p for p in list_protocols() if p != "long_text"],
+        help="sparse-caption protocol (repeatable; default custom)",
+    )
     r.add_argument("--no-long-text", action="store_true", help="skip image <-> long-text retrieval")
     r.add_argument("--ties", choices=["stable", "optimistic", "pessimistic"], default="stable")
     r.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="images per similarity block")
@@ -84,12 +88,22 @@ def cmd_retrieval(args: argparse.Namespace) -> BenchResults:
         raise RetrievalInputError("give either --bundle with a dataset, or saved embeddings, not both")
     if saved:
         emb = load_embeddings(args.embeddings, img=args.img_emb, txt=args.txt_emb, txt_to_img=args.txt_to_img)
-        source = {k: v for k, v in (("embeddings", args.embeddings), ("img_emb", args.img_emb),
-                                    ("txt_emb", args.txt_emb), ("txt_to_img", args.txt_to_img)) if v}
+        source = {
+            k: v
+            for k, v in (
+                ("embeddings", args.embeddings),
+                ("img_emb", args.img_emb),
+                ("txt_emb", args.txt_emb),
+                ("txt_to_img", args.txt_to_img),
+            )
+            if v
+        }
         name = args.name or Path(args.embeddings or args.img_emb).stem
     elif args.bundle:
         if bool(args.karpathy) == bool(args.shards):
-            raise RetrievalInputError("--bundle needs exactly one dataset: --karpathy JSON --image-root DIR, or --shards DIR")
+            raise RetrievalInputError(
+                "--bundle needs exactly one dataset: --karpathy JSON --image-root DIR, or --shards DIR"
+            )
         if args.karpathy:
             if not args.image_root:
                 raise RetrievalInputError("--karpathy needs --image-root")
@@ -104,7 +118,9 @@ def cmd_retrieval(args: argparse.Namespace) -> BenchResults:
             save_embeddings(emb, args.save_embeddings)
         name = args.name or Path(args.bundle).name
     else:
-        raise RetrievalInputError("nothing to evaluate: give --bundle with a dataset, or --embeddings / --img-emb + --txt-emb")
+        raise RetrievalInputError(
+            "nothing to evaluate: give --bundle with a dataset, or --embeddings / --img-emb + --txt-emb"
+        )
     results = BenchResults(name, evaluate_embeddings(emb, settings), source, _settings_dict(settings))
     results.seconds = time.perf_counter() - t0
     js, md = write_results(results, args.out)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from d2s.shards import atomic_write_text
 
@@ -20,7 +20,15 @@ def results_frame(runs: Sequence[BenchResults]):
     rows = []
     for r in runs:
         for bench, res in r.benchmarks.items():
-            rows.append({"run": r.name, "benchmark": bench, "images": res.n_images, "texts": res.n_texts, **res.metrics.to_dict()})
+            rows.append(
+                {
+                    "run": r.name,
+                    "benchmark": bench,
+                    "images": res.n_images,
+                    "texts": res.n_texts,
+                    **res.metrics.to_dict(),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -39,7 +47,12 @@ def compare_markdown(df, runs: Sequence[BenchResults]) -> str:
     for bench in dict.fromkeys(df["benchmark"]):
         sub = df[df["benchmark"] == bench]
         best = sub["rsum"].max()
-        lines += [f"## {bench}", "", "| run | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+        lines += [
+            f"## {bench}",
+            "",
+            "| run | " + " | ".join(c[1] for c in COLUMNS) + " |",
+            "|---|" + "---|" * len(COLUMNS),
+        ]
         for _, row in sub.iterrows():
             cells = [f"{row[k]:.2f}" for k, _ in COLUMNS]
             name = f"**{row['run']}**" if row["rsum"] == best and len(sub) > 1 else row["run"]

@@ -82,7 +82,9 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
             caps.append(s.strip())
             mapping.append(i)
     if not images:
-        raise DatasetError(f"{json_path}: no images in split {split!r}; splits present: {sorted(map(str, splits_seen))}")
+        raise DatasetError(
+            f"{json_path}: no images in split {split!r}; splits present: {sorted(map(str, splits_seen))}"
+        )
     missing = [p for p in images[:5] if not Path(p).exists()]
     if missing:
         raise DatasetError(f"{json_path}: image file {missing[0]} not found (is --image-root {image_root} right?)")
@@ -115,9 +117,20 @@ def load_shards(shards_dir: str | Path, split: str = "test", max_captions: int =
     if no_caps:
         raise DatasetError(f"{shards_dir}: split {split!r}: sample {ids[no_caps[0]]!r} has no sparse caption")
     if dense and len(dense) < len(images):
-        log.warning("%s/%s: %d of %d images have a kept dense text; long-text retrieval uses those only",
-                    shards_dir, split, len(dense), len(images))
+        log.warning(
+            "%s/%s: %d of %d images have a kept dense text; long-text retrieval uses those only",
+            shards_dir,
+            split,
+            len(dense),
+            len(images),
+        )
     return EvalSet(
-        f"{Path(shards_dir).name}:{split}", ids, images, caps, np.asarray(mapping, np.int64), dense, np.asarray(dense_img, np.int64),
+        f"{Path(shards_dir).name}:{split}",
+        ids,
+        images,
+        caps,
+        np.asarray(mapping, np.int64),
+        dense,
+        np.asarray(dense_img, np.int64),
         shards,
     )

@@ -23,15 +23,19 @@ from .data import load_shards
 
 # (input name, row label) in table order; the first is the reference for differences.
 MODELS = (("baseline", "baseline (sparse only)"), ("pretrain", "dense pre-training only"), ("d2s", "D2S-VSE"))
-RUNS = (("stage1_run", "stage 1 (image-dense)"), ("baseline_run", "baseline"), ("pretrain_run", "pre-training only"),
-        ("d2s_run", "D2S stage 2"))
+RUNS = (
+    ("stage1_run", "stage 1 (image-dense)"),
+    ("baseline_run", "baseline"),
+    ("pretrain_run", "pre-training only"),
+    ("d2s_run", "D2S stage 2"),
+)
 
 
 @dataclass
 class ReportParams:
     title: str = "D2S-VSE report"
     split: str = "test"
-    examples: int = 4       # example test images with their captions and top retrievals
+    examples: int = 4  # example test images with their captions and top retrievals
     top_k: int = 5
     # where the multi-seed version of this comparison lives (shown under the paired differences)
     seeds_table: str = "docs/experiments.md"
@@ -51,7 +55,9 @@ def _table(rows: dict[str, dict], note: str) -> list[str]:
         ref = rows[labels[0]]
         for label in labels[1:]:
             diff = {k: rows[label][k] - ref[k] for k, _ in COLUMNS[:7]}
-            lines.append("| " + " | ".join([f"{label} - {labels[0]}"] + [f"{diff[k]:+.1f}" for k, _ in COLUMNS[:7]]) + " |")
+            lines.append(
+                "| " + " | ".join([f"{label} - {labels[0]}"] + [f"{diff[k]:+.1f}" for k, _ in COLUMNS[:7]]) + " |"
+            )
     return lines + ["", note, ""]
 
 
@@ -59,16 +65,25 @@ def _paired(rsums: dict[str, dict[str, float]], val: dict[str, float], seeds_tab
     """D2S-VSE minus each other arm, this run only (one seed: no interval)."""
     d2s = MODELS[-1][1]
     others = [label for _, label in MODELS[:-1]]
-    rows = [("val, sparse (best checkpoint)", val)] + [(f"test, {name.replace('_', ' ')}", r) for name, r in rsums.items()]
+    rows = [("val, sparse (best checkpoint)", val)] + [
+        (f"test, {name.replace('_', ' ')}", r) for name, r in rsums.items()
+    ]
     rows = [(k, r) for k, r in rows if d2s in r and any(o in r for o in others)]
     if not rows:
         return []
-    lines = ["## Paired difference of this run", "",
-             "| rSum | " + " | ".join(f"D2S-VSE - {o}" for o in others) + " |", "|---|" + "---|" * len(others)]
+    lines = [
+        "## Paired difference of this run",
+        "",
+        "| rSum | " + " | ".join(f"D2S-VSE - {o}" for o in others) + " |",
+        "|---|" + "---|" * len(others),
+    ]
     for k, r in rows:
         lines.append(f"| {k} | " + " | ".join(f"{r[d2s] - r[o]:+.1f}" if o in r else "n/a" for o in others) + " |")
-    return lines + ["", f"One seed, so no interval: the same comparison over several seeds, with 95% intervals, is in "
-                        f"`{seeds_table}`.", ""]
+    return lines + [
+        "",
+        f"One seed, so no interval: the same comparison over several seeds, with 95% intervals, is in `{seeds_table}`.",
+        "",
+    ]
 
 
 def _curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
@@ -93,7 +108,9 @@ def _curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
         axes[1].legend(fontsize=8)
     else:  # validated once per run: one bar each
         labels = [label for label, v in vals.items() if v]
-        axes[1].bar(range(len(labels)), [vals[label][-1][1] for label in labels], color=[f"C{i}" for i in range(len(labels))])
+        axes[1].bar(
+            range(len(labels)), [vals[label][-1][1] for label in labels], color=[f"C{i}" for i in range(len(labels))]
+        )
         axes[1].set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
         axes[1].set(title="validation rSum (end of run)", ylabel="rSum")
     axes[0].set(title="training loss", xlabel="step", ylabel="loss (total)")
@@ -106,7 +123,9 @@ def _curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
     return out
 
 
-def _example_strip(images: list[bytes], query: str, ranked: dict[str, list[int]], truth: int, out: Path, k: int) -> Path:
+def _example_strip(
+    images: list[bytes], query: str, ranked: dict[str, list[int]], truth: int, out: Path, k: int
+) -> Path:
     """One PNG: the query image, then each model's top-k images for the query (green = correct)."""
     from PIL import Image, ImageDraw
 
@@ -127,7 +146,9 @@ def _example_strip(images: list[bytes], query: str, ranked: dict[str, list[int]]
         for j, idx in enumerate(idxs[:k]):
             x = label_w + (j + 1) * (size + pad)
             canvas.paste(tile(idx), (x, y))
-            draw.rectangle([x - 2, y - 2, x + size + 1, y + size + 1], outline="green" if idx == truth else "red", width=2)
+            draw.rectangle(
+                [x - 2, y - 2, x + size + 1, y + size + 1], outline="green" if idx == truth else "red", width=2
+            )
     canvas.save(out)
     return out
 
@@ -156,14 +177,24 @@ class ReportStage(Stage):
         results = {label: read_results(ctx.inputs[name]) for name, label in MODELS if ctx.inputs.get(name)}
         lines = [f"# {p.title}", ""]
         summary: dict = {}
-        for bench_name, heading in (("custom", "Sparse-caption retrieval"), ("long_text", "Long-text retrieval (image <-> dense text)")):
-            rows = {label: r.benchmarks[bench_name].metrics.to_dict() for label, r in results.items() if bench_name in r.benchmarks}
+        for bench_name, heading in (
+            ("custom", "Sparse-caption retrieval"),
+            ("long_text", "Long-text retrieval (image <-> dense text)"),
+        ):
+            rows = {
+                label: r.benchmarks[bench_name].metrics.to_dict()
+                for label, r in results.items()
+                if bench_name in r.benchmarks
+            }
             if not rows:
                 continue
             any_r = next(r for r in results.values() if bench_name in r.benchmarks).benchmarks[bench_name]
             lines += [f"## {heading}", ""]
-            lines += _table(rows, f"{p.split} split: {any_r.n_images} images, {any_r.n_texts} texts. Recall in %; "
-                                  "rSum is the sum of the six recalls (max 600).")
+            lines += _table(
+                rows,
+                f"{p.split} split: {any_r.n_images} images, {any_r.n_texts} texts. Recall in %; "
+                "rSum is the sum of the six recalls (max 600).",
+            )
             summary[bench_name] = {label: round(m["rsum"], 2) for label, m in rows.items()}
         lines += _paired(summary, self._val_rsums(ctx), p.seeds_table)
 
@@ -178,8 +209,10 @@ class ReportStage(Stage):
                 sp = Path(ctx.inputs[name]) / "summary.json" if ctx.inputs.get(name) else None
                 if sp is not None and sp.exists():
                     s = json.loads(sp.read_text())
-                    lines.append(f"- {label}: {s['steps']} steps, {s['seconds']:.0f} s, {s['samples_per_s']:.0f} samples/s, "
-                                 f"best val rSum {s['best_rsum'] if s['best_rsum'] is not None else 'n/a'}")
+                    lines.append(
+                        f"- {label}: {s['steps']} steps, {s['seconds']:.0f} s, {s['samples_per_s']:.0f} samples/s, "
+                        f"best val rSum {s['best_rsum'] if s['best_rsum'] is not None else 'n/a'}"
+                    )
             lines.append("")
 
         if ctx.inputs.get("captions"):
@@ -206,7 +239,7 @@ class ReportStage(Stage):
     @staticmethod
     def _val_rsums(ctx: StageContext) -> dict[str, float]:
         out = {}
-        for (name, label), (run, _) in zip(MODELS, RUNS[1:]):
+        for (_name, label), (run, _) in zip(MODELS, RUNS[1:]):
             sp = Path(ctx.inputs[run]) / "summary.json" if ctx.inputs.get(run) else None
             if sp is not None and sp.exists() and json.loads(sp.read_text()).get("best_rsum") is not None:
                 out[label] = json.loads(sp.read_text())["best_rsum"]
@@ -221,13 +254,21 @@ class ReportStage(Stage):
                 embs[label] = load_embeddings(f)
         if not embs:
             return []
-        lines = ["## Examples", "", "Each strip: the true image, then each model's top retrievals for the query "
-                 "(green: the true image, red: others).", ""]
+        lines = [
+            "## Examples",
+            "",
+            "Each strip: the true image, then each model's top retrievals for the query "
+            "(green: the true image, red: others).",
+            "",
+        ]
         n = len(data.image_ids)
         picks = sorted({int(i) for i in torch.linspace(0, n - 1, p.examples).round().tolist()})
         for i in picks:
             cap_idx = int((torch.as_tensor(data.txt_to_img) == i).nonzero()[0])
-            ranked = {label: (e.txt[cap_idx] @ e.img.T).argsort(descending=True)[: p.top_k].tolist() for label, e in embs.items()}
+            ranked = {
+                label: (e.txt[cap_idx] @ e.img.T).argsort(descending=True)[: p.top_k].tolist()
+                for label, e in embs.items()
+            }
             png = _example_strip(data.images, data.captions[cap_idx], ranked, i, out / f"example_{i}.png", p.top_k)
             caps = [c for c, t in zip(data.captions, data.txt_to_img) if t == i]
             dense = data.dense[list(data.dense_img).index(i)] if i in set(int(x) for x in data.dense_img) else ""

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from .config import ConfigError
 from .log import setup_logging
@@ -26,7 +25,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         ran = [r["stage"] for r in report if r.get("action") == "run"]
-        log.info("finished: ran %s; cached %s", ran or "nothing", [r["stage"] for r in report if r.get("action") == "skip"])
+        log.info(
+            "finished: ran %s; cached %s", ran or "nothing", [r["stage"] for r in report if r.get("action") == "skip"]
+        )
     return 0
 
 
@@ -43,8 +44,11 @@ def _cmd_stages(args: argparse.Namespace) -> int:
             print(f"    {doc[0]}")
         if dataclasses.is_dataclass(cls.Params):
             for f in dataclasses.fields(cls.Params):
-                default = f.default if f.default is not dataclasses.MISSING else (
-                    "<factory>" if f.default_factory is not dataclasses.MISSING else "<required>")
+                default = (
+                    f.default
+                    if f.default is not dataclasses.MISSING
+                    else ("<factory>" if f.default_factory is not dataclasses.MISSING else "<required>")
+                )
                 print(f"    params.{f.name} = {default!r}")
         for k, v in cls.inputs.items():
             print(f"    inputs.{k}: {v}")
@@ -73,7 +77,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .shards import iter_samples, read_manifest, split_shards
 
     manifest = read_manifest(args.dir)
-    print(json.dumps({k: {"count": v["count"], "shards": len(v["shards"])} for k, v in manifest["splits"].items()}, indent=2))
+    print(
+        json.dumps(
+            {k: {"count": v["count"], "shards": len(v["shards"])} for k, v in manifest["splits"].items()}, indent=2
+        )
+    )
     split = args.split or next(iter(manifest["splits"]))
     for i, s in enumerate(iter_samples(split_shards(args.dir, split))):
         if i >= args.n:

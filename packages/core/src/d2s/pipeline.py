@@ -231,7 +231,9 @@ def load_pipeline(
         declared = {k.rstrip("?"): k.endswith("?") for k in cls.inputs}
         for k in raw_inputs:
             if k not in declared:
-                raise PipelineError(f"{where} inputs.{k}: stage type {sdoc['type']!r} has no input {k!r}; inputs: {sorted(declared)}")
+                raise PipelineError(
+                    f"{where} inputs.{k}: stage type {sdoc['type']!r} has no input {k!r}; inputs: {sorted(declared)}"
+                )
         for k, optional in declared.items():
             if k not in raw_inputs and not optional:
                 raise PipelineError(f"{where} inputs.{k}: required input is missing")
@@ -241,7 +243,9 @@ def load_pipeline(
         raw_outputs = _interpolate(sdoc.get("outputs") or {}, scope, f"{where} outputs", set())
         for k in raw_outputs:
             if k not in cls.outputs:
-                raise PipelineError(f"{where} outputs.{k}: stage type {sdoc['type']!r} has no output {k!r}; outputs: {sorted(cls.outputs)}")
+                raise PipelineError(
+                    f"{where} outputs.{k}: stage type {sdoc['type']!r} has no output {k!r}; outputs: {sorted(cls.outputs)}"
+                )
         work = rd / sname
         outputs = {k: Path(raw_outputs.get(k) or work / k).resolve() for k in cls.outputs}
         planned.append(PlannedStage(sname, sdoc["type"], cls, params, raw_inputs, outputs, work, sorted(deps)))
@@ -431,7 +435,6 @@ class Runner:
         log.info("stage %s: done in %.1fs", s.name, seconds)
         entry.update(seconds=seconds, summary=summary)
         return entry
-
 
     def _clear_outputs(self, s: PlannedStage, old_hash: str) -> None:
         """Remove a changed stage's old outputs: inside the run folder they are deleted;

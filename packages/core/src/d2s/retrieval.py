@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ class RetrievalMetrics:
         return {k: float(v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RetrievalMetrics":
+    def from_dict(cls, d: dict[str, Any]) -> RetrievalMetrics:
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in d]
         if missing:
@@ -86,7 +87,7 @@ class RetrievalMetrics:
         return cls(**{n: float(d[n]) for n in names})
 
     @classmethod
-    def mean(cls, items: Sequence["RetrievalMetrics"]) -> "RetrievalMetrics":
+    def mean(cls, items: Sequence[RetrievalMetrics]) -> RetrievalMetrics:
         """Field-wise average (the COCO 1K convention averages every field, medr included)."""
         if not items:
             raise RetrievalInputError("cannot average an empty list of metrics")
@@ -156,9 +157,7 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten()
-        raise RetrievalInputError(
-            f"{name}: {int(rows.numel())} row(s) contain NaN or inf (first: row {int(rows[0])})"
-        )
+        raise RetrievalInputError(f"{name}: {int(rows.numel())} row(s) contain NaN or inf (first: row {int(rows[0])})")
 
 
 def check_embeddings(img_emb: Any, txt_emb: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,21 +303,21 @@ def _rank_tiles(get_tile, n_images: int, grouped: _Grouped, chunk_size: int, tie
     for k in it:
         a, b = blocks[k]
         mi = m_img[k][:, None]
-        for l in range(nb):
-            if l == k:
+        for lb in range(nb):
+            if lb == k:
                 continue
-            c0, c1 = cblocks[l]
+            c0, c1 = cblocks[lb]
             s = get_tile(a, b, c0, c1)
-            mt = m_txt[l][None, :]
+            mt = m_txt[lb][None, :]
             if ties == "optimistic":
                 ci, ct = s > mi, s > mt
             elif ties == "pessimistic":
                 ci, ct = s >= mi, s >= mt
             else:
                 # captions of earlier image blocks precede the image's own captions; images of
-                # block k precede caption's image when k < l.
-                ci = s >= mi if l < k else s > mi
-                ct = s >= mt if k < l else s > mt
+                # block k precede caption's image when k < lb.
+                ci = s >= mi if lb < k else s > mi
+                ct = s >= mt if k < lb else s > mt
             i2t[a:b] += ci.sum(1, dtype=torch.int32)  # int32 sums of bools are ~2x faster than int64
             t2i[c0:c1] += ct.sum(0, dtype=torch.int32)
     return i2t.cpu(), grouped.to_original(t2i.cpu())
@@ -443,7 +442,9 @@ class Protocol:
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
     for p in (
-        Protocol("coco_1k_5fold", "COCO 1K: five sequential folds of 1,000 images and their captions, averaged", 5000, 5),
+        Protocol(
+            "coco_1k_5fold", "COCO 1K: five sequential folds of 1,000 images and their captions, averaged", 5000, 5
+        ),
         Protocol("coco_5k", "COCO 5K: 5,000 test images x their captions (25,000)", 5000),
         Protocol("f30k_1k", "Flickr30K 1K: 1,000 test images x their captions (5,000)", 1000),
         Protocol("custom", "any split: all given images x all given texts"),
@@ -484,7 +485,7 @@ class ProtocolResult:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ProtocolResult":
+    def from_dict(cls, d: dict[str, Any]) -> ProtocolResult:
         return cls(
             protocol=d["protocol"],
             n_images=int(d["n_images"]),

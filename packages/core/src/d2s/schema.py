@@ -100,7 +100,7 @@ class Sample:
         }
 
     @classmethod
-    def from_wds(cls, record: dict[str, Any], *, shard: str | None = None) -> "Sample":
+    def from_wds(cls, record: dict[str, Any], *, shard: str | None = None) -> Sample:
         """Parse a raw (undecoded) webdataset record; errors name shard and key."""
         key = record.get("__key__")
         shard = shard or record.get("__url__")
@@ -116,9 +116,7 @@ class Sample:
         return cls.from_json_dict(key, doc, record, shard=shard)
 
     @classmethod
-    def from_json_dict(
-        cls, key: str, doc: Any, members: dict[str, Any], *, shard: str | None = None
-    ) -> "Sample":
+    def from_json_dict(cls, key: str, doc: Any, members: dict[str, Any], *, shard: str | None = None) -> Sample:
         def fail(msg: str) -> SampleError:
             return SampleError(msg, shard=shard, key=key)
 
@@ -126,9 +124,7 @@ class Sample:
             raise fail("json member is not an object")
         version = doc.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise fail(
-                f"unknown schema_version {version!r} (this code reads version {SCHEMA_VERSION})"
-            )
+            raise fail(f"unknown schema_version {version!r} (this code reads version {SCHEMA_VERSION})")
         ext = doc.get("image_ext")
         if not isinstance(ext, str):
             raise fail("json field 'image_ext' missing or not a string")
@@ -188,8 +184,11 @@ def convert_image(data: bytes, ext: str) -> bytes:
         if ext in ("jpg", "jpeg") and im.mode not in ("RGB", "L"):
             im = im.convert("RGB")
         buf = io.BytesIO()
-        im.save(buf, format={"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext],
-                **({"quality": 95} if ext in ("jpg", "jpeg") else {}))
+        im.save(
+            buf,
+            format={"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext],
+            **({"quality": 95} if ext in ("jpg", "jpeg") else {}),
+        )
     return buf.getvalue()
 
 

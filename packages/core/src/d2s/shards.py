@@ -62,12 +62,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 class ShardWriter:
     """Writes one shard atomically. Use as a context manager::
 
-        with ShardWriter(out_dir, "train", 3) as w:
-            for s in samples:
-                w.write(s)
-            w.stats["dropped_unreadable"] = 2   # anything JSON-serialisable
-        # on normal exit: tar renamed into place, then stats written (the marker)
-        # on exception: the temporary file is removed, nothing looks complete
+    with ShardWriter(out_dir, "train", 3) as w:
+        for s in samples:
+            w.write(s)
+        w.stats["dropped_unreadable"] = 2   # anything JSON-serialisable
+    # on normal exit: tar renamed into place, then stats written (the marker)
+    # on exception: the temporary file is removed, nothing looks complete
     """
 
     def __init__(self, directory: str | os.PathLike, split: str, index: int, *, image_ext: str | None = None):
@@ -136,7 +136,7 @@ class ShardWriter:
             pass
         self.tmp_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -259,7 +259,11 @@ def iter_records(paths: Iterable[str | os.PathLike]) -> Iterator[dict[str, Any]]
     # Every shard, in order, in this process: no node or worker splitting (this is a plain
     # reader, also used while torch.distributed is up, where webdataset would otherwise
     # insist on an explicit node splitter).
-    return iter(wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=_every_shard, workersplitter=_every_shard))
+    return iter(
+        wds.WebDataset(
+            urls, shardshuffle=False, empty_check=False, nodesplitter=_every_shard, workersplitter=_every_shard
+        )
+    )
 
 
 def _every_shard(src):

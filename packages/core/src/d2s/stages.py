@@ -14,9 +14,9 @@ class SyntheticWorldParams:
     train: int = 4000
     val: int = 1000
     test: int = 1000
-    pretrain: int = 0          # >0: a fourth split "pretrain" (disjoint images, same world) for vse's warm start
+    pretrain: int = 0  # >0: a fourth split "pretrain" (disjoint images, same world) for vse's warm start
     seed: int = 0
-    val_group_size: int = 1    # >1: val images come in groups of near-duplicates
+    val_group_size: int = 1  # >1: val images come in groups of near-duplicates
     test_group_size: int = 1
     shard_size: int = 1000
     num_workers: int = 2
@@ -47,6 +47,10 @@ class SyntheticWorldStage(Stage):
             SplitSpec("pretrain", p.pretrain, p.seed, 1),
         ]
         manifest = write_world(
-            ctx.outputs["shards"], p.world, [s for s in splits if s.count], shard_size=p.shard_size, num_workers=p.num_workers
+            ctx.outputs["shards"],
+            p.world,
+            [s for s in splits if s.count],
+            shard_size=p.shard_size,
+            num_workers=p.num_workers,
         )
         return {k: v["count"] for k, v in manifest["splits"].items()}

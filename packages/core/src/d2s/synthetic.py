@@ -22,7 +22,7 @@ import json
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -60,8 +60,22 @@ BACKGROUNDS = {
 }
 TEXTURES = ("plain", "striped", "checkered", "dotted", "wavy", "grainy")
 SCENE_TYPES = (
-    "kitchen", "beach", "park", "street", "office", "farm", "harbor", "garden",
-    "market", "classroom", "station", "forest", "stadium", "library", "bakery", "airport",
+    "kitchen",
+    "beach",
+    "park",
+    "street",
+    "office",
+    "farm",
+    "harbor",
+    "garden",
+    "market",
+    "classroom",
+    "station",
+    "forest",
+    "stadium",
+    "library",
+    "bakery",
+    "airport",
 )
 ROW_WORDS = ("top", "middle", "bottom")
 COL_WORDS = ("left", "center", "right")
@@ -77,10 +91,10 @@ class WorldConfig:
     min_objects: int = 3
     max_objects: int = 6
     num_scene_types: int = 12
-    signature_size: int = 6          # signature objects per scene type
-    signature_prob: float = 0.85     # chance an object is drawn from the scene's signature
-    background_prob: float = 0.85    # chance the background is the scene type's own
-    layout_prob: float = 0.75        # chance a signature object sits in its preferred row
+    signature_size: int = 6  # signature objects per scene type
+    signature_prob: float = 0.85  # chance an object is drawn from the scene's signature
+    background_prob: float = 0.85  # chance the background is the scene type's own
+    layout_prob: float = 0.75  # chance a signature object sits in its preferred row
     relation_caption_prob: float = 0.15
     scene_caption_prob: float = 0.2
     captions_per_image: int = 5
@@ -89,8 +103,10 @@ class WorldConfig:
         checks = [
             (16 <= self.image_size <= 1024, "image_size must be in [16, 1024]"),
             (2 <= self.grid <= 6, "grid must be in [2, 6]"),
-            (1 <= self.min_objects <= self.max_objects <= self.grid * self.grid,
-             "need 1 <= min_objects <= max_objects <= grid*grid"),
+            (
+                1 <= self.min_objects <= self.max_objects <= self.grid * self.grid,
+                "need 1 <= min_objects <= max_objects <= grid*grid",
+            ),
             (1 <= self.num_scene_types <= len(SCENE_TYPES), f"num_scene_types must be in [1, {len(SCENE_TYPES)}]"),
             (1 <= self.signature_size <= len(SHAPES) * len(COLORS), "signature_size out of range"),
             (self.captions_per_image >= 1, "captions_per_image must be >= 1"),
@@ -123,9 +139,7 @@ def scene_types(cfg: WorldConfig) -> tuple[dict, ...]:
     types = []
     for i, name in enumerate(names):
         sig_idx = rng.choice(len(pool), size=cfg.signature_size, replace=False)
-        signature = [
-            {"shape": pool[j][0], "color": pool[j][1], "row": int(rng.integers(cfg.grid))} for j in sig_idx
-        ]
+        signature = [{"shape": pool[j][0], "color": pool[j][1], "row": int(rng.integers(cfg.grid))} for j in sig_idx]
         types.append(
             {
                 "name": name,
@@ -179,6 +193,7 @@ def perturb_scene(scene: dict, rng: np.random.Generator) -> dict:
 
 
 # ---- language -----------------------------------------------------------------------
+
 
 def position_phrase(obj: dict, grid: int = 3) -> str:
     """'top left', 'middle', 'bottom right' ... (3x3 words; larger grids use row/column numbers)."""
@@ -237,14 +252,14 @@ def sparse_captions(scene: dict, cfg: WorldConfig, rng: np.random.Generator) -> 
     rels = relations(scene)
     grid = scene.get("grid", 3)
     caps: list[str] = []
+    attrs_options = [("color",), ("size", "color"), ("color",), ()]
+
+    def mention(o: dict) -> str:
+        return _article(_np(o, attrs_options[int(rng.integers(len(attrs_options)))]))
+
     attempts = 0
     while len(caps) < cfg.captions_per_image and attempts < 50:
         attempts += 1
-        attrs_options = [("color",), ("size", "color"), ("color",), ()]
-
-        def mention(o: dict) -> str:
-            return _article(_np(o, attrs_options[int(rng.integers(len(attrs_options)))]))
-
         u = rng.random()
         if rels and u < cfg.relation_caption_prob:
             i, rel, j = rels[int(rng.integers(len(rels)))]
@@ -270,6 +285,7 @@ def sparse_captions(scene: dict, cfg: WorldConfig, rng: np.random.Generator) -> 
 
 
 # ---- pixels -------------------------------------------------------------------------
+
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
     def ring(n: int, rad: float, phase: float) -> np.ndarray:
@@ -353,6 +369,7 @@ def render(scene: dict, size: int, rng: np.random.Generator | None = None) -> Im
 
 
 # ---- samples and shards ---------------------------------------------------------------
+
 
 def make_sample(cfg: WorldConfig, split: str, index: int, seed: int = 0, group_size: int = 1) -> Sample:
     """Sample ``index`` of ``split``: a pure function of its arguments.

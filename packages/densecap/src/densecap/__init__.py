@@ -1,2 +1,3 @@
 """densecap: dense captions for any image collection."""
+
 __version__ = "0.1.0"

@@ -14,7 +14,6 @@ densecap process is writing the same output directory and rank (the message name
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -43,8 +42,10 @@ def catalogue(registry, indent: str = "  ", params: bool = True) -> str:
 
 def _epilog() -> str:
     return (
-        "image sources (--source, parameters with -S KEY=VALUE):\n" + catalogue(IMAGE_SOURCES, params=False)
-        + "\n\ncaption sources (--captioner, parameters with -C [INDEX:]KEY=VALUE):\n" + catalogue(CAPTION_SOURCES, params=False)
+        "image sources (--source, parameters with -S KEY=VALUE):\n"
+        + catalogue(IMAGE_SOURCES, params=False)
+        + "\n\ncaption sources (--captioner, parameters with -C [INDEX:]KEY=VALUE):\n"
+        + catalogue(CAPTION_SOURCES, params=False)
         + f"\n\nfilters (--filters, default {','.join(DEFAULT_FILTERS)}; parameters with -F NAME.KEY=VALUE):\n"
         + catalogue(FILTERS, params=False)
         + "\n\n`densecap sources|captioners|filters` list every parameter with its default."
@@ -136,38 +137,72 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="densecap", description=__doc__.split("\n\n")[0] + " Dense captions for any image collection.",
-                                 epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="densecap",
+        description=__doc__.split("\n\n")[0] + " Dense captions for any image collection.",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--log-level", default=None)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="caption, filter and write shards (resumable)", epilog=_epilog(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = sub.add_parser(
+        "run",
+        help="caption, filter and write shards (resumable)",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     r.add_argument("--config", help="YAML file with the config (fields of densecap.config.RunConfig)")
     r.add_argument("--source", help=f"image source type: {', '.join(IMAGE_SOURCES.names())}")
     r.add_argument("--input", help="shorthand for -S path=INPUT")
-    r.add_argument("-S", "--source-opt", action="append", default=[], metavar="KEY=VALUE", help="image source parameter")
-    r.add_argument("--captioner", action="append", metavar="TYPE[=LABEL]",
-                   help=f"caption source (repeat for several): {', '.join(CAPTION_SOURCES.names())}")
-    r.add_argument("-C", "--captioner-opt", action="append", default=[], metavar="[I:]KEY=VALUE",
-                   help="parameter of captioner I (default 0), e.g. -C sampling.temperature=0.7")
+    r.add_argument(
+        "-S", "--source-opt", action="append", default=[], metavar="KEY=VALUE", help="image source parameter"
+    )
+    r.add_argument(
+        "--captioner",
+        action="append",
+        metavar="TYPE[=LABEL]",
+        help=f"caption source (repeat for several): {', '.join(CAPTION_SOURCES.names())}",
+    )
+    r.add_argument(
+        "-C",
+        "--captioner-opt",
+        action="append",
+        default=[],
+        metavar="[I:]KEY=VALUE",
+        help="parameter of captioner I (default 0), e.g. -C sampling.temperature=0.7",
+    )
     r.add_argument("--filters", help=f"comma-separated filter list or 'none' (default {','.join(DEFAULT_FILTERS)})")
     r.add_argument("-F", "--filter-opt", action="append", default=[], metavar="FILTER.KEY=VALUE")
     r.add_argument("--out", help="output shard directory")
     r.add_argument("--report", help="report directory (default OUT/report)")
     r.add_argument("--num-workers", dest="num_workers", type=int)
-    r.add_argument("--executor", choices=("local", "ray"),
-                   help="who runs the units: local (default: this process and --num-workers processes) or ray (a Ray cluster)")
-    r.add_argument("--ray-address", dest="ray_address", metavar="auto|HOST:PORT",
-                   help="the Ray cluster to join (implies --executor ray); without it a local one is started")
+    r.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        help="who runs the units: local (default: this process and --num-workers processes) or ray (a Ray cluster)",
+    )
+    r.add_argument(
+        "--ray-address",
+        dest="ray_address",
+        metavar="auto|HOST:PORT",
+        help="the Ray cluster to join (implies --executor ray); without it a local one is started",
+    )
     r.add_argument("--rank", type=int)
     r.add_argument("--world-size", dest="world_size", type=int)
     r.add_argument("--batch-size", dest="batch_size", type=int)
-    r.add_argument("--recaption", action="store_true", help="caption again samples that already have a text from the source")
+    r.add_argument(
+        "--recaption", action="store_true", help="caption again samples that already have a text from the source"
+    )
     r.add_argument("--no-progress", action="store_true")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. captioners.0.label=x")
+    r.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. captioners.0.label=x"
+    )
     r.add_argument("--print-config", action="store_true", help="print the parsed config and exit")
-    for name, reg, what in (("sources", IMAGE_SOURCES, "image sources"), ("captioners", CAPTION_SOURCES, "caption sources"),
-                            ("filters", FILTERS, "filters")):
+    for name, _reg, what in (
+        ("sources", IMAGE_SOURCES, "image sources"),
+        ("captioners", CAPTION_SOURCES, "caption sources"),
+        ("filters", FILTERS, "filters"),
+    ):
         sub.add_parser(name, help=f"list registered {what} and their parameters")
     rep = sub.add_parser("report", help="(re)write the summary report of an output directory")
     rep.add_argument("out")
@@ -213,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         return 5
     print(json.dumps(summary, indent=2))
     if summary.get("caption_errors"):
-        log.error("%d caption(s) failed and are recorded with their error; rerun the same command to fill them",
-                  summary["caption_errors"])
+        log.error(
+            "%d caption(s) failed and are recorded with their error; rerun the same command to fill them",
+            summary["caption_errors"],
+        )
         return 3
     return 0
 

@@ -23,7 +23,7 @@ from d2s.schema import DenseText, Sample
 
 from .registry import Registry
 
-FILTERS: Registry["Filter"] = Registry("filter", "densecap.filters")
+FILTERS: Registry[Filter] = Registry("filter", "densecap.filters")
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?", re.UNICODE)
 
@@ -120,9 +120,15 @@ class RepetitionFilter(Filter):
 
 
 DEFAULT_REFUSALS = [
-    r"\bi'?m sorry\b", r"\bi am sorry\b", r"\bas an ai\b", r"\bas a language model\b", r"\bi (?:cannot|can't|can not|am unable to|'m unable to)\b",
-    r"\bunable to (?:see|view|describe|provide|process)\b", r"\bno image (?:was|is|has been) (?:provided|attached|uploaded)\b",
-    r"\bi don'?t have the ability\b", r"\bplease (?:provide|upload) (?:an|the) image\b",
+    r"\bi'?m sorry\b",
+    r"\bi am sorry\b",
+    r"\bas an ai\b",
+    r"\bas a language model\b",
+    r"\bi (?:cannot|can't|can not|am unable to|'m unable to)\b",
+    r"\bunable to (?:see|view|describe|provide|process)\b",
+    r"\bno image (?:was|is|has been) (?:provided|attached|uploaded)\b",
+    r"\bi don'?t have the ability\b",
+    r"\bplease (?:provide|upload) (?:an|the) image\b",
 ]
 
 
@@ -166,10 +172,16 @@ class GarbageFilter(Filter):
             return "garbage"
         ok = sum(1 for c in t if c.isalpha() or c.isspace() or c in ".,;:!?'\"()-’")
         letters = [c for c in t if c.isalpha()]
-        script = sum(1 for c in letters if unicodedata.name(c, "").startswith(self.params.script)) / max(1, len(letters))
+        script = sum(1 for c in letters if unicodedata.name(c, "").startswith(self.params.script)) / max(
+            1, len(letters)
+        )
         toks = t.split()
-        wordlike = sum(1 for x in toks if re.fullmatch(r"[\"'(]*[^\W\d_]+(?:[-'’][^\W\d_]+)*[.,;:!?\"')]*", x)) / max(1, len(toks))
-        dense.scores.update(text_char_ratio=round(ok / len(t), 4), script_ratio=round(script, 4), word_token_ratio=round(wordlike, 4))
+        wordlike = sum(1 for x in toks if re.fullmatch(r"[\"'(]*[^\W\d_]+(?:[-'’][^\W\d_]+)*[.,;:!?\"')]*", x)) / max(
+            1, len(toks)
+        )
+        dense.scores.update(
+            text_char_ratio=round(ok / len(t), 4), script_ratio=round(script, 4), word_token_ratio=round(wordlike, 4)
+        )
         p = self.params
         if ok / len(t) < p.min_text_char_ratio or wordlike < p.min_word_token_ratio:
             return "garbage"
@@ -195,7 +207,10 @@ class NearDuplicateFilter(Filter):
         super().__init__(params)
         if params.num_perm % params.bands:
             raise ValueError("near-duplicate: num_perm must be a multiple of bands")
-        seeds = [int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") for i in range(params.num_perm)]
+        seeds = [
+            int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little")
+            for i in range(params.num_perm)
+        ]
         self.seeds = np.array(seeds, dtype=np.uint64)[:, None]
         self.reset()
 
@@ -209,8 +224,9 @@ class NearDuplicateFilter(Filter):
         sh = {" ".join(w[i : i + k]) for i in range(max(1, len(w) - k + 1))} or {""}
         # One 64-bit hash per shingle, then one cheap mix per permutation (vectorised):
         # h_i(x) = splitmix64(x ^ seed_i); the signature is the minimum over shingles.
-        x = np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") for s in sh],
-                     dtype=np.uint64)[None, :]
+        x = np.array(
+            [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") for s in sh], dtype=np.uint64
+        )[None, :]
         z = x ^ self.seeds
         with np.errstate(over="ignore"):
             z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)

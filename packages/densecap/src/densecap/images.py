@@ -27,7 +27,7 @@ from .registry import Registry
 
 log = logging.getLogger(__name__)
 
-IMAGE_SOURCES: Registry["ImageSource"] = Registry("image source", "densecap.image_sources")
+IMAGE_SOURCES: Registry[ImageSource] = Registry("image source", "densecap.image_sources")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -172,7 +172,7 @@ class FolderSource(ImageSource):
         dataset: str = ""
         chunk_size: int = 1000
 
-    def __init__(self, params: "FolderSource.Params"):
+    def __init__(self, params: FolderSource.Params):
         super().__init__(params)
         self.root = Path(params.path)
         if not self.root.is_dir():
@@ -185,7 +185,9 @@ class FolderSource(ImageSource):
 
     def units(self) -> list[Unit]:
         files = sorted(
-            str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            str(p.relative_to(self.root))
+            for p in self.root.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         )
         return [Unit(self.params.split, i, c, len(c)) for i, c in enumerate(chunk(files, self.params.chunk_size))]
 
@@ -200,8 +202,14 @@ class FolderSource(ImageSource):
                 continue
             sparse = self.captions.get(rel) or self.captions.get(Path(rel).name) or []
             yield Sample(
-                key=make_key(rel), image=data, image_ext=Path(rel).suffix.lstrip(".").lower().replace("jpeg", "jpg"),
-                id=rel, dataset=self.params.dataset or self.root.name, split=unit.split, path=rel, sparse=list(sparse),
+                key=make_key(rel),
+                image=data,
+                image_ext=Path(rel).suffix.lstrip(".").lower().replace("jpeg", "jpg"),
+                id=rel,
+                dataset=self.params.dataset or self.root.name,
+                split=unit.split,
+                path=rel,
+                sparse=list(sparse),
             )
 
 
@@ -219,7 +227,7 @@ class KarpathySource(ImageSource):
         restval_as_train: bool = True
         chunk_size: int = 1000
 
-    def __init__(self, params: "KarpathySource.Params"):
+    def __init__(self, params: KarpathySource.Params):
         super().__init__(params)
         p = Path(params.path)
         if not p.exists():
@@ -261,8 +269,13 @@ class KarpathySource(ImageSource):
                 yield Rejected(make_key(image_id), image_id, rel, data.reason)
                 continue
             yield Sample(
-                key=make_key(image_id), image=data, image_ext=Path(rel).suffix.lstrip(".").lower().replace("jpeg", "jpg"),
-                id=image_id, dataset=self.dataset, split=unit.split, path=rel,
+                key=make_key(image_id),
+                image=data,
+                image_ext=Path(rel).suffix.lstrip(".").lower().replace("jpeg", "jpg"),
+                id=image_id,
+                dataset=self.dataset,
+                split=unit.split,
+                path=rel,
                 sparse=[s.get("raw", "").strip() for s in img.get("sentences", []) if s.get("raw")],
             )
 
@@ -318,7 +331,9 @@ class ShardsSource(ImageSource):
                 try:
                     doc = json.loads(rec["json"])
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    yield Rejected(make_key(f"{unit.payload}/{key}"), key, unit.payload, f"malformed json member: {exc}")
+                    yield Rejected(
+                        make_key(f"{unit.payload}/{key}"), key, unit.payload, f"malformed json member: {exc}"
+                    )
                     continue
             if isinstance(doc, dict) and "schema_version" in doc:
                 try:
@@ -335,17 +350,32 @@ class ShardsSource(ImageSource):
                 continue
             caption = rec.get("txt", b"").decode("utf-8", "replace").strip() or str(meta.get("caption") or "")
             yield Sample(
-                key=make_key(image_id), image=rec[ext], image_ext=ext.replace("jpeg", "jpg"), id=image_id,
-                dataset=self.params.dataset or Path(unit.payload).parent.name, split=unit.split,
-                path=str(meta.get("url") or ""), sparse=[caption] if caption else [],
-                meta={k: str(v) for k, v in meta.items() if isinstance(v, (str, int, float)) and k in ("url", "width", "height", "sha256")},
+                key=make_key(image_id),
+                image=rec[ext],
+                image_ext=ext.replace("jpeg", "jpg"),
+                id=image_id,
+                dataset=self.params.dataset or Path(unit.payload).parent.name,
+                split=unit.split,
+                path=str(meta.get("url") or ""),
+                sparse=[caption] if caption else [],
+                meta={
+                    k: str(v)
+                    for k, v in meta.items()
+                    if isinstance(v, (str, int, float)) and k in ("url", "width", "height", "sha256")
+                },
             )
 
 
-IMAGE_SOURCES.register("synthetic-world")(type("SyntheticWorldSource", (ShardsSource,), {
-    "__doc__": "The project's synthetic world (d2s.synthetic / the synthetic-world stage): its shards in the "
-    "project format, read like 'shards'. Pair it with the synthetic-oracle caption source.",
-}))
+IMAGE_SOURCES.register("synthetic-world")(
+    type(
+        "SyntheticWorldSource",
+        (ShardsSource,),
+        {
+            "__doc__": "The project's synthetic world (d2s.synthetic / the synthetic-world stage): its shards in the "
+            "project format, read like 'shards'. Pair it with the synthetic-oracle caption source.",
+        },
+    )
+)
 
 
 @IMAGE_SOURCES.register("hf")
@@ -364,7 +394,7 @@ class HFDatasetSource(ImageSource):
         name: str = ""  # load_dataset config name
         chunk_size: int = 1000
 
-    def __init__(self, params: "HFDatasetSource.Params"):
+    def __init__(self, params: HFDatasetSource.Params):
         super().__init__(params)
         self._ds = None
 
@@ -380,7 +410,9 @@ class HFDatasetSource(ImageSource):
                 ds = datasets.load_dataset(self.params.path, self.params.name or None)
             if isinstance(ds, datasets.DatasetDict):
                 if self.params.split not in ds:
-                    raise ConfigError(f"source hf: {self.params.path} has no split {self.params.split!r}; splits: {list(ds)}")
+                    raise ConfigError(
+                        f"source hf: {self.params.path} has no split {self.params.split!r}; splits: {list(ds)}"
+                    )
                 ds = ds[self.params.split]
             if self.params.image_column not in ds.column_names:
                 raise ConfigError(f"source hf: no column {self.params.image_column!r}; columns: {ds.column_names}")
@@ -394,7 +426,9 @@ class HFDatasetSource(ImageSource):
     def units(self) -> list[Unit]:
         n = len(self.ds)
         cs = self.params.chunk_size
-        return [Unit(self.params.split, i, (s, min(n, s + cs)), min(n, s + cs) - s) for i, s in enumerate(range(0, n, cs))]
+        return [
+            Unit(self.params.split, i, (s, min(n, s + cs)), min(n, s + cs) - s) for i, s in enumerate(range(0, n, cs))
+        ]
 
     def iter_unit(self, unit: Unit) -> Iterator[Sample | Rejected]:
         start, stop = unit.payload
@@ -422,11 +456,19 @@ class HFDatasetSource(ImageSource):
             else:
                 data = None
             if not data:
-                yield Rejected(make_key(image_id), image_id, path, f"row {row_i}: no image in column {p.image_column!r}")
+                yield Rejected(
+                    make_key(image_id), image_id, path, f"row {row_i}: no image in column {p.image_column!r}"
+                )
                 continue
             caps = row.get(p.caption_column) if p.caption_column else None
             caps = [] if caps is None else (caps if isinstance(caps, list) else [caps])
             yield Sample(
-                key=make_key(image_id), image=data, image_ext=sniff_image_ext(data) or "jpg", id=image_id,
-                dataset=Path(p.path).name, split=unit.split, path=path, sparse=[str(c) for c in caps],
+                key=make_key(image_id),
+                image=data,
+                image_ext=sniff_image_ext(data) or "jpg",
+                id=image_id,
+                dataset=Path(p.path).name,
+                split=unit.split,
+                path=path,
+                sparse=[str(c) for c in caps],
             )

@@ -85,7 +85,9 @@ def ray_env(token: str = "") -> dict[str, str]:
 
 
 class RayCluster:
-    def __init__(self, num_cpus: int | None = None, num_gpus: int | None = None, object_store_memory: int | None = None):
+    def __init__(
+        self, num_cpus: int | None = None, num_gpus: int | None = None, object_store_memory: int | None = None
+    ):
         # None: what Ray detects (every core / GPU; object store ~30 % of memory)
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
@@ -108,20 +110,43 @@ class RayCluster:
         """What a process that joins this cluster needs in its environment (the auth token)."""
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
 
-    def start(self, timeout: float = 180.0) -> "RayCluster":
+    def start(self, timeout: float = 180.0) -> RayCluster:
         remove_stale_dirs(self.temp_dir.parent)
         (self.temp_dir / "owner.pid").write_text(str(os.getpid()))
         ray_cli = Path(sys.executable).with_name("ray")
-        cmd = [str(ray_cli), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
-               "--include-dashboard", "false", "--temp-dir", str(self.temp_dir), "--disable-usage-stats"]
-        for flag, v in (("--num-cpus", self.num_cpus), ("--num-gpus", self.num_gpus), ("--object-store-memory", self.object_store_memory)):
+        cmd = [
+            str(ray_cli),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--include-dashboard",
+            "false",
+            "--temp-dir",
+            str(self.temp_dir),
+            "--disable-usage-stats",
+        ]
+        for flag, v in (
+            ("--num-cpus", self.num_cpus),
+            ("--num-gpus", self.num_gpus),
+            ("--object-store-memory", self.object_store_memory),
+        ):
             if v is not None:
                 cmd += [flag, str(int(v))]
         t0 = time.time()
         self._log = open(self.log_path, "w")
         # stdin: a pipe this process never writes to; the guard ends the cluster at its EOF
-        self.proc = subprocess.Popen([sys.executable, str(GUARD), "--", *cmd], stdin=subprocess.PIPE, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=ray_env(self.token), start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(GUARD), "--", *cmd],
+            stdin=subprocess.PIPE,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=ray_env(self.token),
+            start_new_session=True,
+        )
         while "Ray runtime started" not in self.log_path.read_text(errors="replace"):
             if self.proc.poll() is not None or time.time() - t0 > timeout:
                 tail = self.log_path.read_text(errors="replace")[-3000:]
@@ -166,7 +191,7 @@ class RayCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return left
 
-    def __enter__(self) -> "RayCluster":
+    def __enter__(self) -> RayCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

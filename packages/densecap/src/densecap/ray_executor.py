@@ -27,8 +27,9 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from d2s.config import ConfigError, to_dict
 
@@ -80,8 +81,10 @@ def _connect(address: str, init: dict[str, Any]):
     import sys
 
     if importlib.util.find_spec("ray") is None:
-        raise ConfigError("executor.type: 'ray' needs Ray in this environment: pip install 'd2s-densecap[ray]' "
-                          "(or bash scripts/bootstrap.sh)")
+        raise ConfigError(
+            "executor.type: 'ray' needs Ray in this environment: pip install 'd2s-densecap[ray]' "
+            "(or bash scripts/bootstrap.sh)"
+        )
     local = None
     if not address and "ray" not in sys.modules:
         from .ray_cluster import RayCluster
@@ -111,8 +114,15 @@ def _connect(address: str, init: dict[str, Any]):
     return local
 
 
-def run_units(cfg: DensecapConfig, out: Path, todo: list[Unit], image_exts: dict, results: list[dict],
-              tick: Callable[[int], None], info: dict[str, Any] | None = None) -> str:
+def run_units(
+    cfg: DensecapConfig,
+    out: Path,
+    todo: list[Unit],
+    image_exts: dict,
+    results: list[dict],
+    tick: Callable[[int], None],
+    info: dict[str, Any] | None = None,
+) -> str:
     """Write ``todo`` on Ray; append each unit's stats to ``results`` as it completes and call
     ``tick(images)``; ``info`` receives ``replicas`` and ``ray_startup_s`` (joining or starting the
     cluster until every replica has its caption sources started). Returns the first caption
@@ -136,10 +146,18 @@ def run_units(cfg: DensecapConfig, out: Path, todo: list[Unit], image_exts: dict
         have = ray.cluster_resources()
         for res, per in (("CPU", ex.num_cpus), ("GPU", ex.num_gpus)):
             if per and per * n > have.get(res, 0):
-                log.warning("densecap: %d replicas x %s %s > the cluster's %s %s: some replicas wait for resources "
-                            "(an autoscaling cluster may add them)", n, per, res, have.get(res, 0), res)
-        Actor = ray.remote(UnitWriter).options(num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_restarts=ex.max_retries,
-                                               max_task_retries=ex.max_retries)
+                log.warning(
+                    "densecap: %d replicas x %s %s > the cluster's %s %s: some replicas wait for resources "
+                    "(an autoscaling cluster may add them)",
+                    n,
+                    per,
+                    res,
+                    have.get(res, 0),
+                    res,
+                )
+        Actor = ray.remote(UnitWriter).options(
+            num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_restarts=ex.max_retries, max_task_retries=ex.max_retries
+        )
         cfg_dict = to_dict(cfg)
         fp = config_fingerprint(cfg)
         actors = [Actor.remote(cfg_dict, str(out), image_exts, fp) for _ in range(n)]
@@ -147,7 +165,9 @@ def run_units(cfg: DensecapConfig, out: Path, todo: list[Unit], image_exts: dict
             if r["error"]:
                 raise CaptionSourceError(r["error"])
         info.update(replicas=n, ray_startup_s=round(time.perf_counter() - t_start, 2))
-        log.info("densecap: %d Ray replica(s) ready after %.1fs, %d unit(s) to write", n, info["ray_startup_s"], len(todo))
+        log.info(
+            "densecap: %d Ray replica(s) ready after %.1fs, %d unit(s) to write", n, info["ray_startup_s"], len(todo)
+        )
         queue = deque(todo)
         running: dict[Any, tuple[Any, Unit]] = {}
         fatal = ""
@@ -187,9 +207,11 @@ def run_units(cfg: DensecapConfig, out: Path, todo: list[Unit], image_exts: dict
         if lost or (queue and not fatal):
             from .run import RunAborted
 
-            raise RunAborted(f"{len(lost)} unit(s) could not be written after {ex.max_retries} retries each "
-                               f"({'; '.join(lost)}){f' and {len(queue)} never started' if queue else ''}; "
-                               "finished shards are kept: rerun the same command to continue")
+            raise RunAborted(
+                f"{len(lost)} unit(s) could not be written after {ex.max_retries} retries each "
+                f"({'; '.join(lost)}){f' and {len(queue)} never started' if queue else ''}; "
+                "finished shards are kept: rerun the same command to continue"
+            )
         return fatal
     finally:
         for a in actors:

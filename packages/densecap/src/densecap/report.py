@@ -1,11 +1,11 @@
 """The per-run summary report: counts per reason, a length histogram, examples kept and dropped.
 
-    <report>/summary.json   totals over all shards (images, captions, reasons, tokens)
-    <report>/reasons.csv    captions per (source, verdict)
-    <report>/shards.csv     one row of stats per shard
-    <report>/lengths.png    word-length histogram of kept vs dropped captions
-    <report>/rejects.jsonl  every rejected image and dropped / failed caption, with its reason
-    <report>/report.md      all of the above in one readable page, with examples
+<report>/summary.json   totals over all shards (images, captions, reasons, tokens)
+<report>/reasons.csv    captions per (source, verdict)
+<report>/shards.csv     one row of stats per shard
+<report>/lengths.png    word-length histogram of kept vs dropped captions
+<report>/rejects.jsonl  every rejected image and dropped / failed caption, with its reason
+<report>/report.md      all of the above in one readable page, with examples
 """
 
 from __future__ import annotations
@@ -26,11 +26,19 @@ def _dense_rows(out: Path) -> list[dict[str, Any]]:
     for rec in iter_records(paths):
         doc = json.loads(rec["json"])
         for d in doc.get("dense", []):
-            rows.append({
-                "key": rec["__key__"], "id": doc.get("id", ""), "split": doc.get("split", ""), "source": d["source"],
-                "model": d.get("model", ""), "verdict": d.get("verdict", "keep"), "error": d.get("error", ""),
-                "words": len(d["text"].split()), "text": d["text"],
-            })
+            rows.append(
+                {
+                    "key": rec["__key__"],
+                    "id": doc.get("id", ""),
+                    "split": doc.get("split", ""),
+                    "source": d["source"],
+                    "model": d.get("model", ""),
+                    "verdict": d.get("verdict", "keep"),
+                    "error": d.get("error", ""),
+                    "words": len(d["text"].split()),
+                    "text": d["text"],
+                }
+            )
     return rows
 
 
@@ -44,17 +52,27 @@ def write_report(out: str | Path, report_dir: str | Path, n_examples: int = 3) -
     out, report_dir = Path(out), Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     shard_stats = pd.DataFrame(list(completed_shards(out).values()))
-    dense = pd.DataFrame(_dense_rows(out), columns=["key", "id", "split", "source", "model", "verdict", "error", "words", "text"])
+    dense = pd.DataFrame(
+        _dense_rows(out), columns=["key", "id", "split", "source", "model", "verdict", "error", "words", "text"]
+    )
     rejects = []
     for p in sorted((out / "rejects").glob("*.jsonl")):
         rejects += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
     atomic_write_text(report_dir / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
 
-    reasons = dense.groupby(["source", "verdict"]).size().rename("count").reset_index() if len(dense) else pd.DataFrame(columns=["source", "verdict", "count"])
+    reasons = (
+        dense.groupby(["source", "verdict"]).size().rename("count").reset_index()
+        if len(dense)
+        else pd.DataFrame(columns=["source", "verdict", "count"])
+    )
     reasons.to_csv(report_dir / "reasons.csv", index=False)
     if len(shard_stats):
-        shard_stats.drop(columns=[c for c in ("world", "captioners", "filters") if c in shard_stats], errors="ignore").to_csv(report_dir / "shards.csv", index=False)
-    image_reasons = pd.Series([r["reason"].split(":")[0] for r in rejects if r.get("kind") == "image"], dtype=str).value_counts()
+        shard_stats.drop(
+            columns=[c for c in ("world", "captioners", "filters") if c in shard_stats], errors="ignore"
+        ).to_csv(report_dir / "shards.csv", index=False)
+    image_reasons = pd.Series(
+        [r["reason"].split(":")[0] for r in rejects if r.get("kind") == "image"], dtype=str
+    ).value_counts()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ok = dense[(dense.verdict == "keep") & (dense.error == "")]["words"] if len(dense) else []
@@ -85,11 +103,24 @@ def write_report(out: str | Path, report_dir: str | Path, n_examples: int = 3) -
     }
     atomic_write_json(report_dir / "summary.json", summary)
 
-    lines = [f"# densecap report: {out}", "", "```json", json.dumps(summary, indent=2), "```", "",
-             "## Captions per source and verdict", "", reasons.to_markdown(index=False) if _has_tabulate() else reasons.to_string(index=False),
-             "", "![lengths](lengths.png)", ""]
-    for title, sel in (("kept", dense[dense.verdict == "keep"] if len(dense) else dense),
-                       ("dropped", dense[dense.verdict != "keep"] if len(dense) else dense)):
+    lines = [
+        f"# densecap report: {out}",
+        "",
+        "```json",
+        json.dumps(summary, indent=2),
+        "```",
+        "",
+        "## Captions per source and verdict",
+        "",
+        reasons.to_markdown(index=False) if _has_tabulate() else reasons.to_string(index=False),
+        "",
+        "![lengths](lengths.png)",
+        "",
+    ]
+    for title, sel in (
+        ("kept", dense[dense.verdict == "keep"] if len(dense) else dense),
+        ("dropped", dense[dense.verdict != "keep"] if len(dense) else dense),
+    ):
         lines += [f"## Examples {title}", ""]
         for _, r in sel.groupby("verdict").head(n_examples).iterrows() if len(sel) else []:
             text = (r.text or r.error).replace("\n", " ")

@@ -69,7 +69,7 @@ class RunLock:
         self.rank = rank
         self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         import fcntl
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -81,14 +81,20 @@ class RunLock:
             except (ValueError, UnicodeDecodeError):
                 holder = {}
             os.close(fd)
-            who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}: "
-                   f"{holder.get('command', '?')}")
+            who = (
+                f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}: "
+                f"{holder.get('command', '?')}"
+            )
             raise RunLocked(
                 f"{self.path.parent}: rank {self.rank} is being written by another densecap process ({who}); "
                 f"wait for it to finish or stop it (kill {holder.get('pid', '<pid>')}), then rerun. Lock file: {self.path}"
             ) from None
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "command": " ".join(sys.argv)}
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": " ".join(sys.argv),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         self._fd = fd
@@ -99,7 +105,7 @@ class RunLock:
             os.close(self._fd)  # closing drops the flock; the file stays (removing it would race)
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -145,7 +151,9 @@ class Worker:
             cls = CAPTION_SOURCES.get(c.type)
             params = CAPTION_SOURCES.parse_params(c.type, c.params, f"captioners[{i}].params")
             self.captioners.append(cls(params, label=c.label or c.type))
-        self.chain = FilterChain([FILTERS.create(f.type, f.params, f"filters[{i}].params") for i, f in enumerate(cfg.filters)])
+        self.chain = FilterChain(
+            [FILTERS.create(f.type, f.params, f"filters[{i}].params") for i, f in enumerate(cfg.filters)]
+        )
         self.loop = asyncio.new_event_loop()
         self.started = False
         #: more entries for every shard's stats file (the Ray executor: which process wrote it)
@@ -185,7 +193,15 @@ class Worker:
                 rejects.append({"kind": "image", "key": item.key, "id": item.id, "path": item.path, "reason": reason})
                 continue
             if item.key in seen:
-                rejects.append({"kind": "image", "key": item.key, "id": item.id, "path": item.path, "reason": "duplicate key in unit"})
+                rejects.append(
+                    {
+                        "kind": "image",
+                        "key": item.key,
+                        "id": item.id,
+                        "path": item.path,
+                        "reason": "duplicate key in unit",
+                    }
+                )
                 continue
             seen.add(item.key)
             item.image_ext = ext
@@ -216,7 +232,9 @@ class Worker:
                 results = self.loop.run_until_complete(cap.caption(todo))
                 counts["caption_seconds"] += time.perf_counter() - t0
                 if len(results) != len(todo):
-                    raise RuntimeError(f"caption source {cap.label!r} returned {len(results)} results for {len(todo)} samples")
+                    raise RuntimeError(
+                        f"caption source {cap.label!r} returned {len(results)} results for {len(todo)} samples"
+                    )
                 for s, d in zip(todo, results):
                     counts["captions_requested"] += 1
                     if d is None:
@@ -231,13 +249,32 @@ class Worker:
                     verdict = self.chain.apply(d, s)
                     if d.error:
                         counts["caption_errors"] += 1
-                        rejects.append({"kind": "caption", "key": s.key, "id": s.id, "source": d.source, "reason": "error", "error": d.error})
+                        rejects.append(
+                            {
+                                "kind": "caption",
+                                "key": s.key,
+                                "id": s.id,
+                                "source": d.source,
+                                "reason": "error",
+                                "error": d.error,
+                            }
+                        )
                     elif verdict == "keep":
                         counts["captions_kept"] += 1
                     else:
                         counts["captions_dropped"] += 1
                         counts[f"dropped_{verdict}"] += 1
-                        rejects.append({"kind": "caption", "key": s.key, "id": s.id, "source": d.source, "reason": verdict, "text": d.text, "scores": d.scores})
+                        rejects.append(
+                            {
+                                "kind": "caption",
+                                "key": s.key,
+                                "id": s.id,
+                                "source": d.source,
+                                "reason": verdict,
+                                "text": d.text,
+                                "scores": d.scores,
+                            }
+                        )
                     if id(s) not in new:
                         counts["captions_refiltered"] += 1
 
@@ -250,8 +287,14 @@ class Worker:
             if not eps:
                 continue
             before = (since or {}).get(c.label, {})
-            out[c.label] = {url: {**e, "ok": e["ok"] - before.get(url, {}).get("ok", 0),
-                                  "failed": e["failed"] - before.get(url, {}).get("failed", 0)} for url, e in eps.items()}
+            out[c.label] = {
+                url: {
+                    **e,
+                    "ok": e["ok"] - before.get(url, {}).get("ok", 0),
+                    "failed": e["failed"] - before.get(url, {}).get("failed", 0),
+                }
+                for url, e in eps.items()
+            }
         return out
 
     def process(self, unit: Unit, progress=None) -> dict[str, Any]:
@@ -336,7 +379,9 @@ def content_config(cfg: DensecapConfig) -> dict[str, Any]:
     sampling...) without their transport params (server address, key, concurrency, timeouts,
     retries), the filters, the image format and ``recaption``; not workers, batch size, progress
     bars or the executor."""
-    doc = {k: v for k, v in to_dict(cfg).items() if k in DensecapConfig.__dataclass_fields__ and k not in EXECUTION_FIELDS}
+    doc = {
+        k: v for k, v in to_dict(cfg).items() if k in DensecapConfig.__dataclass_fields__ and k not in EXECUTION_FIELDS
+    }
     doc["captioners"] = strip_transport(doc["captioners"])
     return doc
 
@@ -476,7 +521,13 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     worker.image_exts = image_exts
     known = [u.size for u in todo]
     total = sum(known) if all(k is not None for k in known) else None
-    log.info("densecap: %d unit(s) for rank %d/%d, %d already complete", len(todo), cfg.rank, cfg.world_size, len(mine) - len(todo))
+    log.info(
+        "densecap: %d unit(s) for rank %d/%d, %d already complete",
+        len(todo),
+        cfg.rank,
+        cfg.world_size,
+        len(mine) - len(todo),
+    )
     results: list[dict] = []
     ray_info: dict[str, Any] = {}
     fatal = ""
@@ -486,7 +537,9 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     def tick(n: int) -> None:
         bar.update(n)
         el = time.perf_counter() - t0
-        bar.set_postfix_str(f"{sum(r.get('captions_requested', 0) for r in results) / el if el else 0:.1f} cap/s shards {len(results)}/{len(todo)}")
+        bar.set_postfix_str(
+            f"{sum(r.get('captions_requested', 0) for r in results) / el if el else 0:.1f} cap/s shards {len(results)}/{len(todo)}"
+        )
 
     try:
         if on_ray:
@@ -509,8 +562,12 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
             worker.close()
             import multiprocessing as mp
 
-            with ProcessPoolExecutor(cfg.num_workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                     initargs=(to_dict(base), str(out), image_exts, os.getpid())) as ex:
+            with ProcessPoolExecutor(
+                cfg.num_workers,
+                mp_context=mp.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(to_dict(base), str(out), image_exts, os.getpid()),
+            ) as ex:
                 futures = [ex.submit(_work, u) for u in todo]
                 for f in futures:
                     r = f.result()
@@ -529,7 +586,12 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
         if r.get("skipped"):  # completed by an earlier attempt while this run waited for its lock
             continue
         for k, v in r.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("index", "schema_version", "bytes", "seconds", "captions_per_s", "completion_tokens_per_s"):
+            if (
+                isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and k
+                not in ("index", "schema_version", "bytes", "seconds", "captions_per_s", "completion_tokens_per_s")
+            ):
                 agg[k] += v
     summary = {
         "units_total": len(mine),
@@ -552,6 +614,8 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     summary["complete"] = all_done
     log.info("densecap summary: %s", json.dumps(summary))
     if fatal:
-        raise RunAborted(f"stopped after {len(results)} shard(s): {fatal}. Finished shards are kept; "
-                         "failed captions are recorded with their error; rerun the same command to fill them.")
+        raise RunAborted(
+            f"stopped after {len(results)} shard(s): {fatal}. Finished shards are kept; "
+            "failed captions are recorded with their error; rerun the same command to fill them."
+        )
     return summary

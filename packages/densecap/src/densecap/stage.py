@@ -50,14 +50,27 @@ class DensecapStage(Stage):
         if ctx.inputs.get("shards"):
             source = PluginConfig(source.type, {**source.params, "path": str(ctx.inputs["shards"])}, source.label)
         base = {k: getattr(p, k) for k in DensecapConfig.__dataclass_fields__}
-        cfg = RunConfig(**{**base, "source": source, "out": str(ctx.outputs["shards"]), "report": str(ctx.outputs["report"]),
-                           "rank": p.rank, "world_size": p.world_size})
+        cfg = RunConfig(
+            **{
+                **base,
+                "source": source,
+                "out": str(ctx.outputs["shards"]),
+                "report": str(ctx.outputs["report"]),
+                "rank": p.rank,
+                "world_size": p.world_size,
+            }
+        )
         summary = run(cfg)
         if not summary.get("complete"):
             if p.world_size > 1:
                 raise RuntimeError(
                     f"densecap stage {ctx.name}: rank {p.rank}/{p.world_size} finished its {summary.get('units_total', 0)} "
                     f"unit(s), but other ranks' units in {ctx.outputs['shards']} are not complete yet. Once every rank "
-                    "has finished, run the pipeline again (any rank) to write the manifest and report and go on.")
+                    "has finished, run the pipeline again (any rank) to write the manifest and report and go on."
+                )
             raise RuntimeError(f"densecap stage {ctx.name}: not all shards complete: {summary}")
-        return {k: summary[k] for k in ("units_total", "captions_requested", "captions_kept", "caption_errors") if k in summary}
+        return {
+            k: summary[k]
+            for k in ("units_total", "captions_requested", "captions_kept", "caption_errors")
+            if k in summary
+        }

@@ -59,10 +59,17 @@ def build_tokenizer(words: list[str], out_dir: str | Path):
     tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
     tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     tok = BertTokenizerFast(
-        tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+        tokenizer_object=tk,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
     )
     tok.save_pretrained(str(out))
     return tok
@@ -132,7 +139,9 @@ def build_assets(
 
 def have_assets(assets_dir: str | Path, model_name: str) -> bool:
     p = asset_paths(assets_dir, model_name)
-    return all((p[k] / "config.json").exists() for k in ("image", "text")) and (p["tokenizer"] / "tokenizer.json").exists()
+    return (
+        all((p[k] / "config.json").exists() for k in ("image", "text")) and (p["tokenizer"] / "tokenizer.json").exists()
+    )
 
 
 def load_json(path: Path) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+
 import torch
 from PIL import Image
 
@@ -47,10 +48,14 @@ class Bundle:
         self.device = device
         cfg = self.model.cfg
         self.tokenizer = TextTokenizer(load_tokenizer(self.path))
-        self.transform = ImageTransform.from_processor(cfg.image.image_size, load_processor(self.path), cfg.image.mean, cfg.image.std)
+        self.transform = ImageTransform.from_processor(
+            cfg.image.image_size, load_processor(self.path), cfg.image.mean, cfg.image.std
+        )
 
     @torch.no_grad()
-    def embed_images(self, images: list[bytes | Image.Image], batch_size: int = 64, keys: list[str] | None = None) -> torch.Tensor:
+    def embed_images(
+        self, images: list[bytes | Image.Image], batch_size: int = 64, keys: list[str] | None = None
+    ) -> torch.Tensor:
         """An image that cannot be decoded raises ``d2s.schema.SampleError`` naming ``keys[i]``
         when given, else its index in ``images``."""
         if keys is not None and len(keys) != len(images):
@@ -59,7 +64,9 @@ class Bundle:
         for i in range(0, len(images), batch_size):
             chunk = images[i : i + batch_size]
             names = [(None, keys[j] if keys is not None else f"#{j}") for j in range(i, i + len(chunk))]
-            u8 = self.transform.decode([im if not isinstance(im, (bytearray, memoryview)) else bytes(im) for im in chunk], names=names)
+            u8 = self.transform.decode(
+                [im if not isinstance(im, (bytearray, memoryview)) else bytes(im) for im in chunk], names=names
+            )
             px = self.transform.normalize(u8.to(self.device))
             out.append(self.model.embed_images(px).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.model.cfg.embed_dim)

@@ -89,13 +89,17 @@ def load_checkpoint(
     doc = read_config(path)
     cfg: ModelConfig = get_model_config(doc["model"])
     has_head = doc.get("student_head", False) if student_head is None else student_head
-    model = VSEModel(cfg, backbone_from_config(path / "image_backbone"), backbone_from_config(path / "text_backbone"), has_head)
+    model = VSEModel(
+        cfg, backbone_from_config(path / "image_backbone"), backbone_from_config(path / "text_backbone"), has_head
+    )
     state = load_file(str(path / "model.safetensors"), device=map_location)
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad_missing = [k for k in missing if not k.startswith("student.")]
     bad_unexpected = [k for k in unexpected if not k.startswith("student.")]
     if bad_missing or bad_unexpected:
-        raise ValueError(f"{path}: weights do not fit the model: missing {bad_missing[:5]}, unexpected {bad_unexpected[:5]}")
+        raise ValueError(
+            f"{path}: weights do not fit the model: missing {bad_missing[:5]}, unexpected {bad_unexpected[:5]}"
+        )
     return model, doc
 
 

@@ -55,7 +55,7 @@ def _build_assets(args: argparse.Namespace) -> dict:
     if args.warmstart_split is not None:
         doc = {"split": args.warmstart_split, "seed": args.seed, **{k: v for k, v in steps.items() if v is not None}}
         warm = from_dict(WarmStartParams, doc, "build-assets --warmstart")  # a bad value fails before any work
-        check_split(args.shards, warm.split)                                # and so does a missing split
+        check_split(args.shards, warm.split)  # and so does a missing split
     elif any(v is not None for v in steps.values()):
         raise ConfigError("build-assets: --warmstart-image-steps / --warmstart-text-steps need --warmstart-split")
     result = build_assets(args.shards, args.out, args.model, seed=args.seed)
@@ -96,10 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("build-assets", help="build the tokenizer + tiny backbones of the CPU configs from shards")
     a.add_argument("--shards", required=True)
     a.add_argument("--out", required=True)
-    a.add_argument("--model", action="append", help="only this model config (repeatable); default: all locally built ones")
+    a.add_argument(
+        "--model", action="append", help="only this model config (repeatable); default: all locally built ones"
+    )
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--warmstart-split", help="then warm-start the backbones on this split (vse.warmstart; e.g. pretrain)")
-    a.add_argument("--warmstart-image-steps", type=int, help="image tagging steps (default: WarmStartParams.image_steps)")
+    a.add_argument(
+        "--warmstart-split", help="then warm-start the backbones on this split (vse.warmstart; e.g. pretrain)"
+    )
+    a.add_argument(
+        "--warmstart-image-steps", type=int, help="image tagging steps (default: WarmStartParams.image_steps)"
+    )
     a.add_argument("--warmstart-text-steps", type=int, help="masked-LM steps (default: WarmStartParams.text_steps)")
 
     sub.add_parser("models", help="list model configs")

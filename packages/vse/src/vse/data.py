@@ -33,8 +33,9 @@ import itertools
 import logging
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,8 +67,15 @@ class ImageTransform:
     ``batch`` does both for evaluation and inference.
     """
 
-    def __init__(self, size: int, mean: list[float], std: list[float], *,
-                 random_crop: list[float] | None = None, hflip: float = 0.0):
+    def __init__(
+        self,
+        size: int,
+        mean: list[float],
+        std: list[float],
+        *,
+        random_crop: list[float] | None = None,
+        hflip: float = 0.0,
+    ):
         self.size = size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
@@ -75,7 +83,7 @@ class ImageTransform:
         self.hflip = hflip
 
     @classmethod
-    def from_processor(cls, size: int, processor: Any | None, default_mean, default_std, **augment) -> "ImageTransform":
+    def from_processor(cls, size: int, processor: Any | None, default_mean, default_std, **augment) -> ImageTransform:
         mean = getattr(processor, "image_mean", None) or default_mean
         std = getattr(processor, "image_std", None) or default_std
         return cls(size, list(mean), list(std), **augment)
@@ -85,7 +93,7 @@ class ImageTransform:
         if im.mode != "RGB":
             im = im.convert("RGB")
         else:
-            im.load()   # decode now: a truncated or corrupt image fails here, before any random draw
+            im.load()  # decode now: a truncated or corrupt image fails here, before any random draw
         box = None
         if rng is not None and self.random_crop is not None:
             # the reference's training crop: both sides scaled by one r ~ U(lo, hi), random position
@@ -103,22 +111,33 @@ class ImageTransform:
             px = px[:, ::-1]
         return px
 
-    def decode(self, images: list, rng: np.random.Generator | None = None,
-               names: list[tuple[str | None, str | None]] | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        images: list,
+        rng: np.random.Generator | None = None,
+        names: list[tuple[str | None, str | None]] | None = None,
+    ) -> torch.Tensor:
         """Decode and resize each image: uint8 [B, 3, S, S]. With ``rng`` (training), each image
         also gets the configured random crop and horizontal flip. An image that cannot be decoded
         raises :class:`SampleError` naming it: ``names[i]`` is image i's (shard, key), else its index."""
         u8 = np.stack([self.pixels_or_error(im, i, rng, names) for i, im in enumerate(images)])  # B, S, S, 3
         return torch.from_numpy(u8).permute(0, 3, 1, 2).contiguous()
 
-    def pixels_or_error(self, image: bytes | Image.Image, i: int, rng: np.random.Generator | None = None,
-                        names: list[tuple[str | None, str | None]] | None = None) -> np.ndarray:
+    def pixels_or_error(
+        self,
+        image: bytes | Image.Image,
+        i: int,
+        rng: np.random.Generator | None = None,
+        names: list[tuple[str | None, str | None]] | None = None,
+    ) -> np.ndarray:
         try:
             return self._pixels(image, rng)
         except DECODE_ERRORS as exc:
             shard, key = names[i] if names is not None else (None, None)
             where = "" if key is not None else f"image {i} of the batch: "
-            raise SampleError(f"{where}cannot decode the image ({type(exc).__name__}: {exc})", shard=shard, key=key) from exc
+            raise SampleError(
+                f"{where}cannot decode the image ({type(exc).__name__}: {exc})", shard=shard, key=key
+            ) from exc
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, S, S] (any device) -> float32, scaled and normalised like the processor."""
@@ -203,7 +222,7 @@ def _word_units(word_ids: list[int | None]) -> list[int]:
 class TextField:
     """One text tensor of a batch: which text, how long, augmented or not."""
 
-    source: str          # "sparse" (one caption drawn per image) or "dense" (a kept dense text)
+    source: str  # "sparse" (one caption drawn per image) or "dense" (a kept dense text)
     max_length: int
     augment: bool
 
@@ -217,8 +236,14 @@ class Collate:
     batch is one sample shorter; the batch's ``skipped`` [1] counts the samples dropped).
     """
 
-    def __init__(self, transform: ImageTransform, tokenizer: TextTokenizer, fields: dict[str, TextField], aug: TokenAugConfig,
-                 on_bad_sample: str = "raise"):
+    def __init__(
+        self,
+        transform: ImageTransform,
+        tokenizer: TextTokenizer,
+        fields: dict[str, TextField],
+        aug: TokenAugConfig,
+        on_bad_sample: str = "raise",
+    ):
         if on_bad_sample not in ("raise", "skip"):
             raise ValueError(f"on_bad_sample: {on_bad_sample!r} is not one of ['raise', 'skip']")
         self.transform = transform
@@ -227,8 +252,13 @@ class Collate:
         self.aug = aug
         self.on_bad_sample = on_bad_sample
 
-    def __call__(self, samples: list[Sample], seed: list[int], caption_index: list[int] | None = None,
-                 shards: list[str | None] | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        samples: list[Sample],
+        seed: list[int],
+        caption_index: list[int] | None = None,
+        shards: list[str | None] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """``caption_index[i]``: which sparse caption sample i uses (None: one drawn at random);
         ``shards[i]``: the shard sample i came from (named in errors)."""
         rng = np.random.default_rng(seed)
@@ -243,14 +273,18 @@ class Collate:
                     raise
                 log.warning("on_bad_sample=skip: dropping a training sample: %s", exc)
         if not keep:
-            raise SampleError(f"every sample of this batch has an unreadable image (first: shard {names[0][0]}, "
-                              f"key {names[0][1]!r}); are the shards damaged?")
+            raise SampleError(
+                f"every sample of this batch has an unreadable image (first: shard {names[0][0]}, "
+                f"key {names[0][1]!r}); are the shards damaged?"
+            )
         skipped = len(samples) - len(keep)
         if skipped:
             samples = [samples[i] for i in keep]
             caption_index = None if caption_index is None else [caption_index[i] for i in keep]
         batch: dict[str, torch.Tensor] = {
-            "pixels": torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous(),  # uint8; normalised on the device
+            "pixels": torch.from_numpy(np.stack(pixels))
+            .permute(0, 3, 1, 2)
+            .contiguous(),  # uint8; normalised on the device
             "image_ids": torch.tensor([image_id_int(s.id) for s in samples], dtype=torch.long),
         }
         if self.on_bad_sample == "skip":
@@ -331,8 +365,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.need_dense = need_dense
         self.start_batch = start_batch
         if sharing_strategy not in torch.multiprocessing.get_all_sharing_strategies():
-            raise ValueError(f"sharing_strategy: {sharing_strategy!r} is not one of "
-                             f"{sorted(torch.multiprocessing.get_all_sharing_strategies())}")
+            raise ValueError(
+                f"sharing_strategy: {sharing_strategy!r} is not one of "
+                f"{sorted(torch.multiprocessing.get_all_sharing_strategies())}"
+            )
         self.sharing_strategy = sharing_strategy
         if caption_sampling not in ("each", "random"):
             raise ValueError(f"caption_sampling: {caption_sampling!r} is not one of ['each', 'random']")
@@ -403,15 +439,18 @@ class ShardStream(torch.utils.data.IterableDataset):
                     continue
                 samples = [s for s, _, _ in raw]
                 chosen = [j for _, j, _ in raw]
-                yield self.collate(samples, [self.seed, reader, k], None if None in chosen else chosen,
-                                   shards=[u for _, _, u in raw])
+                yield self.collate(
+                    samples, [self.seed, reader, k], None if None in chosen else chosen, shards=[u for _, _, u in raw]
+                )
 
         pipeline = wds.DataPipeline(
             lambda: self._epoch_shards(reader, readers),
             shard_records,
             split_samples,
             parse,
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(_reader_seed(self.seed, reader, 1))),
+            wds.shuffle(
+                self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(_reader_seed(self.seed, reader, 1))
+            ),
             wds.batched(self.batch_size, collation_fn=list, partial=False),
             skip_and_collate,
         )
@@ -435,7 +474,9 @@ def check_split_usable(urls: list[str], need_dense: bool, recipe_name: str) -> N
     )
 
 
-def iter_eval_batches(urls: list[str], batch_size: int, max_images: int | None, *, with_shards: bool = False) -> Iterator:
+def iter_eval_batches(
+    urls: list[str], batch_size: int, max_images: int | None, *, with_shards: bool = False
+) -> Iterator:
     """Samples of an evaluation split in order, in lists of ``batch_size``; with ``with_shards``,
     (samples, shard of each sample) pairs."""
     from d2s.shards import iter_records

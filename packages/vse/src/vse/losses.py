@@ -50,8 +50,8 @@ def triplet_loss(
     scores = img @ txt.t()
     pos = scores.diagonal()
     neg = negatives_mask(ids, ids, *scores.shape, scores.device)
-    cost_txt = (margin + scores - pos[:, None]).clamp(min=0) * neg   # image anchors, caption negatives
-    cost_img = (margin + scores - pos[None, :]).clamp(min=0) * neg   # caption anchors, image negatives
+    cost_txt = (margin + scores - pos[:, None]).clamp(min=0) * neg  # image anchors, caption negatives
+    cost_img = (margin + scores - pos[None, :]).clamp(min=0) * neg  # caption anchors, image negatives
     if hardest:
         return cost_txt.max(dim=1).values.sum() + cost_img.max(dim=0).values.sum()
     if reduction == "sum":
@@ -61,15 +61,22 @@ def triplet_loss(
     return (cost_txt.sum(1) / n_row).sum() + (cost_img.sum(0) / n_col).sum()
 
 
-def infonce_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor | None, temperature: torch.Tensor | float,
-                 reduction: str = "mean"):
+def infonce_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    ids: torch.Tensor | None,
+    temperature: torch.Tensor | float,
+    reduction: str = "mean",
+):
     logits = (img @ txt.t()) / temperature
     n = logits.shape[0]
     same = ~negatives_mask(ids, ids, n, n, logits.device)
     other_pos = same & ~torch.eye(n, dtype=torch.bool, device=logits.device)
     logits = logits.masked_fill(other_pos, float("-inf"))
     labels = torch.arange(n, device=logits.device)
-    return (F.cross_entropy(logits, labels, reduction=reduction) + F.cross_entropy(logits.t(), labels, reduction=reduction)) / 2
+    return (
+        F.cross_entropy(logits, labels, reduction=reduction) + F.cross_entropy(logits.t(), labels, reduction=reduction)
+    ) / 2
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, metric: str = "cos", reduction: str = "mean"):
@@ -92,8 +99,8 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, metric: str = "co
 class TripletParams:
     margin: float = 0.2
     max_violation: bool = True
-    warmup_epochs: float = 1.0   # all negatives for this many epochs, then the hardest
-    warmup_reduction: Literal["sum", "mean"] = "sum"   # over the negatives during the warm-up
+    warmup_epochs: float = 1.0  # all negatives for this many epochs, then the hardest
+    warmup_reduction: Literal["sum", "mean"] = "sum"  # over the negatives during the warm-up
 
 
 @dataclass

@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BackboneConfig:
-    pretrained: str | None = None           # hub name or local folder for from_pretrained
-    build: dict[str, Any] | None = None     # HF config kwargs (with model_type) of a tiny random model
+    pretrained: str | None = None  # hub name or local folder for from_pretrained
+    build: dict[str, Any] | None = None  # HF config kwargs (with model_type) of a tiny random model
     forward_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. interpolate_pos_encoding
 
     def __post_init__(self) -> None:
@@ -57,9 +57,9 @@ class BackboneConfig:
 class ImageConfig:
     backbone: BackboneConfig
     image_size: int = 224
-    processor: str | None = None            # hub name / folder of the HF image processor (mean, std)
-    skip_tokens: int = 0                    # leading tokens to drop (the reference keeps ViT's [CLS]: 0)
-    grid_position_embedding: bool = False   # learned position per grid cell (CNN features have none)
+    processor: str | None = None  # hub name / folder of the HF image processor (mean, std)
+    skip_tokens: int = 0  # leading tokens to drop (the reference keeps ViT's [CLS]: 0)
+    grid_position_embedding: bool = False  # learned position per grid cell (CNN features have none)
     # Training "size augmentation" of VSE-infinity / the reference: with probability 1 - p an image
     # draws u ~ U(0, 1) and, when u > p, drops each token with probability p * u (about 10% of the
     # tokens on average for p = 0.2); 0 turns it off.
@@ -92,8 +92,8 @@ class TokenAugConfig:
     probability ``prob``."""
 
     prob: float = 0.2
-    mask: float = 0.5       # share of altered words replaced by [MASK] (one per word piece)
-    random: float = 0.1     # share replaced by random tokens (one per word piece)
+    mask: float = 0.5  # share of altered words replaced by [MASK] (one per word piece)
+    random: float = 0.1  # share replaced by random tokens (one per word piece)
     # the rest (0.4 by default) is deleted
     unit: Literal["word", "token"] = "word"
 
@@ -105,10 +105,10 @@ class TokenAugConfig:
 @dataclass
 class TextConfig:
     backbone: BackboneConfig
-    max_length: int = 32           # sparse captions
-    dense_max_length: int = 128    # dense texts (the reference truncates none: set it to the backbone's limit)
-    mlp_layers: int = 2            # residual MLP after the linear projection (0: none)
-    feature_dropout: float = 0.2   # Dropout on the backbone's token features (the reference: 0.2)
+    max_length: int = 32  # sparse captions
+    dense_max_length: int = 128  # dense texts (the reference truncates none: set it to the backbone's limit)
+    mlp_layers: int = 2  # residual MLP after the linear projection (0: none)
+    feature_dropout: float = 0.2  # Dropout on the backbone's token features (the reference: 0.2)
     # "layernorm": the pooled caption feature ends in a LayerNorm (the reference); "none": no norm
     # before the final L2 normalisation.
     final_norm: Literal["layernorm", "none"] = "layernorm"
@@ -122,7 +122,7 @@ class TextConfig:
 @dataclass
 class TokenizerConfig:
     pretrained: str | None = None
-    build: str | None = None       # "wordlevel": a BertTokenizerFast over the training texts' words
+    build: str | None = None  # "wordlevel": a BertTokenizerFast over the training texts' words
     lowercase: bool = True
 
     def __post_init__(self) -> None:
@@ -146,7 +146,7 @@ class StudentConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0
-    token_init_std: float = 1.0    # the reference draws the learnable tokens from N(0, 1)
+    token_init_std: float = 1.0  # the reference draws the learnable tokens from N(0, 1)
     # Deviation kept on purpose (docs/fidelity.md): the reference lets the tokens attend to padding
     # positions too, so a caption's embedding depends on the longest caption in its batch.
     mask_padding: bool = True
@@ -258,7 +258,9 @@ class GPO(nn.Module):
 
     def positional_encoding(self, n: int, device: torch.device) -> torch.Tensor:
         pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]
-        freq = torch.exp(torch.arange(0, self.d_pe, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / self.d_pe))
+        freq = torch.exp(
+            torch.arange(0, self.d_pe, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / self.d_pe)
+        )
         pe = torch.zeros(n, self.d_pe, device=device)
         pe[:, 0::2] = torch.sin(pos * freq)
         pe[:, 1::2] = torch.cos(pos * freq)
@@ -544,7 +546,9 @@ def tokenizer_source(cfg: ModelConfig, assets_dir: str | Path | None) -> str:
     if cfg.tokenizer.pretrained is not None:
         return cfg.tokenizer.pretrained
     if assets_dir is None:
-        raise ConfigError("tokenizer.build: this config builds its tokenizer locally; pass an assets dir (vse build-assets)")
+        raise ConfigError(
+            "tokenizer.build: this config builds its tokenizer locally; pass an assets dir (vse build-assets)"
+        )
     return str(asset_paths(assets_dir, cfg.name)["tokenizer"])
 
 

@@ -17,7 +17,6 @@ Each loss term names two *embeddings* the step computes on demand:
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -100,8 +99,10 @@ def with_align_loss(recipe: Recipe, kind: str, params: dict[str, Any]) -> Recipe
     collapse under hardest negatives (see docs/experiments.md), so their runs use InfoNCE.
     """
     if kind not in LOSSES or LOSSES[kind].arity != "align":
-        raise ConfigError(f"align_loss.kind: {kind!r} is not an alignment loss; known: "
-                          f"{sorted(k for k, v in LOSSES.items() if v.arity == 'align')}")
+        raise ConfigError(
+            f"align_loss.kind: {kind!r} is not an alignment loss; known: "
+            f"{sorted(k for k, v in LOSSES.items() if v.arity == 'align')}"
+        )
     losses = [
         dataclasses.replace(spec, kind=kind, params=dict(params)) if LOSSES[spec.kind].arity == "align" else spec
         for spec in recipe.losses

@@ -50,7 +50,7 @@ class LaunchConfig:
     main_process_ip: str | None = None
     main_process_port: int | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # default: the stage's mixed_precision
-    multi_gpu: bool = True            # --multi_gpu when more than one process
+    multi_gpu: bool = True  # --multi_gpu when more than one process
     cpu: bool = False
     extra_args: list[str] = field(default_factory=list)  # more `accelerate launch` flags, before -m
 
@@ -58,8 +58,10 @@ class LaunchConfig:
         if self.num_processes < 1 or self.num_machines < 1:
             raise ValueError("launch.num_processes and launch.num_machines must be >= 1")
         if self.num_processes < self.num_machines:
-            raise ValueError(f"launch.num_processes ({self.num_processes}) is the total over all machines; "
-                             f"it must be >= num_machines ({self.num_machines})")
+            raise ValueError(
+                f"launch.num_processes ({self.num_processes}) is the total over all machines; "
+                f"it must be >= num_machines ({self.num_machines})"
+            )
         if not 0 <= self.machine_rank < self.num_machines:
             raise ValueError(f"launch.machine_rank must be in [0, num_machines), got {self.machine_rank}")
         if self.num_machines > 1 and not self.main_process_ip:
@@ -71,10 +73,20 @@ class LaunchConfig:
             raise ValueError("launch.extra_args: flags of accelerate launch only (the stage adds -m vse.cli train)")
 
     def command(self, config_file: Path, mixed_precision: str | None) -> list[str]:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch",
-               "--num_processes", str(self.num_processes), "--num_machines", str(self.num_machines),
-               "--machine_rank", str(self.machine_rank), "--dynamo_backend", "no"]
-        if mixed_precision is not None:   # None: accelerate's own default (its config file, else "no")
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(self.num_processes),
+            "--num_machines",
+            str(self.num_machines),
+            "--machine_rank",
+            str(self.machine_rank),
+            "--dynamo_backend",
+            "no",
+        ]
+        if mixed_precision is not None:  # None: accelerate's own default (its config file, else "no")
             cmd += ["--mixed_precision", mixed_precision]
         if self.main_process_ip:
             cmd += ["--main_process_ip", self.main_process_ip]
@@ -92,8 +104,8 @@ class VseTrainParams:
     recipe: str = "baseline"
     model: str = "tiny-vit"
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    lr_mult: dict[str, float] = field(default_factory=dict)   # over the recipe's (random-init backbones: 1.0)
-    align_loss: AlignLossOverride | None = None                # e.g. {kind: infonce} for random-init models
+    lr_mult: dict[str, float] = field(default_factory=dict)  # over the recipe's (random-init backbones: 1.0)
+    align_loss: AlignLossOverride | None = None  # e.g. {kind: infonce} for random-init models
     steps: int | None = None
     epochs: float | None = None
     seed: int = 0
@@ -108,7 +120,7 @@ class VseTrainParams:
     tracker: Literal["tensorboard", "none"] = "tensorboard"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    launch: LaunchConfig | None = None                         # None: train in the runner's process
+    launch: LaunchConfig | None = None  # None: train in the runner's process
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -155,7 +167,10 @@ class VseTrainStage(Stage):
                 shutil.copytree(src, tmp)
                 shutil.rmtree(dst, ignore_errors=True)
                 tmp.rename(dst)
-        return {k: summary[k] for k in ("recipe", "model", "steps", "seconds", "samples_per_s", "best_rsum", "best_step", "last_loss")}
+        return {
+            k: summary[k]
+            for k in ("recipe", "model", "steps", "seconds", "samples_per_s", "best_rsum", "best_step", "last_loss")
+        }
 
 
 def launch_train(ctx: StageContext, launch: LaunchConfig, cfg: TrainConfig, tail_lines: int = 60) -> dict:
@@ -178,8 +193,9 @@ def launch_train(ctx: StageContext, launch: LaunchConfig, cfg: TrainConfig, tail
     errors: list[str] = []  # the first error lines: a rank's root cause often scrolls out of the tail
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(ctx.work_dir / "launch.log", "a") as logf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, start_new_session=True
+        )
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -204,16 +220,21 @@ def launch_train(ctx: StageContext, launch: LaunchConfig, cfg: TrainConfig, tail
             raise
     if rc != 0:
         first = "".join(f"\n  {e}" for e in errors if e not in tail)
-        raise RuntimeError(f"stage {ctx.name!r}: accelerate launch exited with status {rc}"
-                           + (f"; first error lines:{first}" if first else "")
-                           + f"\nlast lines (all in {ctx.work_dir / 'launch.log'}):\n" + "\n".join(tail))
+        raise RuntimeError(
+            f"stage {ctx.name!r}: accelerate launch exited with status {rc}"
+            + (f"; first error lines:{first}" if first else "")
+            + f"\nlast lines (all in {ctx.work_dir / 'launch.log'}):\n"
+            + "\n".join(tail)
+        )
     waited = 0
     while not summary_path.exists() and launch.machine_rank > 0 and waited < 600:
         time.sleep(2)  # machine 0's main process writes it after the others have exited
         waited += 2
     if not summary_path.exists():
-        raise RuntimeError(f"stage {ctx.name!r}: the launched training finished without {summary_path} (with several "
-                           "machines the run dir must be on a filesystem they share)")
+        raise RuntimeError(
+            f"stage {ctx.name!r}: the launched training finished without {summary_path} (with several "
+            "machines the run dir must be on a filesystem they share)"
+        )
     return json.loads(summary_path.read_text())
 
 
@@ -226,7 +247,11 @@ def _prebuild_assets(cfg: TrainConfig) -> Path | None:
     from .recipes import get_recipe
     from .train import _needs_assets
 
-    if cfg.assets is not None or get_recipe(cfg.recipe).init == "checkpoint" or not _needs_assets(cfg.model, cfg.model_overrides):
+    if (
+        cfg.assets is not None
+        or get_recipe(cfg.recipe).init == "checkpoint"
+        or not _needs_assets(cfg.model, cfg.model_overrides)
+    ):
         return None
     from .assets import build_assets
 
@@ -239,9 +264,9 @@ def _prebuild_assets(cfg: TrainConfig) -> Path | None:
 
 @dataclass
 class VseAssetsParams:
-    models: list[str] = field(default_factory=list)   # empty: every locally built config
+    models: list[str] = field(default_factory=list)  # empty: every locally built config
     seed: int = 0
-    warmstart: WarmStartParams | None = None          # set: warm-start every model's backbones (vse.warmstart)
+    warmstart: WarmStartParams | None = None  # set: warm-start every model's backbones (vse.warmstart)
 
 
 class VseAssetsStage(Stage):
@@ -249,7 +274,9 @@ class VseAssetsStage(Stage):
     ``warmstart`` set, warm-start the backbones on ``warmstart.split`` of the same shards."""
 
     Params = VseAssetsParams
-    inputs = {"shards": "dataset dir (texts of the train split feed the tokenizer; warmstart.split feeds the warm start)"}
+    inputs = {
+        "shards": "dataset dir (texts of the train split feed the tokenizer; warmstart.split feeds the warm start)"
+    }
     outputs = {"assets": "assets dir for vse-train's assets input"}
 
     def run(self, ctx: StageContext) -> dict:

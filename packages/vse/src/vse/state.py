@@ -78,7 +78,7 @@ def _new_dir_name(root: Path, step: int) -> str:
     again = 0
     while (root / step_dir_name(step, again) / MARKER).exists():
         again += 1
-    return step_dir_name(step, again)   # new, or left incomplete by an interrupted save (replaced)
+    return step_dir_name(step, again)  # new, or left incomplete by an interrupted save (replaced)
 
 
 def _kill_point(point: str, step: int) -> None:
@@ -212,8 +212,13 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     doc = {
         "python": {"version": version, "state": list(internal), "gauss_next": gauss},
-        "numpy": {"name": name, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
+        "numpy": {
+            "name": name,
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
     }
     return tensors, doc
 
@@ -230,8 +235,15 @@ def set_rng_state(tensors: dict[str, torch.Tensor], doc: dict[str, Any], where: 
         py = doc["python"]
         random.setstate((int(py["version"]), tuple(int(v) for v in py["state"]), py["gauss_next"]))
         n = doc["numpy"]
-        np.random.set_state((str(n["name"]), np.asarray(n["keys"], dtype=np.uint32), int(n["pos"]), int(n["has_gauss"]),
-                             float(n["cached_gaussian"])))
+        np.random.set_state(
+            (
+                str(n["name"]),
+                np.asarray(n["keys"], dtype=np.uint32),
+                int(n["pos"]),
+                int(n["has_gauss"]),
+                float(n["cached_gaussian"]),
+            )
+        )
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise StateError(f"{where}: malformed RNG state ({exc!r})") from None
 
@@ -255,11 +267,11 @@ def save_state(
     root = Path(root)
     main = accelerator.is_main_process
     accelerator.wait_for_everyone()
-    target = root / _new_dir_name(root, step)   # every process reads the same listing, before anything changes
+    target = root / _new_dir_name(root, step)  # every process reads the same listing, before anything changes
     accelerator.wait_for_everyone()
     if main:
         root.mkdir(parents=True, exist_ok=True)
-        if target.exists():            # left by a save of this step that did not complete
+        if target.exists():  # left by a save of this step that did not complete
             shutil.rmtree(target)
         target.mkdir()
         _kill_point("begin", step)
@@ -289,8 +301,16 @@ def save_state(
         files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file() and p.name != MARKER}
         _fsync(target)
         _kill_point("files", step)
-        _write_json(target / MARKER, {"format": FORMAT, "version": VERSION, "step": step,
-                                      "num_processes": accelerator.num_processes, "files": files})
+        _write_json(
+            target / MARKER,
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "step": step,
+                "num_processes": accelerator.num_processes,
+                "files": files,
+            },
+        )
         _fsync(target)
         _kill_point("marker", step)
         _write_json(root / POINTER, {"format": FORMAT, "dir": target.name, "step": step})
@@ -324,8 +344,9 @@ def _complete(d: Path) -> dict[str, Any] | None:
         if "/" in name or not p.is_file():
             raise StateError(f"{p}: listed in {marker} but missing; the state is damaged, refusing to resume from it")
         if p.stat().st_size != size:
-            raise StateError(f"{p}: {p.stat().st_size} bytes, {marker} says {size}; the state is damaged, "
-                             "refusing to resume from it")
+            raise StateError(
+                f"{p}: {p.stat().st_size} bytes, {marker} says {size}; the state is damaged, refusing to resume from it"
+            )
     return doc
 
 
@@ -346,17 +367,23 @@ def find_state(root: str | os.PathLike) -> Path | None:
             raise StateError(f"{pointer}: malformed pointer {doc!r}")
         if _complete(root / name) is not None:
             return root / name
-        log.warning("%s points at %s, which is not a complete state; looking for the newest complete one", pointer, name)
+        log.warning(
+            "%s points at %s, which is not a complete state; looking for the newest complete one", pointer, name
+        )
     for _, d in reversed(_state_dirs(root)):
         if _complete(d) is not None:
             return d
         log.warning("ignoring %s: a save that did not complete (no %s)", d, MARKER)
     if pointer.exists():
-        raise StateError(f"{pointer} names a state but no complete state is left under {root}; "
-                         "refusing to start again from step 0 (move the directory away to start over)")
+        raise StateError(
+            f"{pointer} names a state but no complete state is left under {root}; "
+            "refusing to start again from step 0 (move the directory away to start over)"
+        )
     if legacy:
-        raise StateError(f"{root}: a resumable state in the old format ({', '.join(sorted(legacy))}), whose files are "
-                         "pickles; it is not loaded. Move it away to start over, or set resume=false")
+        raise StateError(
+            f"{root}: a resumable state in the old format ({', '.join(sorted(legacy))}), whose files are "
+            "pickles; it is not loaded. Move it away to start over, or set resume=false"
+        )
     return None
 
 
@@ -409,7 +436,10 @@ def load_state(
     if rpath.exists():
         set_rng_state(read_tensors(rpath), read_json(d / f"rng-{rank}.json"), rpath)
     else:
-        log.warning("%s: no RNG state for process %d (saved by %s processes); its generators are not restored",
-                    d, rank, marker.get("num_processes"))
+        log.warning(
+            "%s: no RNG state for process %d (saved by %s processes); its generators are not restored",
+            d,
+            rank,
+            marker.get("num_processes"),
+        )
     return {k: v for k, v in progress.items() if k != "accelerator_step"}
-

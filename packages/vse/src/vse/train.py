@@ -38,10 +38,10 @@ from d2s.shards import atomic_write_json, atomic_write_text, split_shards, split
 from .checkpoint import load_checkpoint, load_processor, load_tokenizer, save_checkpoint
 from .data import Collate, ImageTransform, ShardStream, TextField, TextTokenizer, check_split_usable, iter_eval_batches
 from .losses import build_loss
-from .state import find_state, load_state
-from .state import save_state as write_state
 from .models import GROUPS, VSEModel, create_model, get_model_config, l2norm, processor_source, tokenizer_source
 from .recipes import Recipe, get_recipe, with_align_loss, with_warmup
+from .state import find_state, load_state
+from .state import save_state as write_state
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,17 @@ class OptimConfig:
     lr: float = 2e-4
     weight_decay: float = 1e-4
     betas: tuple[float, ...] = (0.9, 0.999)
-    grad_clip: float = 2.0                      # 0 disables clipping
+    grad_clip: float = 2.0  # 0 disables clipping
     # The reference clips fp16 gradients while they are still multiplied by the loss scale (so in
     # effect at grad_clip / scale); off by default, on to reproduce it. No effect without fp16.
     clip_scaled_grads: bool = False
     schedule: Literal["step", "cosine", "constant"] = "step"
-    decay_epochs: list[float] = field(default_factory=lambda: [9.0, 15.0, 20.0, 25.0])  # "step": lr x decay_factor at each
+    decay_epochs: list[float] = field(
+        default_factory=lambda: [9.0, 15.0, 20.0, 25.0]
+    )  # "step": lr x decay_factor at each
     decay_factor: float = 0.3
-    warmup_steps: int = 0                       # linear warm-up (all schedules)
-    min_lr_ratio: float = 0.0                   # "cosine": floor as a fraction of lr
+    warmup_steps: int = 0  # linear warm-up (all schedules)
+    min_lr_ratio: float = 0.0  # "cosine": floor as a fraction of lr
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -75,7 +77,7 @@ class OptimConfig:
 class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
-    batch_size: int = 128                       # per process and micro-step
+    batch_size: int = 128  # per process and micro-step
     shuffle_buffer: int = 1000
     num_workers: int = 1
     val_max_images: int | None = 1000
@@ -104,32 +106,32 @@ class AlignLossOverride:
 class TrainConfig:
     shards: str
     out: str
-    recipe: str = "baseline"                   # registered name or a recipe file
-    model: str = "tiny-vit"                    # registered name or a model config file
-    model_overrides: dict[str, Any] = field(default_factory=dict)   # {"text.max_length": 16, ...}
+    recipe: str = "baseline"  # registered name or a recipe file
+    model: str = "tiny-vit"  # registered name or a model config file
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # {"text.max_length": 16, ...}
     lr_mult: dict[str, float] = field(default_factory=dict)  # per-group lr multipliers, over the recipe's
     align_loss: AlignLossOverride | None = None  # replace the recipe's alignment loss terms (e.g. infonce)
-    warmup_epochs: float | None = None         # set the recipe's warm-up (hardest-negative switch, alignment ramp)
-    assets: str | None = None                  # assets dir for locally built configs (default: <out>/assets)
-    init: str | None = None                    # checkpoint dir (recipes with init: checkpoint)
-    teacher: str | None = None                 # checkpoint dir (recipes with teacher: teacher)
-    steps: int | None = None                   # optimizer steps; else epochs x steps per epoch
+    warmup_epochs: float | None = None  # set the recipe's warm-up (hardest-negative switch, alignment ramp)
+    assets: str | None = None  # assets dir for locally built configs (default: <out>/assets)
+    init: str | None = None  # checkpoint dir (recipes with init: checkpoint)
+    teacher: str | None = None  # checkpoint dir (recipes with teacher: teacher)
+    steps: int | None = None  # optimizer steps; else epochs x steps per epoch
     epochs: float | None = None
     seed: int = 0
     # None: what the launcher says (`accelerate launch --mixed_precision`, `accelerate config`), else "no"
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
-    cpu: bool = False                          # force CPU (gloo between processes under torchrun/accelerate launch)
+    cpu: bool = False  # force CPU (gloo between processes under torchrun/accelerate launch)
     grad_accum: int = 1
     log_every: int = 20
-    val_every: int | None = None               # steps; None: only at the end; 0: never
-    val_every_epochs: float | None = None      # instead of val_every: every this many epochs (the reference: 1)
-    save_every: int = 200                      # steps between resumable states (and at the end)
-    resume: bool = True                        # continue from <out>/state when it exists
-    threads: int | None = None                 # torch.set_num_threads per process
+    val_every: int | None = None  # steps; None: only at the end; 0: never
+    val_every_epochs: float | None = None  # instead of val_every: every this many epochs (the reference: 1)
+    save_every: int = 200  # steps between resumable states (and at the end)
+    resume: bool = True  # continue from <out>/state when it exists
+    threads: int | None = None  # torch.set_num_threads per process
     tracker: Literal["tensorboard", "none"] = "tensorboard"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    kill_at_step: int | None = None            # testing only: SIGKILL this process after that step
+    kill_at_step: int | None = None  # testing only: SIGKILL this process after that step
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -142,7 +144,6 @@ class TrainConfig:
             raise ValueError("warmup_epochs must be >= 0")
         if self.val_every_epochs is not None and (self.val_every_epochs <= 0 or self.val_every is not None):
             raise ValueError("val_every_epochs must be > 0, and not set together with val_every")
-        from .models import GROUPS
 
         bad = sorted(set(self.lr_mult) - set(GROUPS))
         if bad:
@@ -219,7 +220,7 @@ class Objective(nn.Module):
 
     def __init__(self, model: VSEModel, recipe: Recipe, steps_per_epoch: int, ragged: bool = False):
         super().__init__()
-        self.ragged = ragged      # batches may differ in size between processes (skipped bad samples)
+        self.ragged = ragged  # batches may differ in size between processes (skipped bad samples)
         self.model = model
         self.recipe = recipe
         self.losses = nn.ModuleList(
@@ -251,7 +252,7 @@ class Objective(nn.Module):
         parts = {}
         total = 0.0
         for name, spec, loss, ramp in zip(self.names, self.recipe.losses, self.losses, self.ramp_steps):
-            embs = unit if loss.arity == "align" else raw   # distillation sees them unnormalised
+            embs = unit if loss.arity == "align" else raw  # distillation sees them unnormalised
             value = loss(embs[spec.inputs[0]], embs[spec.inputs[1]], ids, step)
             parts[name] = value.detach()
             total = total + spec.weight * ramp_factor(step, ramp) * value
@@ -267,11 +268,11 @@ class Progress:
     """The data position and bookkeeping of a run, saved with the resumable state."""
 
     def __init__(self) -> None:
-        self.step = 0              # optimizer steps done
-        self.batches = 0           # micro-batches consumed (the data position)
+        self.step = 0  # optimizer steps done
+        self.batches = 0  # micro-batches consumed (the data position)
         self.best_rsum = -1.0
         self.best_step = -1
-        self.skipped_samples = 0   # training samples dropped as unreadable (on_bad_sample: skip), all processes
+        self.skipped_samples = 0  # training samples dropped as unreadable (on_bad_sample: skip), all processes
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -294,7 +295,9 @@ def text_fields(recipe: Recipe, model: VSEModel) -> dict[str, TextField]:
 
 
 @torch.no_grad()
-def evaluate(model: VSEModel, urls: list[str], tokenizer: TextTokenizer, transform: ImageTransform, data: DataConfig, device) -> dict[str, float]:
+def evaluate(
+    model: VSEModel, urls: list[str], tokenizer: TextTokenizer, transform: ImageTransform, data: DataConfig, device
+) -> dict[str, float]:
     """Retrieval metrics of ``model`` on an evaluation split (all sparse captions of each image)."""
     from d2s.retrieval import retrieval_metrics
 
@@ -303,7 +306,9 @@ def evaluate(model: VSEModel, urls: list[str], tokenizer: TextTokenizer, transfo
     imgs, txts, owner = [], [], []
     n = 0
     for samples, shards in iter_eval_batches(urls, data.val_batch_size, data.val_max_images, with_shards=True):
-        px = transform.normalize(transform.decode([s.image for s in samples], names=list(zip(shards, (s.key for s in samples)))).to(device))
+        px = transform.normalize(
+            transform.decode([s.image for s in samples], names=list(zip(shards, (s.key for s in samples)))).to(device)
+        )
         imgs.append(model.embed_images(px).float().cpu())
         caps = [c for s in samples for c in s.sparse]
         owner += [n + i for i, s in enumerate(samples) for _ in s.sparse]
@@ -318,7 +323,9 @@ def evaluate(model: VSEModel, urls: list[str], tokenizer: TextTokenizer, transfo
 
 def _needs_assets(model_name: str, overrides: dict) -> bool:
     cfg = get_model_config(model_name, **overrides)
-    return cfg.image.backbone.build is not None or cfg.text.backbone.build is not None or cfg.tokenizer.build is not None
+    return (
+        cfg.image.backbone.build is not None or cfg.text.backbone.build is not None or cfg.tokenizer.build is not None
+    )
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -356,7 +363,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise ConfigError(f"init: recipe {recipe.name!r} initialises from a checkpoint; pass init=<checkpoint dir>")
         model, init_doc = load_checkpoint(cfg.init, student_head=recipe.student_head)
         if init_doc["model"].get("name") != cfg.model:
-            log.info("model: using the init checkpoint's config %r (asked for %r)", init_doc["model"].get("name"), cfg.model)
+            log.info(
+                "model: using the init checkpoint's config %r (asked for %r)", init_doc["model"].get("name"), cfg.model
+            )
         hf_tokenizer = load_tokenizer(cfg.init)
         processor = load_processor(cfg.init)
     else:
@@ -378,8 +387,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if recipe.teacher != "none":
         src = cfg.init if recipe.teacher == "init" else cfg.teacher
         if not src:
-            raise ConfigError(f"teacher: recipe {recipe.name!r} needs a teacher checkpoint; pass teacher=<checkpoint dir>")
-        teacher = copy.deepcopy(model.text) if recipe.teacher == "init" else load_checkpoint(src, student_head=False)[0].text
+            raise ConfigError(
+                f"teacher: recipe {recipe.name!r} needs a teacher checkpoint; pass teacher=<checkpoint dir>"
+            )
+        teacher = (
+            copy.deepcopy(model.text) if recipe.teacher == "init" else load_checkpoint(src, student_head=False)[0].text
+        )
         teacher = freeze_teacher(teacher, recipe.teacher_mode).to(accelerator.device)
         teacher_sha = state_fingerprint(teacher)
     teacher_cache = TeacherCache(teacher) if teacher is not None and recipe.deterministic_teacher else None
@@ -396,13 +409,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.grad_accum
     steps_per_epoch = max(1, epoch_size // global_batch)
     total_steps = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
-    val_every = cfg.val_every if cfg.val_every_epochs is None else max(1, int(round(cfg.val_every_epochs * steps_per_epoch)))
+    val_every = (
+        cfg.val_every if cfg.val_every_epochs is None else max(1, int(round(cfg.val_every_epochs * steps_per_epoch)))
+    )
     tokenizer = TextTokenizer(hf_tokenizer)
     icfg = model.cfg.image
-    transform = ImageTransform.from_processor(icfg.image_size, processor, icfg.mean, icfg.std,
-                                              random_crop=icfg.random_crop, hflip=icfg.hflip)
-    collate = Collate(transform, tokenizer, text_fields(recipe, model), model.cfg.text.token_aug,
-                      on_bad_sample=cfg.data.on_bad_sample)
+    transform = ImageTransform.from_processor(
+        icfg.image_size, processor, icfg.mean, icfg.std, random_crop=icfg.random_crop, hflip=icfg.hflip
+    )
+    collate = Collate(
+        transform, tokenizer, text_fields(recipe, model), model.cfg.text.token_aug, on_bad_sample=cfg.data.on_bad_sample
+    )
 
     # --- optimisation
     objective = Objective(model, recipe, steps_per_epoch, ragged=cfg.data.on_bad_sample == "skip")
@@ -415,7 +432,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loss_params = [p for p in objective.losses.parameters() if p.requires_grad]
     if loss_params:
         groups.append({"params": loss_params, "lr": cfg.optim.lr, "weight_decay": 0.0, "name": "loss"})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.optim, steps_per_epoch, total_steps)
     )
@@ -428,7 +447,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "model": model.cfg.to_dict(),
         "assets": assets,
         "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,   # as applied: the config's, else the launcher's
+        "mixed_precision": accelerator.mixed_precision,  # as applied: the config's, else the launcher's
         "steps_per_epoch": steps_per_epoch,
         "epoch_unit": recipe.epoch_unit,
         "epoch_size": epoch_size,
@@ -438,8 +457,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     state_root = out / "state"
     resume_from = find_state(state_root) if cfg.resume else None
     if resume_from is not None:
-        progress.load_state_dict(load_state(resume_from, accelerator=accelerator, model=accelerator.unwrap_model(objective),
-                                            optimizer=optimizer, scheduler=scheduler))
+        progress.load_state_dict(
+            load_state(
+                resume_from,
+                accelerator=accelerator,
+                model=accelerator.unwrap_model(objective),
+                optimizer=optimizer,
+                scheduler=scheduler,
+            )
+        )
         log.info("resumed from %s at step %d (batch %d)", resume_from, progress.step, progress.batches)
     elif main:
         atomic_write_json(out / "run_config.json", run_doc)
@@ -453,7 +479,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
             val_urls = split_shards(cfg.shards, cfg.data.val_split)
         except KeyError:
-            log.warning("no %r split in %s: no validation, the last checkpoint is the result", cfg.data.val_split, cfg.shards)
+            log.warning(
+                "no %r split in %s: no validation, the last checkpoint is the result", cfg.data.val_split, cfg.shards
+            )
         except ImportError:
             log.warning("d2s.retrieval is not installed: no validation, the last checkpoint is the result")
 
@@ -471,7 +499,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         caption_sampling=cfg.data.caption_sampling,
     )
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=cfg.data.num_workers, persistent_workers=False,
+        stream,
+        batch_size=None,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=False,
         prefetch_factor=4 if cfg.data.num_workers else None,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG (restored on resume) untouched
     )
@@ -479,15 +510,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     extra = {"recipe": to_dict(recipe), "train": to_dict(cfg)}
 
     def save_model(path: Path, metrics: dict | None = None) -> None:
-        save_checkpoint(path, unwrapped, tokenizer=hf_tokenizer, processor=processor,
-                        extra={**extra, "step": progress.step, "metrics": metrics or {}})
+        save_checkpoint(
+            path,
+            unwrapped,
+            tokenizer=hf_tokenizer,
+            processor=processor,
+            extra={**extra, "step": progress.step, "metrics": metrics or {}},
+        )
 
     def save_state() -> None:
         sync_skipped()
-        write_state(state_root, progress.step, accelerator=accelerator, model=accelerator.unwrap_model(objective),
-                    optimizer=optimizer, scheduler=scheduler, progress=progress.state_dict())
+        write_state(
+            state_root,
+            progress.step,
+            accelerator=accelerator,
+            model=accelerator.unwrap_model(objective),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            progress=progress.state_dict(),
+        )
 
-    skipped_here = 0   # this process's skipped samples not yet added to progress.skipped_samples
+    skipped_here = 0  # this process's skipped samples not yet added to progress.skipped_samples
 
     def sync_skipped() -> None:
         nonlocal skipped_here
@@ -503,8 +546,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             metrics = evaluate(unwrapped, val_urls, tokenizer, transform, cfg.data, accelerator.device)
             accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=progress.step)
             history.write(progress.step, {f"val/{k}": v for k, v in metrics.items()})
-            log.info("step %d val rsum %.2f (i2t R@1 %.1f, t2i R@1 %.1f)", progress.step, metrics["rsum"],
-                     metrics["i2t_r1"], metrics["t2i_r1"])
+            log.info(
+                "step %d val rsum %.2f (i2t R@1 %.1f, t2i R@1 %.1f)",
+                progress.step,
+                metrics["rsum"],
+                metrics["i2t_r1"],
+                metrics["t2i_r1"],
+            )
             if metrics["rsum"] > progress.best_rsum:
                 progress.best_rsum, progress.best_step = metrics["rsum"], progress.step
                 save_model(out / "best", metrics)
@@ -525,7 +573,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         progress.batches += 1
         skipped_here += int(batch.pop("skipped", torch.zeros(())).sum())
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-        batch["pixels"] = transform.normalize(batch["pixels"])   # uint8 from the loader
+        batch["pixels"] = transform.normalize(batch["pixels"])  # uint8 from the loader
         teacher_dense = None
         if teacher_cache is not None:
             teacher_dense = teacher_cache(batch["teacher_ids"], batch["teacher_mask"])
@@ -554,7 +602,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             means = {f"loss/{k}": v / n for k, v in running.items()}
             running = {}
             means["lr"] = scheduler.get_last_lr()[0]
-            means["samples_per_s"] = (progress.batches - seen0) * cfg.data.batch_size * accelerator.num_processes / max(1e-9, time.time() - t0)
+            means["samples_per_s"] = (
+                (progress.batches - seen0)
+                * cfg.data.batch_size
+                * accelerator.num_processes
+                / max(1e-9, time.time() - t0)
+            )
             if cfg.data.on_bad_sample == "skip":
                 sync_skipped()
                 means["data/skipped_samples"] = progress.skipped_samples
@@ -590,7 +643,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "steps": progress.step,
         "steps_this_run": progress.step - step0,
         "seconds": round(elapsed, 2),
-        "samples_per_s": round((progress.batches - seen0) * cfg.data.batch_size * accelerator.num_processes / max(1e-9, elapsed), 1),
+        "samples_per_s": round(
+            (progress.batches - seen0) * cfg.data.batch_size * accelerator.num_processes / max(1e-9, elapsed), 1
+        ),
         "first_loss": first_loss,
         "last_loss": last_loss,
         "best_rsum": progress.best_rsum if progress.best_step >= 0 else None,
@@ -675,7 +730,11 @@ class History:
     def __init__(self, path: Path, resume_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
         if enabled and path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
             atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
     def write(self, step: int, values: dict[str, float]) -> None:

@@ -66,24 +66,24 @@ from .models import asset_paths, backbone_from_config, get_model_config, load_ba
 log = logging.getLogger(__name__)
 
 _ALNUM = re.compile(r"[a-z0-9]+")
-_DECODE_ONCE_BYTES = 512 << 20   # decode the whole split up front when its uint8 pixels fit in this
+_DECODE_ONCE_BYTES = 512 << 20  # decode the whole split up front when its uint8 pixels fit in this
 
 
 @dataclass
 class WarmStartParams:
-    split: str = "pretrain"          # shards split to train on (disjoint from train/val/test)
-    image_steps: int = 400           # tagging steps (0: keep the random image backbone)
-    text_steps: int = 350            # MLM steps (0: keep the random text backbone)
-    batch_size: int = 64             # images per tagging step and texts per MLM step
-    lr: float = 1e-3                 # AdamW, linear warmup then cosine to 0
-    text_lr: float | None = None     # the MLM's, when it differs (None: lr)
-    weight_decay: float = 0.01       # not on biases and norms
+    split: str = "pretrain"  # shards split to train on (disjoint from train/val/test)
+    image_steps: int = 400  # tagging steps (0: keep the random image backbone)
+    text_steps: int = 350  # MLM steps (0: keep the random text backbone)
+    batch_size: int = 64  # images per tagging step and texts per MLM step
+    lr: float = 1e-3  # AdamW, linear warmup then cosine to 0
+    text_lr: float | None = None  # the MLM's, when it differs (None: lr)
+    weight_decay: float = 0.01  # not on biases and norms
     warmup_steps: int = 30
     seed: int = 0
     mlm_probability: float = 0.15
-    min_label_count: int = 5         # a tag must be in the captions of at least this many training images
+    min_label_count: int = 5  # a tag must be in the captions of at least this many training images
     max_label_fraction: float = 0.5  # ... and of at most this share of them
-    holdout_fraction: float = 0.05   # images held out for the before/after metrics
+    holdout_fraction: float = 0.05  # images held out for the before/after metrics
     eval_batch_size: int = 256
 
     def __post_init__(self) -> None:
@@ -130,7 +130,9 @@ def check_split(shards_dir: str | Path, split: str) -> list[str]:
 def _read_split(shards_dir: str | Path, split: str) -> list:
     samples = list(iter_samples(check_split(shards_dir, split)))
     if len(samples) < 2:
-        raise ValueError(f"warm start: split {split!r} of {shards_dir} has {len(samples)} sample(s); it needs at least 2")
+        raise ValueError(
+            f"warm start: split {split!r} of {shards_dir} has {len(samples)} sample(s); it needs at least 2"
+        )
     return samples
 
 
@@ -171,7 +173,9 @@ def _schedule(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.opti
 def _optimizer(model: torch.nn.Module, p: WarmStartParams, lr: float) -> torch.optim.Optimizer:
     decay = [q for q in model.parameters() if q.requires_grad and q.ndim >= 2]
     rest = [q for q in model.parameters() if q.requires_grad and q.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": p.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
+    )
 
 
 def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator, lengths: list[int] | None = None):
@@ -200,9 +204,12 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator, le
 
 def _loss_summary(losses: list[float]) -> dict:
     k = min(10, len(losses))
-    return {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
-            "first10_mean": float(np.mean(losses[:k])) if k else None,
-            "last10_mean": float(np.mean(losses[-k:])) if k else None}
+    return {
+        "first": losses[0] if losses else None,
+        "last": losses[-1] if losses else None,
+        "first10_mean": float(np.mean(losses[:k])) if k else None,
+        "last10_mean": float(np.mean(losses[-k:])) if k else None,
+    }
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -250,9 +257,11 @@ class _Pixels:
         return self.t.normalize(u8)
 
 
-def _train_image(paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, progress: bool, tag: str) -> tuple[dict, torch.nn.Module | None]:
-    from transformers import AutoConfig, AutoModelForImageClassification
+def _train_image(
+    paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, progress: bool, tag: str
+) -> tuple[dict, torch.nn.Module | None]:
     from tqdm import tqdm
+    from transformers import AutoConfig, AutoModelForImageClassification
 
     from .data import ImageTransform
 
@@ -286,8 +295,12 @@ def _train_image(paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, p
     @torch.no_grad()
     def evaluate() -> dict:
         model.eval()
-        logits = torch.cat([model(pixel_values=pixels(hold_idx[i : i + p.eval_batch_size])).logits
-                            for i in range(0, len(hold_idx), p.eval_batch_size)])
+        logits = torch.cat(
+            [
+                model(pixel_values=pixels(hold_idx[i : i + p.eval_batch_size])).logits
+                for i in range(0, len(hold_idx), p.eval_batch_size)
+            ]
+        )
         model.train()
         return tagging_metrics(logits.float(), targets[torch.as_tensor(hold_idx)])
 
@@ -298,8 +311,12 @@ def _train_image(paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, p
     train_t = torch.as_tensor(train_idx)
     losses: list[float] = []
     model.train()
-    bar = tqdm(_batches(len(train_idx), p.batch_size, p.image_steps, gen), total=p.image_steps,
-               desc=f"warm start {tag} image (tagging)", disable=not progress)
+    bar = tqdm(
+        _batches(len(train_idx), p.batch_size, p.image_steps, gen),
+        total=p.image_steps,
+        desc=f"warm start {tag} image (tagging)",
+        disable=not progress,
+    )
     for b in bar:
         idx = train_t[b]
         logits = model(pixel_values=pixels(idx)).logits
@@ -314,18 +331,26 @@ def _train_image(paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, p
     after = evaluate()
     info = {
         "objective": "multi-label tagging (words of the sparse captions), binary cross-entropy",
-        "model": type(model).__name__, "backbone": type(model.base_model).__name__,
-        "steps": p.image_steps, "num_labels": len(labels), "labels": labels,
-        "train_images": len(train_idx), "heldout_images": len(hold_idx),
-        "loss": _loss_summary(losses), "heldout_before": before, "heldout_after": after,
+        "model": type(model).__name__,
+        "backbone": type(model.base_model).__name__,
+        "steps": p.image_steps,
+        "num_labels": len(labels),
+        "labels": labels,
+        "train_images": len(train_idx),
+        "heldout_images": len(hold_idx),
+        "loss": _loss_summary(losses),
+        "heldout_before": before,
+        "heldout_after": after,
         "seconds": round(time.time() - t0, 2),
     }
     return info, model.base_model
 
 
-def _train_text(paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, progress: bool, tag: str) -> tuple[dict, torch.nn.Module | None]:
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
+def _train_text(
+    paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, progress: bool, tag: str
+) -> tuple[dict, torch.nn.Module | None]:
     from tqdm import tqdm
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
@@ -336,8 +361,10 @@ def _train_text(paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, pr
 
     def encode(ts: list[str]) -> list[dict]:
         enc = tok(ts, truncation=True, max_length=max_len, return_special_tokens_mask=True)
-        return [{"input_ids": ids, "attention_mask": m, "special_tokens_mask": s}
-                for ids, m, s in zip(enc["input_ids"], enc["attention_mask"], enc["special_tokens_mask"])]
+        return [
+            {"input_ids": ids, "attention_mask": m, "special_tokens_mask": s}
+            for ids, m, s in zip(enc["input_ids"], enc["attention_mask"], enc["special_tokens_mask"])
+        ]
 
     train_ex, hold_ex = encode(texts(train_idx)), encode(texts(hold_idx))
     hold_ex.sort(key=lambda e: len(e["input_ids"]))  # evaluation batches of similar lengths (less padding)
@@ -350,7 +377,9 @@ def _train_text(paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, pr
 
     hf_cfg = AutoConfig.from_pretrained(str(paths["text"]))
     if len(tok) > hf_cfg.vocab_size:
-        raise ValueError(f"warm start: tokenizer of {paths['tokenizer']} has {len(tok)} tokens, text backbone only {hf_cfg.vocab_size}")
+        raise ValueError(
+            f"warm start: tokenizer of {paths['tokenizer']} has {len(tok)} tokens, text backbone only {hf_cfg.vocab_size}"
+        )
     model = AutoModelForMaskedLM.from_config(copy.deepcopy(hf_cfg))
     model.base_model.load_state_dict(load_backbone(str(paths["text"])).state_dict())  # the random backbone, strict
     if hf_cfg.tie_word_embeddings:
@@ -377,8 +406,12 @@ def _train_text(paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, pr
     losses: list[float] = []
     model.train()
     lengths = [len(e["input_ids"]) for e in train_ex]
-    bar = tqdm(_batches(len(train_ex), p.batch_size, p.text_steps, gen, lengths), total=p.text_steps,
-               desc=f"warm start {tag} text (MLM)", disable=not progress)
+    bar = tqdm(
+        _batches(len(train_ex), p.batch_size, p.text_steps, gen, lengths),
+        total=p.text_steps,
+        desc=f"warm start {tag} text (MLM)",
+        disable=not progress,
+    )
     for b in bar:
         batch = collator([train_ex[int(i)] for i in b])
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -392,9 +425,16 @@ def _train_text(paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, pr
     after = evaluate()
     info = {
         "objective": "masked language modelling (sparse captions + kept dense texts)",
-        "model": type(model).__name__, "backbone": type(model.base_model).__name__,
-        "steps": p.text_steps, "max_length": max_len, "train_texts": len(train_ex), "train_dense_texts": n_dense,
-        "heldout_texts": len(hold_ex), "loss": _loss_summary(losses), "heldout_before": before, "heldout_after": after,
+        "model": type(model).__name__,
+        "backbone": type(model.base_model).__name__,
+        "steps": p.text_steps,
+        "max_length": max_len,
+        "train_texts": len(train_ex),
+        "train_dense_texts": n_dense,
+        "heldout_texts": len(hold_ex),
+        "loss": _loss_summary(losses),
+        "heldout_before": before,
+        "heldout_after": after,
         "seconds": round(time.time() - t0, 2),
     }
     return info, model.base_model
@@ -425,13 +465,22 @@ def save_backbone(base_model: torch.nn.Module, folder: Path) -> None:
     for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".safetensors"):  # weights last
         os.replace(f, folder / f.name)
     for f in folder.iterdir():
-        if f.is_file() and f.name not in new and (f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")):
+        if (
+            f.is_file()
+            and f.name not in new
+            and (f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"))
+        ):
             f.unlink()  # weights of another format / sharding left from before
     tmp.rmdir()
 
 
 def warm_start(
-    assets_dir: str | Path, shards_dir: str | Path, model_name: str, params: WarmStartParams | None = None, *, progress: bool = True
+    assets_dir: str | Path,
+    shards_dir: str | Path,
+    model_name: str,
+    params: WarmStartParams | None = None,
+    *,
+    progress: bool = True,
 ) -> dict:
     """Train the image backbone (tagging) and the text backbone (MLM) of ``model_name``'s assets on
     ``params.split`` of ``shards_dir``, save them over the random ones, write ``warmstart.json``;
@@ -440,7 +489,9 @@ def warm_start(
     cfg = get_model_config(model_name)
     paths = asset_paths(assets_dir, cfg.name)
     if cfg.image.backbone.build is None or cfg.text.backbone.build is None:
-        raise ValueError(f"warm start: model {cfg.name!r} loads pretrained backbones; the warm start is for locally built (CPU) configs")
+        raise ValueError(
+            f"warm start: model {cfg.name!r} loads pretrained backbones; the warm start is for locally built (CPU) configs"
+        )
     for k in ("image", "text", "tokenizer"):
         if not (paths[k] / ("tokenizer.json" if k == "tokenizer" else "config.json")).exists():
             raise FileNotFoundError(f"warm start: {paths[k]} is missing; build the assets first (vse build-assets)")
@@ -448,18 +499,39 @@ def warm_start(
     start = {k: _weights_digest(paths[k]) for k in ("image", "text")}
     if record.exists():
         prev = json.loads(record.read_text()).get("weights", {}).get("after", {})
-        again = [k for k in ("image", "text") if prev.get(k) == start[k] and k in json.loads(record.read_text()).get("trained", [])]
+        again = [
+            k
+            for k in ("image", "text")
+            if prev.get(k) == start[k] and k in json.loads(record.read_text()).get("trained", [])
+        ]
         if again:
-            raise ValueError(f"warm start: the {' and '.join(again)} backbone(s) in {paths['image'].parent} are already "
-                             "warm-started (warmstart.json); rebuild the assets (vse build-assets) to start again")
+            raise ValueError(
+                f"warm start: the {' and '.join(again)} backbone(s) in {paths['image'].parent} are already "
+                "warm-started (warmstart.json); rebuild the assets (vse build-assets) to start again"
+            )
 
     t0 = time.time()
     samples = _read_split(shards_dir, p.split)
     train_idx, hold_idx = _holdout(len(samples), p)
-    log.info("warm start %s on split %r: %d images (%d held out), %d image steps, %d text steps, %d torch threads",
-             cfg.name, p.split, len(samples), len(hold_idx), p.image_steps, p.text_steps, torch.get_num_threads())
-    result: dict = {"model": cfg.name, "split": p.split, "shards": str(shards_dir), "params": to_dict(p),
-                    "images": len(samples), "threads": torch.get_num_threads(), "trained": []}
+    log.info(
+        "warm start %s on split %r: %d images (%d held out), %d image steps, %d text steps, %d torch threads",
+        cfg.name,
+        p.split,
+        len(samples),
+        len(hold_idx),
+        p.image_steps,
+        p.text_steps,
+        torch.get_num_threads(),
+    )
+    result: dict = {
+        "model": cfg.name,
+        "split": p.split,
+        "shards": str(shards_dir),
+        "params": to_dict(p),
+        "images": len(samples),
+        "threads": torch.get_num_threads(),
+        "trained": [],
+    }
     with torch.random.fork_rng(devices=[]):
         for what, steps, fn in (("image", p.image_steps, _train_image), ("text", p.text_steps, _train_text)):
             if steps == 0:
@@ -470,8 +542,15 @@ def warm_start(
             save_backbone(backbone, paths[what])
             result[what] = info
             result["trained"].append(what)
-            log.info("warm start %s %s: %d steps in %.1f s, held-out %s -> %s", cfg.name, what, steps, info["seconds"],
-                     _brief(info["heldout_before"]), _brief(info["heldout_after"]))
+            log.info(
+                "warm start %s %s: %d steps in %.1f s, held-out %s -> %s",
+                cfg.name,
+                what,
+                steps,
+                info["seconds"],
+                _brief(info["heldout_before"]),
+                _brief(info["heldout_after"]),
+            )
     result["weights"] = {"before": start, "after": {k: _weights_digest(paths[k]) for k in ("image", "text")}}
     result["seconds"] = round(time.time() - t0, 2)
     atomic_write_json(record, result)
@@ -489,7 +568,10 @@ def summary(result: dict) -> dict:
     for what in ("image", "text"):
         info = result.get(what)
         if info:
-            out[what] = {"steps": info["steps"], "seconds": info["seconds"],
-                         "before": {k: v for k, v in info["heldout_before"].items() if k in ("map", "micro_f1", "mlm_accuracy")},
-                         "after": {k: v for k, v in info["heldout_after"].items() if k in ("map", "micro_f1", "mlm_accuracy")}}
+            out[what] = {
+                "steps": info["steps"],
+                "seconds": info["seconds"],
+                "before": {k: v for k, v in info["heldout_before"].items() if k in ("map", "micro_f1", "mlm_accuracy")},
+                "after": {k: v for k, v in info["heldout_after"].items() if k in ("map", "micro_f1", "mlm_accuracy")},
+            }
     return out

@@ -28,7 +28,7 @@ from d2s.schema import DenseText, Sample
 
 from ..registry import Registry
 
-CAPTION_SOURCES: Registry["CaptionSource"] = Registry("caption source", "densecap.caption_sources")
+CAPTION_SOURCES: Registry[CaptionSource] = Registry("caption source", "densecap.caption_sources")
 
 
 class CaptionSourceError(RuntimeError):

@@ -54,7 +54,7 @@ class ImportSource(CaptionSource):
         prompt: str = ""
         match: list[str] = field(default_factory=lambda: ["id", "path"])
 
-    def __init__(self, params: "ImportSource.Params", *, label: str = ""):
+    def __init__(self, params: ImportSource.Params, *, label: str = ""):
         super().__init__(params, label=label)
         self.model = params.model
         self.prompt = params.prompt
@@ -87,10 +87,12 @@ class ImportSource(CaptionSource):
         return "table"
 
     def _pick(self, row: dict, explicit: str, candidates: tuple[str, ...], where: str) -> str:
-        for name in ((explicit,) if explicit else candidates):
+        for name in (explicit,) if explicit else candidates:
             if name in row and row[name] is not None:
                 return str(row[name])
-        raise ConfigError(f"{where}: none of the fields {[explicit] if explicit else list(candidates)} present: {list(row)}")
+        raise ConfigError(
+            f"{where}: none of the fields {[explicit] if explicit else list(candidates)} present: {list(row)}"
+        )
 
     def _llava(self, path: Path):
         for n, row in _jsonl(path):
@@ -107,7 +109,9 @@ class ImportSource(CaptionSource):
         for i, row in enumerate(doc):
             where = f"{path}[{i}]"
             key = self._pick(row, self.params.id_field, ("id", "image"), where)
-            answers = [t.get("value", "") for t in row.get("conversations", []) if t.get("from") in ("gpt", "assistant")]
+            answers = [
+                t.get("value", "") for t in row.get("conversations", []) if t.get("from") in ("gpt", "assistant")
+            ]
             if not answers:
                 raise ConfigError(f"{where}: no 'gpt' turn in conversations")
             yield key, answers[0].strip()
@@ -131,8 +135,7 @@ class ImportSource(CaptionSource):
         txc = self.params.text_field or next((c for c in ("text", "caption", "dense") if c in cols), "")
         if idc not in cols or txc not in cols:
             raise ConfigError(f"import: {path}: need id and text columns (id_field/text_field); columns: {cols}")
-        for key, text in zip(df[idc].astype(str), df[txc].astype(str)):
-            yield key, text
+        yield from zip(df[idc].astype(str), df[txc].astype(str))
 
     def lookup(self, s: Sample) -> str | None:
         cands = []

@@ -45,22 +45,28 @@ def get_prompt(name: str) -> PromptFamily:
     return PROMPT_FAMILIES[name]
 
 
-register_prompt(PromptFamily(
-    "generic",
-    "Describe this image in detail: every visible object with its colour, size and position, "
-    "what the objects are doing and how they relate to each other. Write one paragraph of plain prose.",
-    doc="any chat VLM",
-))
+register_prompt(
+    PromptFamily(
+        "generic",
+        "Describe this image in detail: every visible object with its colour, size and position, "
+        "what the objects are doing and how they relate to each other. Write one paragraph of plain prose.",
+        doc="any chat VLM",
+    )
+)
 # D2S-VSE used LLaVA-v1 with LLaVA's own detailed-description instruction.
 register_prompt(PromptFamily("llava", "Describe this image in detail.", doc="LLaVA / LLaVA-1.5 / LLaVA-NeXT"))
-register_prompt(PromptFamily(
-    "qwen2-vl",
-    "Describe this image in detail, covering every object, its attributes and its position.",
-    system="You are a helpful assistant.",
-    doc="Qwen2-VL / Qwen2.5-VL",
-))
-register_prompt(PromptFamily(
-    "sharegpt4v",
-    "Analyze the image in a comprehensive and detailed manner.",
-    doc="ShareGPT4V-style captioners",
-))
+register_prompt(
+    PromptFamily(
+        "qwen2-vl",
+        "Describe this image in detail, covering every object, its attributes and its position.",
+        system="You are a helpful assistant.",
+        doc="Qwen2-VL / Qwen2.5-VL",
+    )
+)
+register_prompt(
+    PromptFamily(
+        "sharegpt4v",
+        "Analyze the image in a comprehensive and detailed manner.",
+        doc="ShareGPT4V-style captioners",
+    )
+)

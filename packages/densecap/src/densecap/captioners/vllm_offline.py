@@ -37,7 +37,7 @@ class VLLMOfflineSource(CaptionSource):
         engine_args: dict[str, Any] = field(default_factory=dict)
         image_max_side: int = 0
 
-    def __init__(self, params: "VLLMOfflineSource.Params", *, label: str = ""):
+    def __init__(self, params: VLLMOfflineSource.Params, *, label: str = ""):
         super().__init__(params, label=label)
         self.family = get_prompt(params.prompt_family)
         self.prompt = params.prompt or self.family.text
@@ -54,8 +54,12 @@ class VLLMOfflineSource(CaptionSource):
             ) from None
         p = self.params
         kwargs = dict(
-            model=p.model, max_model_len=p.max_model_len, max_num_seqs=p.max_num_seqs,
-            enforce_eager=p.enforce_eager, dtype=p.dtype, limit_mm_per_prompt={"image": 1},
+            model=p.model,
+            max_model_len=p.max_model_len,
+            max_num_seqs=p.max_num_seqs,
+            enforce_eager=p.enforce_eager,
+            dtype=p.dtype,
+            limit_mm_per_prompt={"image": 1},
         )
         kwargs.update(p.engine_args)
         log.info("vllm-offline: loading %s", p.model)
@@ -78,7 +82,10 @@ class VLLMOfflineSource(CaptionSource):
         res: list[DenseText | None] = []
         for o in outs:
             c = o.outputs[0]
-            scores = {"prompt_tokens": float(len(o.prompt_token_ids or [])), "completion_tokens": float(len(c.token_ids))}
+            scores = {
+                "prompt_tokens": float(len(o.prompt_token_ids or [])),
+                "completion_tokens": float(len(c.token_ids)),
+            }
             if c.finish_reason == "length":
                 scores["truncated"] = 1.0
             res.append(self.dense(c.text.strip(), scores=scores))

@@ -70,6 +70,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 def parse_reply(doc: Any) -> tuple[str, str, dict[str, float]]:
     """(text, finish_reason, usage) of a chat-completions reply; _Retryable when it is malformed."""
+
     def bad(why: str) -> _Retryable:
         return _Retryable(f"malformed reply (HTTP 200): {why}: {str(doc)[:200]}")
 
@@ -127,12 +128,26 @@ class VLLMServerSource(CaptionSource):
     row is taken out (recorded in the shard stats) and its requests are retried on the others."""
 
     # where the server is and how it is asked: changing these keeps the captions already made
-    transport_params = ("base_url", "base_urls", "api_key_env", "api_key_file", "concurrency", "timeout", "connect_timeout",
-                        "max_retries", "backoff", "max_backoff", "max_retry_after", "max_consecutive_failures")
+    transport_params = (
+        "base_url",
+        "base_urls",
+        "api_key_env",
+        "api_key_file",
+        "concurrency",
+        "timeout",
+        "connect_timeout",
+        "max_retries",
+        "backoff",
+        "max_backoff",
+        "max_retry_after",
+        "max_consecutive_failures",
+    )
     # a secret in the configuration would be written to disk (densecap-config, pipeline records)
-    refused_params = {"api_key": "a key in the configuration would be written to disk (densecap-config.rank*.json, "
-                                 "the pipeline's resolved.yaml and stage records); put it in the OPENAI_API_KEY "
-                                 "environment variable, or in a file named by api_key_file"}
+    refused_params = {
+        "api_key": "a key in the configuration would be written to disk (densecap-config.rank*.json, "
+        "the pipeline's resolved.yaml and stage records); put it in the OPENAI_API_KEY "
+        "environment variable, or in a file named by api_key_file"
+    }
 
     @dataclass
     class Params:
@@ -164,7 +179,7 @@ class VLLMServerSource(CaptionSource):
             if self.max_retries < 0:
                 raise ValueError("max_retries must be >= 0")
 
-    def __init__(self, params: "VLLMServerSource.Params", *, label: str = ""):
+    def __init__(self, params: VLLMServerSource.Params, *, label: str = ""):
         super().__init__(params, label=label)
         self.family = get_prompt(params.prompt_family)
         self.prompt = params.prompt or self.family.text
@@ -228,7 +243,9 @@ class VLLMServerSource(CaptionSource):
         try:
             return [m.get("id") for m in r.json().get("data", [])]
         except (ValueError, AttributeError, TypeError):
-            raise CaptionSourceError(f"vllm-server: GET {url} answered HTTP 200 without a model list: {r.text[:300]!r}") from None
+            raise CaptionSourceError(
+                f"vllm-server: GET {url} answered HTTP 200 without a model list: {r.text[:300]!r}"
+            ) from None
 
     async def start(self) -> None:
         p = self.params
@@ -250,20 +267,28 @@ class VLLMServerSource(CaptionSource):
                 continue
             if p.model and p.model not in served:
                 await self.close()
-                raise CaptionSourceError(f"vllm-server: model {p.model!r} is not served by {ep.url}; served models: {served}")
+                raise CaptionSourceError(
+                    f"vllm-server: model {p.model!r} is not served by {ep.url}; served models: {served}"
+                )
             if not p.model and len(served) != 1:
                 await self.close()
                 raise CaptionSourceError(f"vllm-server: set 'model'; {ep.url} serves {served}")
             model = p.model or served[0]
             if self.model and model != self.model:
                 await self.close()
-                raise CaptionSourceError(f"vllm-server: the servers serve different models ({self.model!r}, {model!r}); set 'model'")
+                raise CaptionSourceError(
+                    f"vllm-server: the servers serve different models ({self.model!r}, {model!r}); set 'model'"
+                )
             self.model = model
         if not any(not ep.down for ep in self.endpoints):
             await self.close()
             raise CaptionSourceError("vllm-server: none of the servers can be reached: " + "; ".join(unreachable))
-        log.info("vllm-server: %s serve %s (concurrency %d)", ", ".join(ep.url for ep in self.endpoints if not ep.down),
-                 self.model, p.concurrency)
+        log.info(
+            "vllm-server: %s serve %s (concurrency %d)",
+            ", ".join(ep.url for ep in self.endpoints if not ep.down),
+            self.model,
+            p.concurrency,
+        )
 
     async def close(self) -> None:
         for ep in self.endpoints:

@@ -92,18 +92,34 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer(out_dir)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        image_size=32, patch_size=8, projection_dim=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=64,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
     cfg = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=image_token_id,
-        vision_feature_select_strategy="default", vision_feature_layer=-1, projector_hidden_act="gelu",
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
         image_seq_length=16,
     )
     model = LlavaForConditionalGeneration(cfg).eval()
@@ -112,12 +128,18 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-        do_center_crop=True, do_resize=True, do_normalize=True,
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        do_center_crop=True,
+        do_resize=True,
+        do_normalize=True,
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(out_dir)
@@ -129,7 +151,7 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     for k, v in weights.items():
         for prefix in ("model.vision_tower.", "vision_tower."):
             if k.startswith(prefix) and not k.startswith(prefix + "vision_model."):
-                k = prefix + "vision_model." + k[len(prefix):]
+                k = prefix + "vision_model." + k[len(prefix) :]
                 break
         renamed[k] = v.contiguous()
     save_file(renamed, st, metadata={"format": "pt"})

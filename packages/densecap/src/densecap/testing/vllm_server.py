@@ -61,8 +61,16 @@ class VLLMServer:
     """A vLLM server subprocess (own process group, so stop() ends all of its processes), run under
     ``server_guard.py`` so that it also ends when this process ends without calling stop()."""
 
-    def __init__(self, model_dir: str | Path, *, name: str = "tiny-llava", port: int | None = None,
-                 scratch: str | Path | None = None, max_num_seqs: int = 8, venv: str | Path | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        name: str = "tiny-llava",
+        port: int | None = None,
+        scratch: str | Path | None = None,
+        max_num_seqs: int = 8,
+        venv: str | Path | None = None,
+    ):
         self.model_dir = Path(model_dir)
         self.name = name
         self.port = port or free_port()
@@ -79,21 +87,39 @@ class VLLMServer:
 
     def command(self) -> list[str]:
         return [
-            str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
-            "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "2048",
-            "--max-num-seqs", str(self.max_num_seqs), "--served-model-name", self.name, "--enforce-eager",
+            str(self.python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            "2048",
+            "--max-num-seqs",
+            str(self.max_num_seqs),
+            "--served-model-name",
+            self.name,
+            "--enforce-eager",
         ]
 
-    def start(self, timeout: float = 240.0) -> "VLLMServer":
+    def start(self, timeout: float = 240.0) -> VLLMServer:
         import httpx
 
         self.scratch.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         self._log = open(self.log_path, "ab")
         # stdin: a pipe this process never writes to; the guard ends the server at its EOF
-        self.proc = subprocess.Popen([str(self.python), str(GUARD), "--", *self.command()], env=server_env(self.scratch),
-                                     stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(self.python), str(GUARD), "--", *self.command()],
+            env=server_env(self.scratch),
+            stdin=subprocess.PIPE,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         while True:
             if self.proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-3000:]
@@ -144,7 +170,7 @@ class VLLMServer:
         if getattr(self, "_log", None):
             self._log.close()
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
