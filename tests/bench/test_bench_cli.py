@@ -301,3 +301,19 @@ def test_results_roundtrip_named_fields(tmp_path):
     d = r.to_dict()
     assert set(d["benchmarks"]["custom"]["metrics"]) >= {"i2t_r1", "t2i_r10", "rsum", "t2i_meanr"}
     assert BenchResults.from_dict(json.loads(json.dumps(d))).benchmarks["custom"].metrics.rsum == 600
+
+
+def test_cli_error_is_printed_once_and_log_level_after_subcommand(tmp_path):
+    import subprocess
+    import sys
+
+    # a real process: the error line must reach stderr exactly once, naming the command
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.cli", "retrieval", "--embeddings", str(tmp_path / "missing.safetensors")]
+        + ["--out", str(tmp_path / "o"), "--log-level", "warning"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("missing.safetensors") == 1, out.stderr
+    assert "bench retrieval:" in out.stderr

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from d2s.config import ConfigError
-from d2s.log import setup_logging
+from d2s.log import add_log_level, setup_logging
 from d2s.retrieval import DEFAULT_CHUNK_SIZE, RetrievalInputError, list_protocols
 from d2s.schema import SampleError
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="several results side by side + recall@K curves")
     c.add_argument("results", nargs="+", help="results.json files or results directories")
     c.add_argument("--out", required=True, help="directory for compare.csv, compare.md, recall_curves.png")
-    ap.add_argument("--log-level", default=None)
+    add_log_level(ap, [r, c])
     return ap
 
 
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cmd_compare(args)
     except (RetrievalInputError, DatasetError, SampleError, ConfigError, FileNotFoundError, KeyError) as exc:
-        log.error("%s", exc)
-        print(f"bench {args.command}: error: {exc}", file=sys.stderr)
+        # once, through logging (stderr), naming the command
+        log.error("bench %s: %s", args.command, exc)
         return 2
     return 0
 

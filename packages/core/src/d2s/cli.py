@@ -8,7 +8,7 @@ import logging
 import sys
 
 from .config import ConfigError
-from .log import setup_logging
+from .log import add_log_level, setup_logging
 
 log = logging.getLogger("d2s")
 
@@ -96,7 +96,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="d2s", description="D2S-VSE pipelines and shared tools")
-    ap.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run a pipeline YAML (cached stages are skipped)")
@@ -128,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--split")
     i.add_argument("-n", type=int, default=3)
     i.set_defaults(fn=_cmd_inspect)
+    add_log_level(ap, [r, s, w, i])
     return ap
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -44,3 +45,14 @@ def setup_logging(level: str | int | None = None, file: str | Path | None = None
         root.addHandler(fh)
     for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_log_level(parser: argparse.ArgumentParser, subparsers: list[argparse.ArgumentParser] = ()) -> None:
+    """``--log-level`` on ``parser`` and on each of ``subparsers``, so that both
+    ``prog --log-level DEBUG sub ...`` and ``prog sub ... --log-level DEBUG`` work; the one
+    after the subcommand wins."""
+    help_ = "DEBUG, INFO (default; or $D2S_LOG_LEVEL), WARNING, ERROR"
+    parser.add_argument("--log-level", default=None, type=str.upper, help=help_)
+    for sp in subparsers:
+        # SUPPRESS: a subcommand without the option leaves the top-level value in place
+        sp.add_argument("--log-level", default=argparse.SUPPRESS, type=str.upper, help=help_)
