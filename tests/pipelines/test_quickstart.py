@@ -70,6 +70,25 @@ def test_report_shows_the_paired_difference_of_its_run(quickstart_run):
     assert float(cells[1]) == pytest.approx(rsum["d2s"] - rsum["pretrain"], abs=0.051)
 
 
+def test_report_names_what_produced_it(quickstart_run):
+    import re
+    from importlib import metadata
+
+    run_dir, _ = quickstart_run
+    out = run_dir / "report" / "report"
+    report = (out / "report.md").read_text()
+    assert "## Run" in report
+    # the pipeline config as it ran, next to the report
+    assert (out / "pipeline.resolved.yaml").read_text() == (run_dir / "resolved.yaml").read_text()
+    for stage in ("stage1", "d2s"):
+        cfg = json.loads((run_dir / stage / "run" / "run_config.json").read_text())["train"]
+        assert f"recipe `{cfg['recipe']}`, seed {cfg['seed']}" in report
+    assert f"torch {metadata.version('torch')}" in report and f"d2s-vse {metadata.version('d2s-vse')}" in report
+    # every rSum in the training lines is printed to one decimal (no float noise)
+    best = re.findall(r"best val rSum (\S+)", report)
+    assert best and all(re.fullmatch(r"\d+\.\d", b) for b in best), best
+
+
 def test_bench_results_are_finite_and_on_the_test_split(quickstart_run):
     run_dir, _ = quickstart_run
     for name in ("bench_baseline", "bench_pretrain", "bench_d2s"):

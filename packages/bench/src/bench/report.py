@@ -86,41 +86,104 @@ def _paired(rsums: dict[str, dict[str, float]], val: dict[str, float], seeds_tab
     ]
 
 
+def _loss_terms(rows: list[dict]) -> list[str]:
+    """The run's own objective terms (``loss/<term>``), plus the total when there are several."""
+    terms = sorted({k for r in rows for k in r if k.startswith("loss/") and k != "loss/total"})
+    return terms + ["loss/total"] if len(terms) != 1 else terms
+
+
 def _curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
+    """One loss panel per run (each run has its own objective and scale) and one panel of
+    validation rSum for all runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = {label: rows for label, rows in histories.items() if any(k.startswith("loss/") for r in rows for k in r)}
     if not histories:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, rows in histories.items():
-        pts = [(r["step"], r["loss/total"]) for r in rows if "loss/total" in r]
-        if pts:
-            axes[0].plot(*zip(*pts), label=label)
-    vals = {label: [(r["step"], r["val/rsum"]) for r in rows if "val/rsum" in r] for label, rows in histories.items()}
-    if any(len(v) > 1 for v in vals.values()):
-        for label, v in vals.items():
-            if v:
-                axes[1].plot(*zip(*v), marker="o", label=label)
-        axes[1].set(title="validation rSum", xlabel="step", ylabel="rSum")
-        axes[1].legend(fontsize=8)
-    else:  # validated once per run: one bar each
-        labels = [label for label, v in vals.items() if v]
-        axes[1].bar(
-            range(len(labels)), [vals[label][-1][1] for label in labels], color=[f"C{i}" for i in range(len(labels))]
-        )
-        axes[1].set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
-        axes[1].set(title="validation rSum (end of run)", ylabel="rSum")
-    axes[0].set(title="training loss", xlabel="step", ylabel="loss (total)")
-    axes[0].legend(fontsize=8)
-    for ax in axes:
+    fig, axes = plt.subplots(1, len(runs) + 1, figsize=(4.2 * (len(runs) + 1), 3.8), squeeze=False)
+    for ax, (label, rows) in zip(axes[0], runs.items()):
+        for term in _loss_terms(rows):
+            pts = [(r["step"], r[term]) for r in rows if term in r]
+            ax.plot(*zip(*pts), label=term.removeprefix("loss/"), lw=2 if term == "loss/total" else 1)
+        ys = [r[t] for r in rows for t in _loss_terms(rows) if t in r]
+        if min(ys) > 0 and max(ys) / min(ys) > 20:
+            ax.set_yscale("log")  # terms orders of magnitude apart (summed alignment vs batch-mean distillation)
+        ax.set(title=f"{label}: training loss", xlabel="step", ylabel="loss")
+        ax.legend(fontsize=7)
+    _val_panel(axes[0][-1], histories)
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _val_panel(ax, histories: dict[str, list[dict]]) -> None:
+    vals = {label: [(r["step"], r["val/rsum"]) for r in rows if "val/rsum" in r] for label, rows in histories.items()}
+    if any(len(v) > 1 for v in vals.values()):
+        for label, v in vals.items():
+            if v:
+                ax.plot(*zip(*v), marker="o", label=label)
+        ax.set(title="validation rSum", xlabel="step", ylabel="rSum")
+        ax.legend(fontsize=8)
+    else:  # validated once per run: one bar each
+        labels = [label for label, v in vals.items() if v]
+        ax.bar(
+            range(len(labels)), [vals[label][-1][1] for label in labels], color=[f"C{i}" for i in range(len(labels))]
+        )
+        ax.set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
+        ax.set(title="validation rSum (end of run)", ylabel="rSum")
+
+
+def _fmt_num(x, spec: str = ".1f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+PACKAGES = ("d2s-core", "d2s-densecap", "d2s-vse", "d2s-bench", "torch", "transformers", "accelerate", "webdataset")
+
+
+def run_metadata(run_dir: Path, run_configs: dict[str, dict], out: Path) -> list[str]:
+    """What produced this report: the pipeline config (copied next to it), each training
+    run's seed and recipe, package versions, Python, platform and the source commit."""
+    import platform
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    lines = ["## Run", ""]
+    resolved = run_dir / "resolved.yaml"
+    if resolved.exists():
+        shutil.copy(resolved, out / "pipeline.resolved.yaml")
+        lines.append(f"- pipeline config: [pipeline.resolved.yaml](pipeline.resolved.yaml) (run dir `{run_dir}`)")
+    for label, cfg in run_configs.items():
+        train = cfg.get("train", cfg)
+        lines.append(
+            f"- {label}: recipe `{train.get('recipe', '?')}`, seed {train.get('seed', '?')}, "
+            f"model `{cfg.get('model', {}).get('name', train.get('model', '?'))}`"
+        )
+    versions = []
+    for pkg in PACKAGES:
+        try:
+            versions.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            continue
+    lines.append(f"- versions: Python {platform.python_version()}, " + ", ".join(versions))
+    lines.append(f"- platform: {platform.platform()}, {sys.byteorder}-endian")
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        lines.append(f"- source: git {commit}{' (with uncommitted changes)' if dirty else ''}")
+    except (OSError, subprocess.SubprocessError):
+        lines.append("- source: not a git checkout")
+    return lines + [""]
 
 
 def _example_strip(
@@ -166,7 +229,7 @@ class ReportStage(Stage):
         **{f"{name}?": f"vse run dir of {label} (metrics.jsonl)" for name, label in RUNS},
     }
     outputs = {"report": "directory with report.md and PNGs"}
-    version = "3"
+    version = "4"  # 4: per-run loss panels, run metadata, rSum to one decimal
 
     def run(self, ctx: StageContext) -> dict:
         p: ReportParams = ctx.params
@@ -211,7 +274,7 @@ class ReportStage(Stage):
                     s = json.loads(sp.read_text())
                     lines.append(
                         f"- {label}: {s['steps']} steps, {s['seconds']:.0f} s, {s['samples_per_s']:.0f} samples/s, "
-                        f"best val rSum {s['best_rsum'] if s['best_rsum'] is not None else 'n/a'}"
+                        f"best val rSum {_fmt_num(s['best_rsum'])}"
                     )
             lines.append("")
 
@@ -229,12 +292,22 @@ class ReportStage(Stage):
 
         if ctx.inputs.get("shards") and p.examples > 0 and results:
             lines += self._examples(ctx, p, out)
+        lines += run_metadata(ctx.run_dir, self._run_configs(ctx), out)
 
         atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         out.rename(final)
         ctx.log.info("report: %s", final / "report.md")
         return summary
+
+    @staticmethod
+    def _run_configs(ctx: StageContext) -> dict[str, dict]:
+        out = {}
+        for name, label in RUNS:
+            cp = Path(ctx.inputs[name]) / "run_config.json" if ctx.inputs.get(name) else None
+            if cp is not None and cp.exists():
+                out[label] = json.loads(cp.read_text())
+        return out
 
     @staticmethod
     def _val_rsums(ctx: StageContext) -> dict[str, float]:
