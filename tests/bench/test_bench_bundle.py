@@ -42,6 +42,7 @@ def trained(tmp_path_factory):
     return world, s["bundle"]
 
 
+@pytest.mark.slow
 def test_cli_with_real_bundle_and_shards(trained, tmp_path):
     from bench.api import load_embeddings, read_results
     from bench.cli import main

@@ -57,6 +57,7 @@ def write_saved(tmp_path, seed=0, n=30, per=5):
     return img, txt
 
 
+@pytest.mark.slow
 def test_cli_saved_embeddings_json_markdown_and_compare_png(tmp_path, capsys):
     img, txt = write_saved(tmp_path, 0)
     out = tmp_path / "run0"

@@ -104,6 +104,7 @@ def test_metric_formulas_on_known_ranks():
     assert RetrievalMetrics.from_dict(m.to_dict()) == m
 
 
+@pytest.mark.slow
 def test_coco_1k_fold_averaging_known_case():
     """5000 images in 5 folds; fold f is perfect for f < 2 and worst possible otherwise."""
     n = 1000

@@ -135,6 +135,7 @@ def test_truncated_tar_with_stale_stats_is_incomplete(tmp_path):
     assert completed_shards(tmp_path) == {}
 
 
+@pytest.mark.slow
 def test_sigkill_during_write_never_looks_complete(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
@@ -223,6 +224,7 @@ def _read_under_distributed(rank, world, init, root, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_plain_reader_reads_every_shard_while_torch_distributed_is_up(tmp_path):
     import torch.multiprocessing as mp
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import textwrap
 
+import pytest
+
 from d2s.shards import read_samples
 from tests.densecap.conftest import run_densecap
 
@@ -40,6 +42,7 @@ def install_plugin(site) -> None:
     (dist / "entry_points.txt").write_text("[densecap.caption_sources]\nshouty = shouty_plugin:Shouty\n")
 
 
+@pytest.mark.slow
 def test_external_caption_source_via_entry_point(world_dir, tmp_path):
     site = tmp_path / "site"
     site.mkdir()

@@ -601,6 +601,7 @@ def test_image_ext_keep_and_fixed(tmp_path):
 
 
 # ---- item 2: workers die with densecap; one process per output and rank -------------------
+@pytest.mark.slow
 def test_sigkilled_densecap_takes_its_workers_along_and_a_rerun_completes(tmp_path):
     files = image_folder(tmp_path / "photos", 12)
     out = tmp_path / "out"
@@ -661,6 +662,7 @@ def test_sigkilled_densecap_takes_its_workers_along_and_a_rerun_completes(tmp_pa
     assert not list(out.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_output_and_rank_stops_at_once(tmp_path):
     import threading
 

@@ -99,6 +99,7 @@ def test_ranks_split_the_shards(world_dir, tmp_path):
     assert len(keys) == 32 and set(keys.values()) == {1}
 
 
+@pytest.mark.slow
 def test_num_workers(world_dir, tmp_path):
     out = tmp_path / "out"
     assert run("--input", world_dir, "--out", out, "--num-workers", 2) == 0

@@ -10,6 +10,8 @@ from d2s.cli import main as d2s_main
 from d2s.pipeline import Runner, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # every test shares one (tiny) quickstart run
+
 QUICKSTART = ROOT / "pipelines" / "quickstart.yaml"
 TINY = [
     "world.params.train=256",

@@ -126,6 +126,7 @@ del it, held
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
 @pytest.mark.parametrize("end", ["hold", "exit"])
 def test_loader_shared_memory_is_released(world, assets, end):

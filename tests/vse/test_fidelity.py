@@ -214,6 +214,7 @@ def test_each_caption_once_per_cycle_of_passes():
     assert ShardStream(["u"], batch_size=1, collate=None, caption_sampling="random").caption_choice(s, 0) is None
 
 
+@pytest.mark.slow
 def test_stream_feeds_every_caption_exactly_once_per_caption_epoch(world, assets):
     from transformers import AutoTokenizer
 

@@ -44,6 +44,7 @@ def pipeline_doc(**launch) -> dict:
     return doc
 
 
+@pytest.mark.slow
 def test_two_process_cpu_launch_through_the_stage(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")

@@ -121,6 +121,7 @@ def _plant(path: Path, marker: Path, keep_size: bool) -> None:
         torch.save(Payload(marker), path)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_planted_pickle_in_the_state(world, assets, tmp_path):
     run = tmp_path / "run"
     killed = _cli(_common(world, assets) + ["--out", str(run), "kill_at_step=5"], tmp_path)
@@ -246,6 +247,7 @@ def test_sigkill_during_the_first_save_starts_over_and_says_so(world, assets, re
     _same_weights(reference_run, run)
 
 
+@pytest.mark.slow
 def test_a_finished_run_started_again_keeps_its_state_through_a_kill(world, assets, tmp_path):
     # the rerun of a finished run resumes at its last step and saves that step again: a kill in
     # that save must not cost the state being replaced

@@ -13,6 +13,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "vse_throughput.py"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, sharing", [("stage2", "file_system"), ("baseline", "file_descriptor")])
 def test_throughput_benchmark_runs(tmp_path, recipe, sharing):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -49,6 +49,7 @@ def cfg_doc(world, assets, out, **kw):
     return doc
 
 
+@pytest.mark.slow
 def test_short_run_lowers_the_loss(world, assets, tmp_path):
     # a recipe file (not a registered one): InfoNCE learns fastest in 40 steps of batch 32
     recipe = tmp_path / "infonce.json"
@@ -151,6 +152,7 @@ def _cli(args, cwd):
     )
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(world, assets, tmp_path):
     common = [
         "--model",
@@ -195,6 +197,7 @@ def test_kill_and_resume_equals_uninterrupted(world, assets, tmp_path):
     assert shared and any(not torch.allclose(init[k], a["image.backbone." + k]) for k in shared)
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_run(world, assets, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -285,6 +288,7 @@ def test_teacher_cache_matches_the_teacher_and_reuses_texts(world, assets, tmp_p
     assert not second.requires_grad
 
 
+@pytest.mark.slow
 def test_stage2_reuses_teacher_embeddings_across_epochs(world, assets, tmp_path):
     s1 = train(parse_config(cfg_doc(world, assets, tmp_path / "s1", recipe="stage1", steps=2)))
     # the cache serves a deterministic teacher only: eval mode, clean dense text (not the default)

@@ -83,6 +83,7 @@ def run(assets, shards, tmp_path_factory):
     return {"random": random_dir, "warm": warm_dir, "result": result, "trained": trained}
 
 
+@pytest.mark.slow
 def test_heldout_metrics_improve_over_the_random_init(run):
     r = run["result"]
     img, txt = r["image"], r["text"]
@@ -123,6 +124,7 @@ def test_saved_backbones_load_through_create_model_and_are_the_trained_ones(run)
     assert not list((run["warm"] / "tiny-vit").glob("*tmp*"))
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bit_identical_weights(assets, shards, tmp_path):
     dirs = {}
     for name, params in (("a", SMALL), ("b", SMALL), ("seed", dict(SMALL, seed=4))):
