@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     setup_logging("WARNING")
-    logging.getLogger("vse").setLevel(logging.WARNING)
+    for name in ("vse", "vse_train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     setup = Setup(args, *prepare(args))
     blocks = max(1, args.steps // args.block)
