@@ -1,10 +1,15 @@
 """bench on a real (tiny, 2-step) vse bundle: the model path of `bench retrieval` and the stage."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-vse_train = pytest.importorskip("vse.train")
+vse_train = pytest.importorskip("vse_train.train")
+
+TRAIN_EXTRA = ("accelerate", "tensorboard", "webdataset")  # d2s-vse[train]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,9 @@ def trained(tmp_path_factory):
         "save_every": 100,
         "data": {"batch_size": 16, "num_workers": 0, "shuffle_buffer": 16},
     }
-    s = vse_train.train(vse_train.parse_config(doc))
+    from vse_train.config import parse_config
+
+    s = vse_train.train(parse_config(doc))
     return world, s["bundle"]
 
 
@@ -122,3 +129,46 @@ def test_cli_names_shard_and_key_of_a_corrupt_image(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "test-000000.tar" in err and repr(bad.key) in err and "cannot decode" in err, err[-2000:]
+
+
+# Run in a fresh interpreter where the train extra's packages and vse_train cannot be imported, as
+# after `pip install d2s-bench` (d2s-vse without [train]): importing one fails, and transformers,
+# which imports accelerate whenever it finds it, does not find it.
+_WITHOUT_TRAIN = """
+import io, json, sys
+HIDDEN = {hidden!r}
+for name in HIDDEN:
+    sys.modules[name] = None  # "not installed": find_spec gives None, import raises ModuleNotFoundError
+from PIL import Image
+import bench
+import bench.api
+enc = bench.api.load_encoder({bundle!r})
+images = []
+for colour in ("red", "green", "blue"):
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), colour).save(buf, format="PNG")
+    images.append(buf.getvalue())
+img = enc.embed_images(images, batch_size=2)
+txt = enc.embed_texts(["a red square", "a green circle"], batch_size=1)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in HIDDEN and sys.modules[m] is not None)
+print(json.dumps({{"img": list(img.shape), "txt": list(txt.shape), "loaded": loaded}}))
+"""
+
+
+def test_bench_embeds_with_a_bundle_without_the_train_extra(trained, tmp_path):
+    """bench + bench.api load a real bundle and embed images and texts with neither the trainer
+    (vse_train) nor its dependencies (accelerate, tensorboard, webdataset) importable, and d2s-vse
+    requires those only through its ``train`` extra (it required them always before the split)."""
+    from importlib.metadata import requires
+
+    hard = [r for r in requires("d2s-vse") or [] if r.split(">")[0].split("=")[0].strip() in TRAIN_EXTRA]
+    assert hard and all('extra == "train"' in r for r in hard), hard
+
+    _, bundle = trained
+    code = _WITHOUT_TRAIN.format(hidden=(*TRAIN_EXTRA, "vse_train"), bundle=str(bundle))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["loaded"] == []
+    assert out["img"][0] == 3 and out["txt"][0] == 2 and out["img"][1] == out["txt"][1] > 0

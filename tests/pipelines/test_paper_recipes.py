@@ -121,7 +121,7 @@ def test_paper_pipeline_recipe_values(dataset, tmp_path):
     from densecap.captioners import CAPTION_SOURCES
     from densecap.filters import FILTERS
     from densecap.images import IMAGE_SOURCES
-    from vse.stages import VseTrainParams
+    from vse_train.stages import VseTrainParams
 
     doc = yaml.safe_load(PIPELINES[dataset].read_text())
     v, st = doc["vars"], doc["stages"]

@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 from d2s.shards import split_shards
-from vse.data import Collate, ImageTransform, ShardStream, TextTokenizer
 from vse.models import create_model, get_model_config, processor_source, tokenizer_source
-from vse.recipes import get_recipe
-from vse.train import text_fields
+from vse.transforms import ImageTransform, TextTokenizer
+from vse_train.data import Collate, ShardStream
+from vse_train.recipes import get_recipe
+from vse_train.train import text_fields
 
 
 def _png(a: np.ndarray) -> bytes:
@@ -110,7 +111,8 @@ def _wait_for_no_new_segments(before: set[str], seconds: float) -> set[str]:
 _TAKE_BATCHES = """
 import sys, time, torch
 from d2s.shards import split_shards
-from vse.data import Collate, ImageTransform, ShardStream, TextField, TextTokenizer
+from vse.transforms import ImageTransform, TextTokenizer
+from vse_train.data import Collate, ShardStream, TextField
 from vse.models import TokenAugConfig
 from transformers import AutoTokenizer
 tok = TextTokenizer(AutoTokenizer.from_pretrained(sys.argv[2]))

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from vse.data import ImageTransform, ShardStream, TextTokenizer
 from vse.models import (
     StudentConfig,
     StudentHead,
@@ -24,8 +23,11 @@ from vse.models import (
     l2norm,
     size_augment_keep,
 )
-from vse.recipes import get_recipe
-from vse.train import Objective, freeze_teacher, parse_config, ramp_factor, state_fingerprint, text_fields, train
+from vse.transforms import ImageTransform, TextTokenizer
+from vse_train.config import parse_config
+from vse_train.data import ShardStream
+from vse_train.recipes import get_recipe
+from vse_train.train import Objective, freeze_teacher, ramp_factor, state_fingerprint, text_fields, train
 
 from .test_train import cfg_doc
 
@@ -219,7 +221,7 @@ def test_stream_feeds_every_caption_exactly_once_per_caption_epoch(world, assets
     from transformers import AutoTokenizer
 
     from d2s.shards import read_samples, split_shards
-    from vse.data import Collate, TextField, image_id_int
+    from vse_train.data import Collate, TextField, image_id_int
 
     tok = TextTokenizer(AutoTokenizer.from_pretrained(str(assets / "tokenizer")))
     collate = Collate(
@@ -357,7 +359,8 @@ def test_augmentation_alters_whole_words(unit, split_words):
 def test_clip_scaled_grads_option_clips_before_unscaling():
     from types import SimpleNamespace
 
-    from vse.train import OptimConfig, clip_gradients
+    from vse_train.config import OptimConfig
+    from vse_train.train import clip_gradients
 
     def clipped_norm(option: bool) -> float:
         p = torch.nn.Parameter(torch.zeros(4))
@@ -379,8 +382,8 @@ def test_clip_scaled_grads_option_clips_before_unscaling():
 
 
 def test_run_level_warmup_sets_the_switch_and_the_ramp_of_alignment_terms_only():
-    from vse.losses import TripletLoss, TripletParams
-    from vse.recipes import with_warmup
+    from vse_train.losses import TripletLoss, TripletParams
+    from vse_train.recipes import with_warmup
 
     r = with_warmup(get_recipe("stage2"), 0.1)
     triplet, distill = r.losses

@@ -11,7 +11,7 @@ import pytest
 from d2s.config import ConfigError
 from d2s.pipeline import Runner, load_pipeline
 from vse.bundle import load_bundle
-from vse.stages import LaunchConfig
+from vse_train.stages import LaunchConfig
 
 
 def pipeline_doc(**launch) -> dict:
@@ -91,7 +91,7 @@ def test_launch_command_flags(tmp_path):
     cmd = cpu.command(tmp_path / "c.json", "no")
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert "--multi_gpu" in cmd and "--cpu" not in cmd  # accelerate's --cpu launcher starts one process
-    assert cmd[-5:] == ["-m", "vse.cli", "train", "--config", str(tmp_path / "c.json")]
+    assert cmd[-5:] == ["-m", "vse_train.cli", "train", "--config", str(tmp_path / "c.json")]
     multi = LaunchConfig(
         num_processes=16,
         num_machines=2,
@@ -136,8 +136,8 @@ def test_failed_launch_raises_with_its_output(tmp_path, monkeypatch):
     import logging
 
     from d2s.pipeline import StageContext
-    from vse.stages import launch_train
-    from vse.train import parse_config
+    from vse_train.config import parse_config
+    from vse_train.stages import launch_train
 
     monkeypatch.chdir(tmp_path)
     cfg = parse_config({"shards": str(tmp_path), "out": str(tmp_path / "run"), "steps": 1, "assets": str(tmp_path)})

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from vse.losses import DistillLoss, DistillParams, TripletLoss, TripletParams, distill_loss, infonce_loss, triplet_loss
+from vse_train.losses import (
+    DistillLoss,
+    DistillParams,
+    TripletLoss,
+    TripletParams,
+    distill_loss,
+    infonce_loss,
+    triplet_loss,
+)
 
 # unit vectors; S = img @ txt.T =
 #   [[0.8 , 0.0, 1.0],
@@ -98,7 +106,7 @@ def test_distill_default_is_the_batch_mean_of_one_minus_cos():
 def test_infonce_sum_reduction_is_batch_times_mean():
     import torch.nn.functional as F
 
-    from vse.losses import infonce_loss
+    from vse_train.losses import infonce_loss
 
     g = torch.Generator().manual_seed(0)
     a = F.normalize(torch.randn(6, 4, generator=g), dim=-1)

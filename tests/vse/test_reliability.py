@@ -23,8 +23,9 @@ from safetensors.torch import load_file
 from d2s.schema import DenseText, SampleError
 from d2s.shards import ShardWriter, write_manifest
 from d2s.synthetic import SplitSpec, WorldConfig, describe, iter_world
-from vse.state import KILL_ENV, KILL_POINTS, StateError, find_state
-from vse.train import parse_config, train
+from vse_train.config import parse_config
+from vse_train.state import KILL_ENV, KILL_POINTS, StateError, find_state
+from vse_train.train import train
 
 
 def _env(**extra):
@@ -33,7 +34,7 @@ def _env(**extra):
 
 def _cli(args, cwd, **env):
     return subprocess.run(
-        [sys.executable, "-m", "vse.cli", "train", *args],
+        [sys.executable, "-m", "vse_train.cli", "train", *args],
         cwd=cwd,
         env=_env(**env),
         capture_output=True,
@@ -357,7 +358,7 @@ def test_two_processes_skip_bad_samples_with_batches_of_different_sizes(corrupt_
         "--dynamo_backend",
         "no",
         "-m",
-        "vse.cli",
+        "vse_train.cli",
         "train",
         *_common(world, assets, steps=6),
         "--out",
@@ -426,7 +427,7 @@ def _launch(world, assets, out, flags, overrides, cwd):
         "no",
         *flags,
         "-m",
-        "vse.cli",
+        "vse_train.cli",
         "train",
         *_common(world, assets, steps=2),
         "--out",

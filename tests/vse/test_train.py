@@ -15,14 +15,15 @@ from d2s.shards import read_samples
 from vse.bundle import load_bundle
 from vse.checkpoint import load_checkpoint
 from vse.models import get_model_config, load_backbone
-from vse.recipes import get_recipe
-from vse.train import parse_config, state_fingerprint, train
+from vse_train.config import parse_config
+from vse_train.recipes import get_recipe
+from vse_train.train import state_fingerprint, train
 
 
 def get_recipe_path(name):
     from importlib import resources
 
-    return resources.files("vse") / "configs" / "recipes" / f"{name}.json"
+    return resources.files("vse_train") / "configs" / "recipes" / f"{name}.json"
 
 
 def cfg_doc(world, assets, out, **kw):
@@ -148,7 +149,7 @@ def test_bad_model_and_recipe_fields():
 def _cli(args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(
-        [sys.executable, "-m", "vse.cli", "train", *args], cwd=cwd, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "vse_train.cli", "train", *args], cwd=cwd, env=env, capture_output=True, text=True
     )
 
 
@@ -216,7 +217,7 @@ def test_two_process_accelerate_run(world, assets, tmp_path):
         "--dynamo_backend",
         "no",
         "-m",
-        "vse.cli",
+        "vse_train.cli",
         "train",
         "--model",
         "tiny-vit",
@@ -262,7 +263,7 @@ def test_validation_selects_best_on_val(world, assets, tmp_path):
 
 def test_teacher_cache_matches_the_teacher_and_reuses_texts(world, assets, tmp_path):
     from vse.models import create_model
-    from vse.train import TeacherCache
+    from vse_train.train import TeacherCache
 
     torch.manual_seed(0)
     text = create_model("tiny-vit", assets_dir=assets).text.eval()

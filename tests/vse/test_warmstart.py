@@ -1,4 +1,4 @@
-"""The warm start (vse.warmstart): real tiny HF models trained on a real ``pretrain`` split.
+"""The warm start (vse_train.warmstart): real tiny HF models trained on a real ``pretrain`` split.
 
 One warm start of tiny-vit (module fixture) is measured and checked from several sides; a
 second run with the same params checks that it is bit-identical.
@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import vse.warmstart as ws
+import vse_train.warmstart as ws
 from d2s.config import ConfigError, from_dict
 from d2s.schema import DenseText
 from d2s.shards import ShardWriter, write_manifest
 from d2s.synthetic import SplitSpec, WorldConfig, describe, make_sample, write_world
 from vse.models import create_model
-from vse.warmstart import WarmStartParams, image_tags, label_vocab, warm_start
+from vse_train.warmstart import WarmStartParams, image_tags, label_vocab, warm_start
 
 PRETRAIN = 480
 # Small enough for a test, enough for the held-out figures to move well clear of the random init.
@@ -155,7 +155,7 @@ def test_missing_split_is_named_with_the_shards_dir_and_the_remedy(assets, shard
     msg = str(exc.value)
     assert "'pretrian'" in msg and str(shards) in msg and "pretrain: N" in msg and "'pretrain'" in msg
     # the CLI checks it before building anything and exits 2
-    from vse.cli import main
+    from vse_train.cli import main
 
     out = tmp_path / "cli_assets"
     assert (
@@ -191,7 +191,7 @@ def test_bad_params_name_the_field():
     ):
         with pytest.raises(ConfigError, match=field):
             from_dict(WarmStartParams, doc, "warmstart")
-    from vse.stages import VseAssetsParams
+    from vse_train.stages import VseAssetsParams
 
     with pytest.raises(ConfigError, match=r"params\.warmstart.*text_steps"):
         from_dict(VseAssetsParams, {"warmstart": {"text_steps": "many"}}, "params")
@@ -216,7 +216,7 @@ def test_labels_are_caption_words_between_the_count_bounds():
 
 def test_vse_assets_stage_runs_the_warm_start(shards, tmp_path):
     from d2s.pipeline import StageContext
-    from vse.stages import VseAssetsParams, VseAssetsStage
+    from vse_train.stages import VseAssetsParams, VseAssetsStage
 
     params = from_dict(
         VseAssetsParams,

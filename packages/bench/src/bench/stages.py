@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 from d2s.config import to_dict
 from d2s.pipeline import Stage, StageContext
-from d2s.retrieval import DEFAULT_CHUNK_SIZE
 
 from .api import (
     BenchResults,
@@ -25,32 +24,22 @@ from .data import load_shards
 
 
 @dataclass
-class BenchRetrievalParams:
+class BenchRetrievalParams(RetrievalSettings):
+    """The stage's params: the retrieval settings bench's API and CLI use (:class:`bench.api.RetrievalSettings`:
+    protocols, long_text, chunk_size, ties, engine, faiss_k, batch sizes, device) plus what to read and write."""
+
     split: str = "test"
-    protocols: list[str] = field(default_factory=lambda: ["custom"])  # sparse-caption protocols
-    long_text: bool = True  # image <-> kept dense text, where samples have one
     max_captions: int = 5
-    ties: Literal["stable", "optimistic", "pessimistic"] = "stable"
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    image_batch_size: int = 64
-    text_batch_size: int = 256
-    device: str | None = None
     name: str = ""
     save_embeddings: bool = True  # embeddings.safetensors beside the results (the report's examples use them)
 
-    def __post_init__(self) -> None:
-        self.settings()  # validates protocols and sizes
-
     def settings(self) -> RetrievalSettings:
-        return RetrievalSettings(
-            protocols=list(self.protocols),
-            long_text=self.long_text,
-            chunk_size=self.chunk_size,
-            ties=self.ties,
-            image_batch_size=self.image_batch_size,
-            text_batch_size=self.text_batch_size,
-            device=self.device,
-        )
+        return RetrievalSettings(**{f.name: getattr(self, f.name) for f in fields(RetrievalSettings)})
+
+
+# settings the params gained by holding a RetrievalSettings: left out of the cache key while at their
+# default, so that the results cached before keep their hash
+_NEW_SETTINGS = {"engine": "exact", "faiss_k": 100}
 
 
 class BenchRetrievalStage(Stage):
@@ -60,6 +49,11 @@ class BenchRetrievalStage(Stage):
     inputs = {"bundle": "model bundle directory (vse.bundle)", "shards": "shards directory with the split"}
     outputs = {"results": "directory with results.json and results.md"}
     version = "2"
+
+    @classmethod
+    def cache_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        params = {k: v for k, v in params.items() if not (k in _NEW_SETTINGS and v == _NEW_SETTINGS[k])}
+        return super().cache_params(params)
 
     def run(self, ctx: StageContext) -> dict:
         p: BenchRetrievalParams = ctx.params

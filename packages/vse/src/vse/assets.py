@@ -4,7 +4,8 @@ back through the ordinary ``from_pretrained`` path.
 
 Layout of an assets dir::
 
-    tokenizer/            PreTrainedTokenizerFast (tokenizer.json: word-level vocab = special tokens + every word seen)
+    tokenizer/            PreTrainedTokenizerFast (tokenizer.json: word-level vocab = special tokens + every word seen,
+                          words split by the tokenizer's own normaliser and pre-tokenizer)
     <model>/image/        HF vision backbone (config.json + model.safetensors)
     <model>/text/         HF text backbone
     <model>/processor/    HF image processor (size, mean, std)
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -27,15 +27,36 @@ from .models import ModelConfig, asset_paths, get_model_config, list_models
 log = logging.getLogger(__name__)
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-_WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+
+class WordSplitter:
+    """Texts -> words exactly as the BERT tokenizer of :func:`build_tokenizer` splits them before
+    looking words up: ``tokenizers``' BertNormalizer (control characters dropped, CJK characters
+    apart, accents stripped, lower case) then BertPreTokenizer (whitespace, punctuation apart)."""
+
+    def __init__(self) -> None:
+        from tokenizers import normalizers, pre_tokenizers
+
+        self.normalizer = normalizers.BertNormalizer(lowercase=True)
+        self.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+
+    def __call__(self, text: str) -> list[str]:
+        return [w for w, _ in self.pre_tokenizer.pre_tokenize_str(self.normalizer.normalize_str(text))]
+
+
+_SPLITTER: WordSplitter | None = None
 
 
 def words_of(text: str) -> list[str]:
-    """The BERT basic tokenizer's split (lower case, punctuation apart), enough for a word-level vocab."""
-    return _WORD.findall(text.lower())
+    """The words of ``text`` as the BERT tokenizer splits it (see :class:`WordSplitter`)."""
+    global _SPLITTER
+    if _SPLITTER is None:
+        _SPLITTER = WordSplitter()
+    return _SPLITTER(text)
 
 
 def collect_vocab(shards_dir: str | Path, splits: tuple[str, ...] = ("train",), min_count: int = 1) -> list[str]:
+    """Every word of the splits' sparse captions and kept dense texts seen ``min_count`` times, sorted."""
     counts: Counter[str] = Counter()
     for split in splits:
         for s in iter_samples(split_shards(shards_dir, split)):

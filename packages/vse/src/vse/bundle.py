@@ -17,7 +17,7 @@ from PIL import Image
 from d2s.shards import atomic_write_json
 
 from .checkpoint import load_checkpoint, load_processor, load_tokenizer, read_config
-from .data import ImageTransform, TextTokenizer
+from .transforms import ImageTransform, TextTokenizer
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path) -> Path:

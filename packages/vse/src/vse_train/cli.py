@@ -7,7 +7,7 @@ Examples::
     vse train --recipe stage1 --model tiny-vit --shards data/world --out runs/s1 --steps 300
     vse train --recipe stage2 --shards data/world --out runs/s2 --steps 300 init=runs/s1/best
     vse train --config my_run.yaml optim.lr=1e-3 data.batch_size=64
-    accelerate launch --num_processes 2 --cpu -m vse.cli train ...      # 2 processes (gloo)
+    accelerate launch --num_processes 2 --cpu -m vse_train.cli train ...      # 2 processes (gloo)
     vse export runs/s2/best runs/s2/bundle
 """
 
@@ -46,8 +46,8 @@ def _train_doc(args: argparse.Namespace) -> dict:
 
 def _build_assets(args: argparse.Namespace) -> dict:
     from d2s.config import from_dict
+    from vse.assets import build_assets
 
-    from .assets import build_assets
     from .warmstart import WarmStartParams, check_split, summary, warm_start
 
     warm = None
@@ -67,9 +67,7 @@ def _build_assets(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    from d2s.log import setup_logging
-
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vse", description="D2S-VSE training (stage 1, stage 2, baseline)")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
@@ -93,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("checkpoint")
     e.add_argument("out")
 
+    _add_build_assets(sub)
+    sub.add_parser("models", help="list model configs")
+    sub.add_parser("recipes", help="list recipes")
+    parser.add_argument("--log-level", default=None)
+    return parser
+
+
+def _add_build_assets(sub) -> None:
     a = sub.add_parser("build-assets", help="build the tokenizer + tiny backbones of the CPU configs from shards")
     a.add_argument("--shards", required=True)
     a.add_argument("--out", required=True)
@@ -101,16 +107,42 @@ def main(argv: list[str] | None = None) -> int:
     )
     a.add_argument("--seed", type=int, default=0)
     a.add_argument(
-        "--warmstart-split", help="then warm-start the backbones on this split (vse.warmstart; e.g. pretrain)"
+        "--warmstart-split", help="then warm-start the backbones on this split (vse_train.warmstart; e.g. pretrain)"
     )
     a.add_argument(
         "--warmstart-image-steps", type=int, help="image tagging steps (default: WarmStartParams.image_steps)"
     )
     a.add_argument("--warmstart-text-steps", type=int, help="masked-LM steps (default: WarmStartParams.text_steps)")
 
-    sub.add_parser("models", help="list model configs")
-    sub.add_parser("recipes", help="list recipes")
-    parser.add_argument("--log-level", default=None)
+
+def _run(args: argparse.Namespace) -> None:
+    if args.cmd == "train":
+        from .config import parse_config
+        from .train import train
+
+        print(json.dumps(train(parse_config(_train_doc(args))), indent=2))
+    elif args.cmd == "export":
+        from vse.bundle import export_bundle
+
+        print(export_bundle(args.checkpoint, args.out))
+    elif args.cmd == "build-assets":
+        print(json.dumps(_build_assets(args), indent=2))
+    elif args.cmd == "models":
+        from vse.models import get_model_config, list_models
+
+        for name in list_models():
+            print(f"{name:28s} {get_model_config(name).description}")
+    elif args.cmd == "recipes":
+        from .recipes import get_recipe, list_recipes
+
+        for name in list_recipes():
+            print(f"{name:12s} {get_recipe(name).description}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from d2s.log import setup_logging
+
+    parser = _parser()
     # KEY=VALUE overrides may sit anywhere among the train options
     args, extra = parser.parse_known_args(argv)
     bad = [e for e in extra if args.cmd != "train" or "=" not in e or e.startswith("-")]
@@ -119,30 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "train":
         args.overrides = list(args.overrides) + extra
     setup_logging(args.log_level)
-
     try:
-        if args.cmd == "train":
-            from .train import parse_config, train
-
-            cfg = parse_config(_train_doc(args))
-            summary = train(cfg)
-            print(json.dumps(summary, indent=2))
-        elif args.cmd == "export":
-            from .bundle import export_bundle
-
-            print(export_bundle(args.checkpoint, args.out))
-        elif args.cmd == "build-assets":
-            print(json.dumps(_build_assets(args), indent=2))
-        elif args.cmd == "models":
-            from .models import get_model_config, list_models
-
-            for name in list_models():
-                print(f"{name:28s} {get_model_config(name).description}")
-        elif args.cmd == "recipes":
-            from .recipes import get_recipe, list_recipes
-
-            for name in list_recipes():
-                print(f"{name:12s} {get_recipe(name).description}")
+        _run(args)
     except (ConfigError, FileNotFoundError, SampleError, StateError) as exc:
         log.error("%s", exc)
         return 2

@@ -59,9 +59,8 @@ import torch.nn.functional as F
 
 from d2s.config import to_dict
 from d2s.shards import atomic_write_json, iter_samples, read_manifest, split_shards
-
-from .assets import SPECIAL, words_of
-from .models import asset_paths, backbone_from_config, get_model_config, load_backbone
+from vse.assets import SPECIAL, words_of
+from vse.models import asset_paths, backbone_from_config, get_model_config, load_backbone
 
 log = logging.getLogger(__name__)
 
@@ -257,15 +256,23 @@ class _Pixels:
         return self.t.normalize(u8)
 
 
-def _train_image(
-    paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, progress: bool, tag: str
-) -> tuple[dict, torch.nn.Module | None]:
-    from tqdm import tqdm
-    from transformers import AutoConfig, AutoModelForImageClassification
+def _fit(bar, step_loss, opt, sched) -> list[float]:
+    """The training loop of both phases: ``step_loss(batch)`` (forward), backward, step; the losses."""
+    losses: list[float] = []
+    for b in bar:
+        loss = step_loss(b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if len(losses) % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")
+    return losses
 
-    from .data import ImageTransform
 
-    t0 = time.time()
+def _tag_targets(samples, train_idx, p: WarmStartParams) -> tuple[list[str], torch.Tensor]:
+    """The tag vocabulary (from the training images) and every image's multi-hot target."""
     tags = [image_tags(s) for s in samples]
     labels = label_vocab([tags[i] for i in train_idx], p.min_label_count, p.max_label_fraction)
     if not labels:
@@ -279,37 +286,50 @@ def _train_image(
         for w in ts:
             if w in col:
                 targets[i, col[w]] = 1.0
+    return labels, targets
 
-    hf_cfg = AutoConfig.from_pretrained(str(paths["image"]))
-    clf_cfg = copy.deepcopy(hf_cfg)
+
+def _tagging_model(image_dir: Path, labels: list[str]) -> torch.nn.Module:
+    """A multi-label classifier on the assets' image backbone config, holding the random backbone."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    clf_cfg = copy.deepcopy(AutoConfig.from_pretrained(str(image_dir)))
     clf_cfg.num_labels = len(labels)
     clf_cfg.id2label = dict(enumerate(labels))
-    clf_cfg.label2id = col
+    clf_cfg.label2id = {w: j for j, w in enumerate(labels)}
     clf_cfg.problem_type = "multi_label_classification"
     model = AutoModelForImageClassification.from_config(clf_cfg)
-    model.base_model.load_state_dict(load_backbone(str(paths["image"])).state_dict())  # the random backbone, strict
+    model.base_model.load_state_dict(load_backbone(str(image_dir)).state_dict())  # the random backbone, strict
+    return model
 
+
+@torch.no_grad()
+def _eval_tagging(model, pixels: _Pixels, hold_idx, targets: torch.Tensor, batch_size: int) -> dict:
+    model.eval()
+    logits = torch.cat(
+        [model(pixel_values=pixels(hold_idx[i : i + batch_size])).logits for i in range(0, len(hold_idx), batch_size)]
+    )
+    model.train()
+    return tagging_metrics(logits.float(), targets[torch.as_tensor(hold_idx)])
+
+
+def _train_image(
+    paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, progress: bool, tag: str
+) -> tuple[dict, torch.nn.Module | None]:
+    from tqdm import tqdm
+
+    from vse.transforms import ImageTransform
+
+    t0 = time.time()
+    labels, targets = _tag_targets(samples, train_idx, p)
+    model = _tagging_model(paths["image"], labels)
     transform = ImageTransform(cfg.image.image_size, list(cfg.image.mean), list(cfg.image.std))
     pixels = _Pixels([s.image for s in samples], transform)
-
-    @torch.no_grad()
-    def evaluate() -> dict:
-        model.eval()
-        logits = torch.cat(
-            [
-                model(pixel_values=pixels(hold_idx[i : i + p.eval_batch_size])).logits
-                for i in range(0, len(hold_idx), p.eval_batch_size)
-            ]
-        )
-        model.train()
-        return tagging_metrics(logits.float(), targets[torch.as_tensor(hold_idx)])
-
-    before = evaluate()
+    before = _eval_tagging(model, pixels, hold_idx, targets, p.eval_batch_size)
     opt = _optimizer(model, p, p.lr)
     sched = _schedule(opt, p.image_steps, p.warmup_steps)
     gen = torch.Generator().manual_seed(p.seed * 1000 + 1)
     train_t = torch.as_tensor(train_idx)
-    losses: list[float] = []
     model.train()
     bar = tqdm(
         _batches(len(train_idx), p.batch_size, p.image_steps, gen),
@@ -317,18 +337,12 @@ def _train_image(
         desc=f"warm start {tag} image (tagging)",
         disable=not progress,
     )
-    for b in bar:
+
+    def step_loss(b) -> torch.Tensor:
         idx = train_t[b]
-        logits = model(pixel_values=pixels(idx)).logits
-        loss = F.binary_cross_entropy_with_logits(logits, targets[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if len(losses) % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")
-    after = evaluate()
+        return F.binary_cross_entropy_with_logits(model(pixel_values=pixels(idx)).logits, targets[idx])
+
+    losses = _fit(bar, step_loss, opt, sched)
     info = {
         "objective": "multi-label tagging (words of the sparse captions), binary cross-entropy",
         "model": type(model).__name__,
@@ -340,40 +354,25 @@ def _train_image(
         "heldout_images": len(hold_idx),
         "loss": _loss_summary(losses),
         "heldout_before": before,
-        "heldout_after": after,
+        "heldout_after": _eval_tagging(model, pixels, hold_idx, targets, p.eval_batch_size),
         "seconds": round(time.time() - t0, 2),
     }
     return info, model.base_model
 
 
-def _train_text(
-    paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, progress: bool, tag: str
-) -> tuple[dict, torch.nn.Module | None]:
-    from tqdm import tqdm
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
+def _mlm_examples(tok, samples, idx, max_len: int) -> list[dict]:
+    """The sparse captions and kept dense texts of images ``idx``, tokenized for the MLM collator."""
+    texts = [t for i in idx for t in (list(samples[i].sparse) + [d.text for d in samples[i].kept_dense()])]
+    enc = tok(texts, truncation=True, max_length=max_len, return_special_tokens_mask=True)
+    return [
+        {"input_ids": ids, "attention_mask": m, "special_tokens_mask": s}
+        for ids, m, s in zip(enc["input_ids"], enc["attention_mask"], enc["special_tokens_mask"])
+    ]
 
-    t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
-    max_len = cfg.text.dense_max_length
 
-    def texts(idx) -> list[str]:
-        return [t for i in idx for t in (list(samples[i].sparse) + [d.text for d in samples[i].kept_dense()])]
-
-    def encode(ts: list[str]) -> list[dict]:
-        enc = tok(ts, truncation=True, max_length=max_len, return_special_tokens_mask=True)
-        return [
-            {"input_ids": ids, "attention_mask": m, "special_tokens_mask": s}
-            for ids, m, s in zip(enc["input_ids"], enc["attention_mask"], enc["special_tokens_mask"])
-        ]
-
-    train_ex, hold_ex = encode(texts(train_idx)), encode(texts(hold_idx))
-    hold_ex.sort(key=lambda e: len(e["input_ids"]))  # evaluation batches of similar lengths (less padding)
-    n_dense = sum(len(samples[i].kept_dense()) for i in train_idx)
-    collator = DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=p.mlm_probability, return_tensors="pt")
-    # one fixed masking of the held-out texts, used before and after (its own RNG stream)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(p.seed * 1000 + 3)
-        eval_batches = [collator(hold_ex[i : i + p.eval_batch_size]) for i in range(0, len(hold_ex), p.eval_batch_size)]
+def _mlm_model(paths, tok) -> torch.nn.Module:
+    """A masked-LM model on the assets' text backbone config, holding the random backbone."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
 
     hf_cfg = AutoConfig.from_pretrained(str(paths["text"]))
     if len(tok) > hf_cfg.vocab_size:
@@ -384,26 +383,45 @@ def _train_text(
     model.base_model.load_state_dict(load_backbone(str(paths["text"])).state_dict())  # the random backbone, strict
     if hf_cfg.tie_word_embeddings:
         model.tie_weights()
+    return model
 
-    @torch.no_grad()
-    def evaluate() -> dict:
-        model.eval()
-        correct = total = 0
-        loss_sum = 0.0
-        for b in eval_batches:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            sel = b["labels"] != -100
-            correct += (logits[sel].argmax(-1) == b["labels"][sel]).sum().item()
-            loss_sum += F.cross_entropy(logits[sel].float(), b["labels"][sel], reduction="sum").item()
-            total += int(sel.sum())
-        model.train()
-        return {"mlm_accuracy": correct / max(1, total), "mlm_loss": loss_sum / max(1, total), "masked_tokens": total}
 
-    before = evaluate()
+@torch.no_grad()
+def _eval_mlm(model, eval_batches: list[dict]) -> dict:
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for b in eval_batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        sel = b["labels"] != -100
+        correct += (logits[sel].argmax(-1) == b["labels"][sel]).sum().item()
+        loss_sum += F.cross_entropy(logits[sel].float(), b["labels"][sel], reduction="sum").item()
+        total += int(sel.sum())
+    model.train()
+    return {"mlm_accuracy": correct / max(1, total), "mlm_loss": loss_sum / max(1, total), "masked_tokens": total}
+
+
+def _train_text(
+    paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, progress: bool, tag: str
+) -> tuple[dict, torch.nn.Module | None]:
+    from tqdm import tqdm
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling
+
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
+    max_len = cfg.text.dense_max_length
+    train_ex, hold_ex = _mlm_examples(tok, samples, train_idx, max_len), _mlm_examples(tok, samples, hold_idx, max_len)
+    hold_ex.sort(key=lambda e: len(e["input_ids"]))  # evaluation batches of similar lengths (less padding)
+    collator = DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=p.mlm_probability, return_tensors="pt")
+    # one fixed masking of the held-out texts, used before and after (its own RNG stream)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(p.seed * 1000 + 3)
+        eval_batches = [collator(hold_ex[i : i + p.eval_batch_size]) for i in range(0, len(hold_ex), p.eval_batch_size)]
+    model = _mlm_model(paths, tok)
+    before = _eval_mlm(model, eval_batches)
     opt = _optimizer(model, p, p.text_lr or p.lr)
     sched = _schedule(opt, p.text_steps, p.warmup_steps)
     gen = torch.Generator().manual_seed(p.seed * 1000 + 2)
-    losses: list[float] = []
     model.train()
     lengths = [len(e["input_ids"]) for e in train_ex]
     bar = tqdm(
@@ -412,17 +430,12 @@ def _train_text(
         desc=f"warm start {tag} text (MLM)",
         disable=not progress,
     )
-    for b in bar:
+
+    def step_loss(b) -> torch.Tensor:
         batch = collator([train_ex[int(i)] for i in b])
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(out.loss.item())
-        if len(losses) % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")
-    after = evaluate()
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    losses = _fit(bar, step_loss, opt, sched)
     info = {
         "objective": "masked language modelling (sparse captions + kept dense texts)",
         "model": type(model).__name__,
@@ -430,11 +443,11 @@ def _train_text(
         "steps": p.text_steps,
         "max_length": max_len,
         "train_texts": len(train_ex),
-        "train_dense_texts": n_dense,
+        "train_dense_texts": sum(len(samples[i].kept_dense()) for i in train_idx),
         "heldout_texts": len(hold_ex),
         "loss": _loss_summary(losses),
         "heldout_before": before,
-        "heldout_after": after,
+        "heldout_after": _eval_mlm(model, eval_batches),
         "seconds": round(time.time() - t0, 2),
     }
     return info, model.base_model
@@ -488,28 +501,8 @@ def warm_start(
     p = params or WarmStartParams()
     cfg = get_model_config(model_name)
     paths = asset_paths(assets_dir, cfg.name)
-    if cfg.image.backbone.build is None or cfg.text.backbone.build is None:
-        raise ValueError(
-            f"warm start: model {cfg.name!r} loads pretrained backbones; the warm start is for locally built (CPU) configs"
-        )
-    for k in ("image", "text", "tokenizer"):
-        if not (paths[k] / ("tokenizer.json" if k == "tokenizer" else "config.json")).exists():
-            raise FileNotFoundError(f"warm start: {paths[k]} is missing; build the assets first (vse build-assets)")
     record = paths["image"].parent / "warmstart.json"
-    start = {k: _weights_digest(paths[k]) for k in ("image", "text")}
-    if record.exists():
-        prev = json.loads(record.read_text()).get("weights", {}).get("after", {})
-        again = [
-            k
-            for k in ("image", "text")
-            if prev.get(k) == start[k] and k in json.loads(record.read_text()).get("trained", [])
-        ]
-        if again:
-            raise ValueError(
-                f"warm start: the {' and '.join(again)} backbone(s) in {paths['image'].parent} are already "
-                "warm-started (warmstart.json); rebuild the assets (vse build-assets) to start again"
-            )
-
+    start = _check_assets(cfg, paths, record)
     t0 = time.time()
     samples = _read_split(shards_dir, p.split)
     train_idx, hold_idx = _holdout(len(samples), p)
@@ -534,27 +527,53 @@ def warm_start(
     }
     with torch.random.fork_rng(devices=[]):
         for what, steps, fn in (("image", p.image_steps, _train_image), ("text", p.text_steps, _train_text)):
-            if steps == 0:
-                result[what] = None
-                continue
-            torch.manual_seed(p.seed)
-            info, backbone = fn(paths, cfg, samples, train_idx, hold_idx, p, progress, cfg.name)
-            save_backbone(backbone, paths[what])
-            result[what] = info
-            result["trained"].append(what)
-            log.info(
-                "warm start %s %s: %d steps in %.1f s, held-out %s -> %s",
-                cfg.name,
-                what,
-                steps,
-                info["seconds"],
-                _brief(info["heldout_before"]),
-                _brief(info["heldout_after"]),
-            )
+            result[what] = None
+            if steps > 0:
+                torch.manual_seed(p.seed)
+                info, backbone = fn(paths, cfg, samples, train_idx, hold_idx, p, progress, cfg.name)
+                save_backbone(backbone, paths[what])
+                result[what] = info
+                result["trained"].append(what)
+                _log_phase(cfg.name, what, steps, info)
     result["weights"] = {"before": start, "after": {k: _weights_digest(paths[k]) for k in ("image", "text")}}
     result["seconds"] = round(time.time() - t0, 2)
     atomic_write_json(record, result)
     return result
+
+
+def _check_assets(cfg, paths: dict[str, Path], record: Path) -> dict[str, str]:
+    """Fail unless ``cfg``'s backbones are locally built, present and not yet warm-started; returns
+    the digests of their weights as they are."""
+    if cfg.image.backbone.build is None or cfg.text.backbone.build is None:
+        raise ValueError(
+            f"warm start: model {cfg.name!r} loads pretrained backbones; the warm start is for locally built (CPU) configs"
+        )
+    for k in ("image", "text", "tokenizer"):
+        if not (paths[k] / ("tokenizer.json" if k == "tokenizer" else "config.json")).exists():
+            raise FileNotFoundError(f"warm start: {paths[k]} is missing; build the assets first (vse build-assets)")
+    start = {k: _weights_digest(paths[k]) for k in ("image", "text")}
+    if record.exists():
+        doc = json.loads(record.read_text())
+        prev = doc.get("weights", {}).get("after", {})
+        again = [k for k in ("image", "text") if prev.get(k) == start[k] and k in doc.get("trained", [])]
+        if again:
+            raise ValueError(
+                f"warm start: the {' and '.join(again)} backbone(s) in {paths['image'].parent} are already "
+                "warm-started (warmstart.json); rebuild the assets (vse build-assets) to start again"
+            )
+    return start
+
+
+def _log_phase(name: str, what: str, steps: int, info: dict) -> None:
+    log.info(
+        "warm start %s %s: %d steps in %.1f s, held-out %s -> %s",
+        name,
+        what,
+        steps,
+        info["seconds"],
+        _brief(info["heldout_before"]),
+        _brief(info["heldout_after"]),
+    )
 
 
 def _brief(m: dict) -> str:

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from d2s.config import ConfigError, from_dict, load_yaml
+from vse.models import GROUPS
 
 from .losses import LOSSES
-from .models import GROUPS
 
 EMBEDDINGS = ("image", "sparse", "dense", "teacher_dense")
 
@@ -123,7 +123,7 @@ def with_warmup(recipe: Recipe, epochs: float) -> Recipe:
 
 
 def _recipe_dir():
-    return resources.files("vse") / "configs" / "recipes"
+    return resources.files("vse_train") / "configs" / "recipes"
 
 
 def list_recipes() -> list[str]:

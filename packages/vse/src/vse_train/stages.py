@@ -3,11 +3,11 @@
 ``vse-train``: train one recipe from shards; outputs the checkpoint (best on val, else last)
 and the inference bundle. The run directory is the stage's work dir, so an interrupted stage
 resumes from its saved state when the runner starts it again. With ``params.launch`` set, the
-training runs as ``accelerate launch ... -m vse.cli train --config <work>/train_config.json``
+training runs as ``accelerate launch ... -m vse_train.cli train --config <work>/train_config.json``
 in child processes (several GPUs, several machines, or gloo processes on CPU).
 
 ``vse-assets``: the tokenizer + tiny backbones of the CPU configs, built from the shards; with
-``params.warmstart`` the backbones are then warm-started (``vse.warmstart``: image tagging and
+``params.warmstart`` the backbones are then warm-started (``vse_train.warmstart``: image tagging and
 masked language modelling on a split of their own, e.g. the synthetic world's ``pretrain``).
 """
 
@@ -30,7 +30,8 @@ from d2s.config import to_dict
 from d2s.pipeline import Stage, StageContext
 from d2s.shards import atomic_write_text
 
-from .train import AlignLossOverride, DataConfig, OptimConfig, TrainConfig, parse_config, train
+from .config import TrainConfig, TrainSpec, parse_config
+from .train import train
 from .warmstart import WarmStartParams
 
 
@@ -70,7 +71,9 @@ class LaunchConfig:
             raise ValueError(f"launch.main_process_port must be a TCP port, got {self.main_process_port}")
         bad = [a for a in self.extra_args if a in ("-m", "--module")]
         if bad:
-            raise ValueError("launch.extra_args: flags of accelerate launch only (the stage adds -m vse.cli train)")
+            raise ValueError(
+                "launch.extra_args: flags of accelerate launch only (the stage adds -m vse_train.cli train)"
+            )
 
     def command(self, config_file: Path, mixed_precision: str | None) -> list[str]:
         cmd = [
@@ -96,35 +99,34 @@ class LaunchConfig:
             cmd.append("--multi_gpu")
         elif self.cpu:
             cmd.append("--cpu")
-        return cmd + list(self.extra_args) + ["-m", "vse.cli", "train", "--config", str(config_file)]
+        return cmd + list(self.extra_args) + ["-m", "vse_train.cli", "train", "--config", str(config_file)]
 
 
 @dataclass
-class VseTrainParams:
-    recipe: str = "baseline"
-    model: str = "tiny-vit"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    lr_mult: dict[str, float] = field(default_factory=dict)  # over the recipe's (random-init backbones: 1.0)
-    align_loss: AlignLossOverride | None = None  # e.g. {kind: infonce} for random-init models
-    steps: int | None = None
-    epochs: float | None = None
-    seed: int = 0
-    mixed_precision: str = "no"
-    grad_accum: int = 1
-    val_every: int | None = None
-    val_every_epochs: float | None = None
-    warmup_epochs: float | None = None
-    save_every: int = 200
-    log_every: int = 20
-    threads: int | None = None
-    tracker: Literal["tensorboard", "none"] = "tensorboard"
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+class VseTrainParams(TrainSpec):
+    """The stage's params: the training spec (:class:`vse_train.config.TrainSpec`, same keys as
+    a ``vse train`` config without the paths, which come from the stage's inputs and outputs)
+    plus ``launch``."""
+
+    # the stage's default is "no" (the runner's process, and what it passes to accelerate launch)
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = "no"
     launch: LaunchConfig | None = None  # None: train in the runner's process
 
-    def __post_init__(self) -> None:
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError("set exactly one of 'steps' and 'epochs'")
+    def train_config(self, shards: str, out: str, where: str = "train config", **paths: str | None) -> TrainConfig:
+        """The run's :class:`TrainConfig`: this spec, the paths, and the launch's precision / cpu."""
+        spec = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSpec)}
+        if self.launch is not None:
+            if self.launch.mixed_precision is not None:
+                spec["mixed_precision"] = self.launch.mixed_precision
+            if self.launch.cpu:
+                spec["cpu"] = True
+        doc = {**to_dict(spec), "shards": shards, "out": out, **{k: v for k, v in paths.items() if v}}
+        return parse_config(doc, where)
+
+
+# keys added to the stage's params by making them a TrainSpec: left out of the cache key while at
+# their default, so that the runs cached before keep their hash
+_NEW_SPEC_KEYS = {"cpu": False, "resume": True, "kill_at_step": None}
 
 
 class VseTrainStage(Stage):
@@ -144,20 +146,15 @@ class VseTrainStage(Stage):
     }
     version = "1"
 
+    @classmethod
+    def cache_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        params = {k: v for k, v in params.items() if not (k in _NEW_SPEC_KEYS and v == _NEW_SPEC_KEYS[k])}
+        return super().cache_params(params)
+
     def run(self, ctx: StageContext) -> dict:
         p: VseTrainParams = ctx.params
-        doc = to_dict(p)
-        doc.pop("launch")
-        doc.update(shards=ctx.inputs["shards"], out=str(ctx.outputs["run"]))
-        for k in ("init", "teacher", "assets"):
-            if ctx.inputs.get(k):
-                doc[k] = ctx.inputs[k]
-        if p.launch is not None:
-            if p.launch.mixed_precision is not None:
-                doc["mixed_precision"] = p.launch.mixed_precision
-            if p.launch.cpu:
-                doc["cpu"] = True
-        cfg = parse_config(doc, f"stage {ctx.name!r} params")
+        paths = {k: ctx.inputs.get(k) for k in ("init", "teacher", "assets")}
+        cfg = p.train_config(ctx.inputs["shards"], str(ctx.outputs["run"]), f"stage {ctx.name!r} params", **paths)
         summary = train(cfg) if p.launch is None else launch_train(ctx, p.launch, cfg)
         for name, src in (("checkpoint", Path(summary["checkpoint"])), ("bundle", Path(summary["bundle"]))):
             dst = ctx.outputs[name]
@@ -174,7 +171,7 @@ class VseTrainStage(Stage):
 
 
 def launch_train(ctx: StageContext, launch: LaunchConfig, cfg: TrainConfig, tail_lines: int = 60) -> dict:
-    """Run ``vse.cli train`` under ``accelerate launch``; returns the run's summary.json.
+    """Run ``vse_train.cli train`` under ``accelerate launch``; returns the run's summary.json.
 
     The resolved config goes to ``<work>/train_config.json``; the children's output is streamed
     to the stage's log and kept in ``<work>/launch.log``. A failure raises with its last lines.
@@ -191,6 +188,22 @@ def launch_train(ctx: StageContext, launch: LaunchConfig, cfg: TrainConfig, tail
     summary_path.unlink(missing_ok=True)  # a summary from an earlier run must not pass for this one
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     errors: list[str] = []  # the first error lines: a rank's root cause often scrolls out of the tail
+    rc = _run_streamed(ctx, cmd, tail, errors)
+    if rc != 0:
+        first = "".join(f"\n  {e}" for e in errors if e not in tail)
+        raise RuntimeError(
+            f"stage {ctx.name!r}: accelerate launch exited with status {rc}"
+            + (f"; first error lines:{first}" if first else "")
+            + f"\nlast lines (all in {ctx.work_dir / 'launch.log'}):\n"
+            + "\n".join(tail)
+        )
+    return _read_summary(ctx, summary_path, launch.machine_rank)
+
+
+def _run_streamed(ctx: StageContext, cmd: list[str], tail: collections.deque[str], errors: list[str]) -> int:
+    """Run ``cmd`` in its own process group, its output streamed to the stage's log and appended to
+    ``<work>/launch.log``; keeps the last lines in ``tail`` and the first error lines in ``errors``.
+    Interrupted (Ctrl-C, an error here), it stops the whole launched process group."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(ctx.work_dir / "launch.log", "a") as logf:
         proc = subprocess.Popen(
@@ -205,29 +218,27 @@ def launch_train(ctx: StageContext, launch: LaunchConfig, cfg: TrainConfig, tail
                 if ("Error" in line or "error:" in line) and len(errors) < 12 and line not in errors:
                     errors.append(line)
                 ctx.log.info("%s", line)
-            rc = proc.wait()
+            return proc.wait()
         except BaseException:
-            # interrupted (Ctrl-C, an error here): stop the whole launched process group
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+            _stop_group(proc)
             raise
-    if rc != 0:
-        first = "".join(f"\n  {e}" for e in errors if e not in tail)
-        raise RuntimeError(
-            f"stage {ctx.name!r}: accelerate launch exited with status {rc}"
-            + (f"; first error lines:{first}" if first else "")
-            + f"\nlast lines (all in {ctx.work_dir / 'launch.log'}):\n"
-            + "\n".join(tail)
-        )
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _read_summary(ctx: StageContext, summary_path: Path, machine_rank: int) -> dict:
     waited = 0
-    while not summary_path.exists() and launch.machine_rank > 0 and waited < 600:
+    while not summary_path.exists() and machine_rank > 0 and waited < 600:
         time.sleep(2)  # machine 0's main process writes it after the others have exited
         waited += 2
     if not summary_path.exists():
@@ -253,7 +264,7 @@ def _prebuild_assets(cfg: TrainConfig) -> Path | None:
         or not _needs_assets(cfg.model, cfg.model_overrides)
     ):
         return None
-    from .assets import build_assets
+    from vse.assets import build_assets
 
     assets = Path(cfg.out) / "assets"
     marker = assets / "assets.json"  # written last by build_assets
@@ -266,7 +277,7 @@ def _prebuild_assets(cfg: TrainConfig) -> Path | None:
 class VseAssetsParams:
     models: list[str] = field(default_factory=list)  # empty: every locally built config
     seed: int = 0
-    warmstart: WarmStartParams | None = None  # set: warm-start every model's backbones (vse.warmstart)
+    warmstart: WarmStartParams | None = None  # set: warm-start every model's backbones (vse_train.warmstart)
 
 
 class VseAssetsStage(Stage):
@@ -280,7 +291,7 @@ class VseAssetsStage(Stage):
     outputs = {"assets": "assets dir for vse-train's assets input"}
 
     def run(self, ctx: StageContext) -> dict:
-        from .assets import build_assets
+        from vse.assets import build_assets
 
         p: VseAssetsParams = ctx.params
         dst = ctx.outputs["assets"]

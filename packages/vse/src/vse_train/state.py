@@ -262,8 +262,6 @@ def save_state(
     progress: dict[str, Any],
 ) -> Path:
     """Write the state of ``step`` under ``root`` (every process calls this; see module doc)."""
-    from safetensors.torch import save_model
-
     root = Path(root)
     main = accelerator.is_main_process
     accelerator.wait_for_everyone()
@@ -277,20 +275,7 @@ def save_state(
         _kill_point("begin", step)
     accelerator.wait_for_everyone()
     if main:
-        save_model(model, str(target / "model.safetensors"))
-        _fsync(target / "model.safetensors")
-        _kill_point("model", step)
-        tensors, meta = optimizer_parts(optimizer.state_dict())
-        _write_tensors(target / "optimizer.safetensors", tensors)
-        _write_json(target / "optimizer.json", meta)
-        _kill_point("optimizer", step)
-        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        _write_json(target / "scheduler.json", sched)
-        scaler = getattr(accelerator, "scaler", None)
-        if scaler is not None:
-            _write_json(target / "scaler.json", scaler.state_dict())
-        _write_json(target / "progress.json", {**progress, "accelerator_step": int(getattr(accelerator, "step", 0))})
-        _kill_point("scheduler", step)
+        _write_training_state(target, step, accelerator, model, optimizer, scheduler, progress)
     rank = accelerator.process_index
     tensors, doc = rng_state()
     _write_tensors(target / f"rng-{rank}.safetensors", tensors)
@@ -298,31 +283,51 @@ def save_state(
     _kill_point("rng", step)
     accelerator.wait_for_everyone()
     if main:
-        files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file() and p.name != MARKER}
-        _fsync(target)
-        _kill_point("files", step)
-        _write_json(
-            target / MARKER,
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "step": step,
-                "num_processes": accelerator.num_processes,
-                "files": files,
-            },
-        )
-        _fsync(target)
-        _kill_point("marker", step)
-        _write_json(root / POINTER, {"format": FORMAT, "dir": target.name, "step": step})
-        _fsync(root)
-        _kill_point("pointer", step)
-        for old in sorted(root.iterdir()):
-            if old != target and old.is_dir() and _STEP_DIR.match(old.name):
-                shutil.rmtree(old)
-                _kill_point("cleanup", step)
-        _kill_point("end", step)
+        _commit(root, target, step, accelerator.num_processes)
     accelerator.wait_for_everyone()
     return target
+
+
+def _write_training_state(
+    target: Path, step: int, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any, progress: dict
+) -> None:
+    """The main process's files: model, optimizer, scheduler, loss scaler, progress."""
+    from safetensors.torch import save_model
+
+    save_model(model, str(target / "model.safetensors"))
+    _fsync(target / "model.safetensors")
+    _kill_point("model", step)
+    tensors, meta = optimizer_parts(optimizer.state_dict())
+    _write_tensors(target / "optimizer.safetensors", tensors)
+    _write_json(target / "optimizer.json", meta)
+    _kill_point("optimizer", step)
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    _write_json(target / "scheduler.json", sched)
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:
+        _write_json(target / "scaler.json", scaler.state_dict())
+    _write_json(target / "progress.json", {**progress, "accelerator_step": int(getattr(accelerator, "step", 0))})
+    _kill_point("scheduler", step)
+
+
+def _commit(root: Path, target: Path, step: int, num_processes: int) -> None:
+    """Make ``target`` the state (main process, after every process wrote its files): the completion
+    marker listing the files, the pointer moved atomically, then the older states removed."""
+    files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file() and p.name != MARKER}
+    _fsync(target)
+    _kill_point("files", step)
+    marker = {"format": FORMAT, "version": VERSION, "step": step, "num_processes": num_processes, "files": files}
+    _write_json(target / MARKER, marker)
+    _fsync(target)
+    _kill_point("marker", step)
+    _write_json(root / POINTER, {"format": FORMAT, "dir": target.name, "step": step})
+    _fsync(root)
+    _kill_point("pointer", step)
+    for old in sorted(root.iterdir()):
+        if old != target and old.is_dir() and _STEP_DIR.match(old.name):
+            shutil.rmtree(old)
+            _kill_point("cleanup", step)
+    _kill_point("end", step)
 
 
 # ---- find and load -----------------------------------------------------------------------
