@@ -22,20 +22,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import os
 import re
 import time
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
 from .config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from .registry import Registry
 from .shards import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -89,26 +88,22 @@ class Stage:
         return {k: v for k, v in params.items() if k not in cls.execution_params}
 
 
+STAGES: Registry[type[Stage]] = Registry(
+    "stage type", ENTRY_POINT_GROUP, base=Stage, error=PipelineError, name_attr=None
+)
+"""Stage types: the ``d2s.stages`` entry points of installed packages (and ``STAGES.register`` in code)."""
+
+
 def stage_types() -> dict[str, str]:
     """Registered stage types: name -> 'module:attr' (from installed packages' entry points)."""
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return STAGES.targets()
 
 
 def load_stage_type(type_name: str, where: str) -> type[Stage]:
-    registered = stage_types()
-    target = registered.get(type_name)
-    if target is None and ":" in type_name:
-        target = type_name  # 'package.module:Class' for stage types not (yet) packaged
-    if target is None:
-        raise PipelineError(f"{where}.type: unknown stage type {type_name!r}; registered: {sorted(registered)}")
-    module_name, _, attr = target.partition(":")
     try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise PipelineError(f"{where}.type: cannot load stage type {type_name!r} ({target}): {exc}") from None
-    if not (isinstance(obj, type) and issubclass(obj, Stage)):
-        raise PipelineError(f"{where}.type: {target} is not a d2s.pipeline.Stage subclass")
-    return obj
+        return STAGES.get(type_name)
+    except PipelineError as exc:
+        raise PipelineError(f"{where}.type: {exc}") from None
 
 
 @dataclass

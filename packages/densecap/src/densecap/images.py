@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from d2s.config import ConfigError
+from d2s.registry import PluginRegistry
 from d2s.schema import Sample, SampleError, sniff_image_ext
-
-from .registry import Registry
 
 log = logging.getLogger(__name__)
 
-IMAGE_SOURCES: Registry[ImageSource] = Registry("image source", "densecap.image_sources")
+IMAGE_SOURCES: PluginRegistry[ImageSource] = PluginRegistry("image source", "densecap.image_sources")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
