@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 "length,repetition,garbage",
                 "-F",
                 "length.min_words=1",
-                "--captioner",
+                "--caption-source",
                 "vllm-server",
                 "-C",
                 f"base_url={base_url}",
@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"sampling.max_tokens={args.max_tokens}",
             ]
             # warm-up (server caches, page cache), not counted
-            densecap([*common, "--out", str(tmp / "warm"), "--set", "captioners.0.params.sampling.max_tokens=4"], env)
+            densecap(
+                [*common, "--out", str(tmp / "warm"), "--set", "caption_sources.0.params.sampling.max_tokens=4"], env
+            )
             runs: dict[str, list[dict]] = {"local": [], "ray": []}
             for i in range(args.rounds):
                 for kind in ("local", "ray"):

@@ -77,7 +77,7 @@ def densecap_rate(
         RunConfig,
         {
             "source": {"type": "shards", "params": {"path": str(world)}},
-            "captioners": [
+            "caption_sources": [
                 {
                     "type": "vllm-server",
                     "params": {
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("WARNING")
     from d2s.shards import iter_samples, split_shards
     from d2s.synthetic import SplitSpec, WorldConfig, write_world
-    from densecap.captioners.vllm_server import data_url
+    from densecap.caption_sources.vllm_server import data_url
 
     with tempfile.TemporaryDirectory(prefix="densecap-bench-") as tmp:
         tmp = Path(tmp)

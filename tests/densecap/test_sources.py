@@ -191,7 +191,7 @@ def test_corrupt_images_are_recorded_and_skipped(tmp_path):
             "folder",
             "--input",
             str(root),
-            "--captioner",
+            "--caption-source",
             "import",
             "-C",
             f"path={corpus}",

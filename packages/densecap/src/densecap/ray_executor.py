@@ -33,7 +33,7 @@ from typing import Any
 
 from d2s.config import ConfigError, to_dict
 
-from .captioners import CaptionSourceError
+from .caption_sources import CaptionSourceError
 from .config import DensecapConfig
 from .images import Unit
 
