@@ -38,6 +38,11 @@ def test_oracle_run_writes_shards_manifest_report(world_dir, tmp_path):
     for f in ("summary.json", "reasons.csv", "lengths.png", "report.md", "rejects.jsonl", "shards.csv"):
         assert (report / f).exists(), f
     assert json.loads((report / "summary.json").read_text())["captions_by_verdict"] == {"keep": 32}
+    # the per-source table is a markdown table (tabulate, a densecap dependency), not plain text
+    md = (report / "report.md").read_text().splitlines()
+    head = md.index("## Captions per source and verdict") + 2
+    assert md[head].startswith("| source") and set(md[head + 1]) <= set("|:- ") and "|" in md[head + 1]
+    assert md[head + 2].replace(" ", "") == "|synthetic-oracle|keep|32|"
     stats = json.loads((out / "train-000000.stats.json").read_text())
     assert stats["captions_requested"] == 8 and stats["captions_kept"] == 8 and "captions_per_s" in stats
 
