@@ -250,6 +250,8 @@ class _Grouped:
         return out
 
 
+# One function on purpose (73 lines): the hot loop over similarity tiles; helpers per tile would add
+# calls and re-read tensors for no gain, and the two phases share the per-block maxima m_img / m_txt.
 def _rank_tiles(get_tile, n_images: int, grouped: _Grouped, chunk_size: int, ties: str, device, progress: bool):
     if ties not in TIE_RULES:
         raise RetrievalInputError(f"ties: expected one of {list(TIE_RULES)}, got {ties!r}")
