@@ -178,6 +178,23 @@ def make_parser() -> argparse.ArgumentParser:
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_what_args(r)
+    _add_how_args(r)
+    for name, aliases, what in (
+        ("sources", [], "image sources"),
+        ("caption-sources", ["captioners"], "caption sources"),  # 'captioners': the deprecated name
+        ("filters", [], "filters"),
+    ):
+        sub.add_parser(name, aliases=aliases, help=f"list registered {what} and their parameters")
+    rep = sub.add_parser("report", help="(re)write the summary report of an output directory")
+    rep.add_argument("out")
+    rep.add_argument("--report", default=None)
+    return ap
+
+
+# argparse tables: one add_argument per flag (long, but flat and read top to bottom)
+def _add_what_args(r: argparse.ArgumentParser) -> None:
+    """What to caption: config file, image source, caption sources, filters."""
     r.add_argument("--config", help="YAML file with the config (fields of densecap.config.RunConfig)")
     r.add_argument("--source", help=f"image source type: {', '.join(IMAGE_SOURCES.names())}")
     r.add_argument("--input", help="shorthand for -S path=INPUT")
@@ -204,6 +221,10 @@ def make_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--filters", help=f"comma-separated filter list or 'none' (default {','.join(DEFAULT_FILTERS)})")
     r.add_argument("-F", "--filter-opt", action="append", default=[], metavar="FILTER.KEY=VALUE")
+
+
+def _add_how_args(r: argparse.ArgumentParser) -> None:
+    """Where to write, with what share of the work and which executor; --set and --print-config."""
     r.add_argument("--out", help="output shard directory")
     r.add_argument("--report", help="report directory (default OUT/report)")
     r.add_argument("--num-workers", dest="num_workers", type=int)
@@ -233,16 +254,6 @@ def make_parser() -> argparse.ArgumentParser:
         help="any config field, e.g. caption_sources.0.label=x",
     )
     r.add_argument("--print-config", action="store_true", help="print the parsed config and exit")
-    for name, aliases, what in (
-        ("sources", [], "image sources"),
-        ("caption-sources", ["captioners"], "caption sources"),  # 'captioners': the deprecated name
-        ("filters", [], "filters"),
-    ):
-        sub.add_parser(name, aliases=aliases, help=f"list registered {what} and their parameters")
-    rep = sub.add_parser("report", help="(re)write the summary report of an output directory")
-    rep.add_argument("out")
-    rep.add_argument("--report", default=None)
-    return ap
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -218,66 +218,67 @@ class Worker:
         same order as in a first pass, so stateful filters (near-duplicates) see the whole shard
         and the verdicts are those a single clean pass would give."""
         for cap in self.captioners:
-            todo: list[Sample] = []
-            slot: dict[int, int] = {}  # id(sample) -> where its text from this source sits
-            for s in batch:
-                mine = [d for d in s.dense if d.source == cap.label]
-                if mine and not self.cfg.recaption and not any(d.error for d in mine):
-                    continue
-                slot[id(s)] = next((i for i, d in enumerate(s.dense) if d.source == cap.label), len(s.dense))
-                s.dense = [d for d in s.dense if d.source != cap.label]
-                todo.append(s)
-            new: dict[int, Any] = {}
-            if todo:
-                t0 = time.perf_counter()
-                results = self.loop.run_until_complete(cap.caption(todo))
-                counts["caption_seconds"] += time.perf_counter() - t0
-                if len(results) != len(todo):
-                    raise RuntimeError(
-                        f"caption source {cap.label!r} returned {len(results)} results for {len(todo)} samples"
-                    )
-                for s, d in zip(todo, results):
-                    counts["captions_requested"] += 1
-                    if d is None:
-                        counts["captions_missing"] += 1
-                        continue
-                    s.dense.insert(slot[id(s)], d)
-                    new[id(s)] = d
-                    counts["prompt_tokens"] += int(d.scores.get("prompt_tokens", 0))
-                    counts["completion_tokens"] += int(d.scores.get("completion_tokens", 0))
+            new = self._request(cap, batch, counts)
             for s in batch:
                 for d in [d for d in s.dense if d.source == cap.label]:
-                    verdict = self.chain.apply(d, s)
-                    if d.error:
-                        counts["caption_errors"] += 1
-                        rejects.append(
-                            {
-                                "kind": "caption",
-                                "key": s.key,
-                                "id": s.id,
-                                "source": d.source,
-                                "reason": "error",
-                                "error": d.error,
-                            }
-                        )
-                    elif verdict == "keep":
-                        counts["captions_kept"] += 1
-                    else:
-                        counts["captions_dropped"] += 1
-                        counts[f"dropped_{verdict}"] += 1
-                        rejects.append(
-                            {
-                                "kind": "caption",
-                                "key": s.key,
-                                "id": s.id,
-                                "source": d.source,
-                                "reason": verdict,
-                                "text": d.text,
-                                "scores": d.scores,
-                            }
-                        )
+                    self._filter(s, d, counts, rejects)
                     if id(s) not in new:
                         counts["captions_refiltered"] += 1
+
+    def _request(self, cap: CaptionSource, batch: list[Sample], counts: Counter) -> dict[int, Any]:
+        """Ask ``cap`` for the samples without a good text from it; id(sample) -> its new text."""
+        todo: list[Sample] = []
+        slot: dict[int, int] = {}  # id(sample) -> where its text from this source sits
+        for s in batch:
+            mine = [d for d in s.dense if d.source == cap.label]
+            if mine and not self.cfg.recaption and not any(d.error for d in mine):
+                continue
+            slot[id(s)] = next((i for i, d in enumerate(s.dense) if d.source == cap.label), len(s.dense))
+            s.dense = [d for d in s.dense if d.source != cap.label]
+            todo.append(s)
+        new: dict[int, Any] = {}
+        if not todo:
+            return new
+        t0 = time.perf_counter()
+        results = self.loop.run_until_complete(cap.caption(todo))
+        counts["caption_seconds"] += time.perf_counter() - t0
+        if len(results) != len(todo):
+            raise RuntimeError(f"caption source {cap.label!r} returned {len(results)} results for {len(todo)} samples")
+        for s, d in zip(todo, results):
+            counts["captions_requested"] += 1
+            if d is None:
+                counts["captions_missing"] += 1
+                continue
+            s.dense.insert(slot[id(s)], d)
+            new[id(s)] = d
+            counts["prompt_tokens"] += int(d.scores.get("prompt_tokens", 0))
+            counts["completion_tokens"] += int(d.scores.get("completion_tokens", 0))
+        return new
+
+    def _filter(self, s: Sample, d: Any, counts: Counter, rejects: list[dict]) -> None:
+        """The filter chain's verdict on one caption, counted; errors and drops go to ``rejects``."""
+        verdict = self.chain.apply(d, s)
+        if d.error:
+            counts["caption_errors"] += 1
+            rejects.append(
+                {"kind": "caption", "key": s.key, "id": s.id, "source": d.source, "reason": "error", "error": d.error}
+            )
+        elif verdict == "keep":
+            counts["captions_kept"] += 1
+        else:
+            counts["captions_dropped"] += 1
+            counts[f"dropped_{verdict}"] += 1
+            rejects.append(
+                {
+                    "kind": "caption",
+                    "key": s.key,
+                    "id": s.id,
+                    "source": d.source,
+                    "reason": verdict,
+                    "text": d.text,
+                    "scores": d.scores,
+                }
+            )
 
     def _endpoint_stats(self, since: dict | None = None) -> dict[str, dict]:
         """label -> url -> {ok, failed[, down]} for caption sources with several servers (counts
