@@ -111,3 +111,13 @@ def test_old_package_name_is_the_same_module():
 
     assert old.CAPTION_SOURCES is new.CAPTION_SOURCES and old.CaptionSource is new.CaptionSource
     assert VLLMServerSource is new_vs.VLLMServerSource and old.vllm_server is new_vs
+
+
+def test_stage_params_list_the_wrapped_config_fields():
+    from d2s.config import flat_fields, known_fields, to_dict
+    from densecap.config import DensecapConfig, RunConfig, StageConfig
+
+    inner = [f.name for f in flat_fields(DensecapConfig)]
+    assert [f.name for f in flat_fields(StageConfig)] == [*inner, "rank", "world_size"]
+    assert known_fields(RunConfig) == [*inner, "rank", "world_size", "out", "report"]
+    assert list(to_dict(from_dict(RunConfig, {"out": "o"}))) == known_fields(RunConfig)  # flat, same order

@@ -143,14 +143,19 @@ def _flattened(cls: type) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.metadata.get("flatten")}
 
 
+def flat_fields(cls: type) -> list[dataclasses.Field]:
+    """The dataclass fields of ``cls`` as plain data sees them: a ``FLATTEN`` field is replaced by
+    the fields of its class (recursively), in order. For listings such as ``d2s stages``."""
+    flat = _flattened(cls)
+    out: list[dataclasses.Field] = []
+    for f in dataclasses.fields(cls):
+        out.extend(flat_fields(flat[f.name]) if f.name in flat else [f])
+    return out
+
+
 def known_fields(cls: type) -> list[str]:
     """The field names ``cls`` reads from plain data (flattened fields replaced by theirs)."""
-    flat = _flattened(cls)
-    names: list[str] = []
-    for f in dataclasses.fields(cls):
-        if f.init:
-            names.extend(known_fields(flat[f.name]) if f.name in flat else [f.name])
-    return names
+    return [f.name for f in flat_fields(cls) if f.init]
 
 
 def _apply_aliases(cls: type, data: dict, where: str) -> dict:
