@@ -168,7 +168,7 @@ def _apply_aliases(cls: type, data: dict, where: str) -> dict:
             continue
         if new in data:
             raise ConfigError(f"{where}: {old!r} is the deprecated name of {new!r}; give only {new!r}")
-        log.warning("%s.%s: %r is deprecated, write %r (read as %r)", where, old, old, new, new)
+        log.warning("%s: %r is deprecated, write %r (read as %r)", where, old, new, new)
         data[new] = data.pop(old)
     return data
 
