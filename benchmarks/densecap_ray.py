@@ -52,7 +52,7 @@ def densecap(args: list[str], env: dict[str, str]) -> tuple[float, dict]:
     return wall, json.loads(r.stdout)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -65,94 +65,72 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-url", default="")
     ap.add_argument("--model", default="tiny-llava")
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from d2s.synthetic import SplitSpec, WorldConfig, write_world
     from densecap.ray_cluster import RayCluster
+    from densecap.testing.vllm_server import tiny_server_url
 
     with tempfile.TemporaryDirectory(prefix="densecap-raybench-") as tmp:
         tmp = Path(tmp)
         world = tmp / "world"
         write_world(world, WorldConfig(), [SplitSpec("train", args.images)], shard_size=args.shard_size, progress=False)
-        server = None
-        base_url = args.base_url
         cluster = None
-        try:
-            if not base_url:
-                from densecap.testing.tiny_vlm import build_tiny_llava
-                from densecap.testing.vllm_server import VLLMServer
+        with tiny_server_url(tmp, args.base_url, name=args.model, max_num_seqs=max(8, args.concurrency)) as base_url:
+            try:
+                cluster = RayCluster(num_cpus=2, num_gpus=0, object_store_memory=200_000_000).start()
+                print(f"local Ray cluster started in {cluster.start_seconds:.1f}s", file=sys.stderr)
+                runs = measure(args, tmp, world, base_url, cluster)
+            finally:
+                if cluster is not None:
+                    cluster.stop(graceful=False)
+    result = summarize(args, runs, cluster)
+    report(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
 
-                server = VLLMServer(
-                    build_tiny_llava(tmp / "tiny-llava"),
-                    name=args.model,
-                    scratch=tmp / "scratch",
-                    max_num_seqs=max(8, args.concurrency),
-                )
-                server.start()
-                base_url = server.base_url
-                print(f"vLLM server started in {server.start_seconds:.1f}s", file=sys.stderr)
-            cluster = RayCluster(num_cpus=2, num_gpus=0, object_store_memory=200_000_000).start()
-            print(f"local Ray cluster started in {cluster.start_seconds:.1f}s", file=sys.stderr)
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", **cluster.client_env()}
-            common = [
-                "--input",
-                str(world),
-                "--filters",
-                "length,repetition,garbage",
-                "-F",
-                "length.min_words=1",
-                "--captioner",
-                "vllm-server",
-                "-C",
-                f"base_url={base_url}",
-                "-C",
-                f"model={args.model}",
-                "-C",
-                "prompt_family=llava",
-                "-C",
-                f"concurrency={args.concurrency}",
-                "-C",
-                f"sampling.max_tokens={args.max_tokens}",
-            ]
-            # warm-up (server caches, page cache), not counted
-            densecap([*common, "--out", str(tmp / "warm"), "--set", "captioners.0.params.sampling.max_tokens=4"], env)
-            runs: dict[str, list[dict]] = {"local": [], "ray": []}
-            for i in range(args.rounds):
-                for kind in ("local", "ray"):
-                    extra = (
-                        [
-                            "--executor",
-                            "ray",
-                            "--ray-address",
-                            cluster.address,
-                            "--set",
-                            f"executor.replicas={args.replicas}",
-                        ]
-                        if kind == "ray"
-                        else []
-                    )
-                    wall, s = densecap([*common, "--out", str(tmp / f"{kind}{i}"), *extra], env)
-                    assert s["captions_requested"] == args.images and s["caption_errors"] == 0, s
-                    startup = float(s.get("ray_startup_s", 0.0))
-                    rec = {
-                        "wall_s": round(wall, 2),
-                        "seconds": s["seconds"],
-                        "ray_startup_s": startup,
-                        "captions_per_s": round(args.images / s["seconds"], 3),
-                        "steady_captions_per_s": round(args.images / (s["seconds"] - startup), 3),
-                    }
-                    runs[kind].append(rec)
-                    print(f"round {i} {kind:5s}: {json.dumps(rec)}", file=sys.stderr)
-        finally:
-            if cluster is not None:
-                cluster.stop(graceful=False)
-            if server is not None:
-                server.stop()
 
+def measure(args: argparse.Namespace, tmp: Path, world: Path, base_url: str, cluster) -> dict[str, list[dict]]:
+    """A warm-up, then ``rounds`` pairs of local and Ray runs; one record per run."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **cluster.client_env()}
+    common = [
+        *("--input", str(world), "--filters", "length,repetition,garbage", "-F", "length.min_words=1"),
+        *("--caption-source", "vllm-server", "-C", f"base_url={base_url}", "-C", f"model={args.model}"),
+        *("-C", "prompt_family=llava", "-C", f"concurrency={args.concurrency}"),
+        *("-C", f"sampling.max_tokens={args.max_tokens}"),
+    ]
+    # warm-up (server caches, page cache), not counted
+    densecap([*common, "--out", str(tmp / "warm"), "--set", "caption_sources.0.params.sampling.max_tokens=4"], env)
+    ray_args = ["--executor", "ray", "--ray-address", cluster.address, "--set", f"executor.replicas={args.replicas}"]
+    runs: dict[str, list[dict]] = {"local": [], "ray": []}
+    for i in range(args.rounds):
+        for kind in ("local", "ray"):
+            extra = ray_args if kind == "ray" else []
+            wall, s = densecap([*common, "--out", str(tmp / f"{kind}{i}"), *extra], env)
+            assert s["captions_requested"] == args.images and s["caption_errors"] == 0, s
+            startup = float(s.get("ray_startup_s", 0.0))
+            rec = {
+                "wall_s": round(wall, 2),
+                "seconds": s["seconds"],
+                "ray_startup_s": startup,
+                "captions_per_s": round(args.images / s["seconds"], 3),
+                "steady_captions_per_s": round(args.images / (s["seconds"] - startup), 3),
+            }
+            runs[kind].append(rec)
+            print(f"round {i} {kind:5s}: {json.dumps(rec)}", file=sys.stderr)
+    return runs
+
+
+def summarize(args: argparse.Namespace, runs: dict[str, list[dict]], cluster) -> dict:
     def mean(kind: str, key: str) -> float:
         return statistics.mean(r[key] for r in runs[kind])
 
-    result = {
+    return {
         "images": args.images,
         "units": -(-args.images // args.shard_size),
         "concurrency": args.concurrency,
@@ -170,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         "wall_local_s": round(mean("local", "wall_s"), 2),
         "wall_ray_s": round(mean("ray", "wall_s"), 2),
     }
+
+
+def report(result: dict) -> None:
     print(f"local executor          : {result['local_captions_per_s']:7.2f} captions/s")
     print(
         f"ray executor, end to end: {result['ray_captions_per_s']:7.2f} captions/s  (ratio {result['ratio_end_to_end']:.3f})"
@@ -181,10 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         f"ray fixed start-up      : {result['ray_startup_s']:.1f}s joining a running cluster "
         f"(+ {result['local_cluster_start_s']:.1f}s to start a local one)"
     )
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
-    return 0
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def densecap_rate(
         RunConfig,
         {
             "source": {"type": "shards", "params": {"path": str(world)}},
-            "captioners": [
+            "caption_sources": [
                 {
                     "type": "vllm-server",
                     "params": {
@@ -100,7 +100,7 @@ def densecap_rate(
     return n / seconds, summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -111,47 +111,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-url", default="")
     ap.add_argument("--model", default="tiny-llava")
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from d2s.log import setup_logging
 
     setup_logging("WARNING")
     from d2s.shards import iter_samples, split_shards
     from d2s.synthetic import SplitSpec, WorldConfig, write_world
-    from densecap.captioners.vllm_server import data_url
+    from densecap.caption_sources.vllm_server import data_url
+    from densecap.testing.vllm_server import tiny_server_url
 
     with tempfile.TemporaryDirectory(prefix="densecap-bench-") as tmp:
         tmp = Path(tmp)
         world = tmp / "world"
         write_world(world, WorldConfig(), [SplitSpec("train", args.images)], shard_size=args.shard_size, progress=False)
         urls = [data_url(s.image) for s in iter_samples(split_shards(world, "train"))]
-        server = None
-        base_url = args.base_url
-        if not base_url:
-            from densecap.testing.tiny_vlm import build_tiny_llava
-            from densecap.testing.vllm_server import VLLMServer
-
-            server = VLLMServer(
-                build_tiny_llava(tmp / "tiny-llava"),
-                name=args.model,
-                scratch=tmp / "scratch",
-                max_num_seqs=max(8, args.concurrency),
-            )
-            server.start()
-            base_url = server.base_url
-            print(f"vLLM server started in {server.start_seconds:.1f}s", file=sys.stderr)
-        try:
-            prompt = "Describe this image in detail."
-            asyncio.run(
-                raw_rate(base_url, args.model, urls[: 2 * args.concurrency], args.concurrency, args.max_tokens, prompt)
-            )  # warm-up
-            raw1 = asyncio.run(raw_rate(base_url, args.model, urls, args.concurrency, args.max_tokens, prompt))
-            dc, summary = densecap_rate(
-                base_url, args.model, world, tmp / "out", args.concurrency, args.max_tokens, len(urls)
-            )
-            raw2 = asyncio.run(raw_rate(base_url, args.model, urls, args.concurrency, args.max_tokens, prompt))
-        finally:
-            if server is not None:
-                server.stop()
+        with tiny_server_url(tmp, args.base_url, name=args.model, max_num_seqs=max(8, args.concurrency)) as base_url:
+            raw1, dc, summary, raw2 = measure(args, base_url, world, tmp / "out", urls)
     raw = (raw1 + raw2) / 2
     result = {
         "images": len(urls),
@@ -170,6 +149,19 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0
+
+
+def measure(args: argparse.Namespace, base_url: str, world: Path, out: Path, urls: list[str]):
+    """(raw rate, densecap rate, densecap summary, raw rate again) after a raw warm-up."""
+    prompt = "Describe this image in detail."
+
+    def raw(some: list[str]) -> float:
+        return asyncio.run(raw_rate(base_url, args.model, some, args.concurrency, args.max_tokens, prompt))
+
+    raw(urls[: 2 * args.concurrency])  # warm-up
+    raw1 = raw(urls)
+    dc, summary = densecap_rate(base_url, args.model, world, out, args.concurrency, args.max_tokens, len(urls))
+    return raw1, dc, summary, raw(urls)
 
 
 if __name__ == "__main__":

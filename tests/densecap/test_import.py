@@ -9,7 +9,7 @@ import pytest
 
 from d2s.config import ConfigError
 from d2s.schema import Sample
-from densecap.captioners import CAPTION_SOURCES
+from densecap.caption_sources import CAPTION_SOURCES
 
 
 def samples():
@@ -21,7 +21,7 @@ def samples():
 
 
 def caption(params):
-    src = CAPTION_SOURCES.create("import", params, "captioners[0].params")
+    src = CAPTION_SOURCES.create("import", params, "caption_sources[0].params")
 
     async def go():
         await src.start()

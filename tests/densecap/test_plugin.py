@@ -18,7 +18,7 @@ from tests.densecap.conftest import run_densecap
 PLUGIN = textwrap.dedent('''
     from dataclasses import dataclass
 
-    from densecap.captioners import CaptionSource
+    from densecap.caption_sources import CaptionSource
 
 
     class Shouty(CaptionSource):
@@ -48,7 +48,7 @@ def test_external_caption_source_via_entry_point(world_dir, tmp_path):
     site.mkdir()
     install_plugin(site)
     env = {"PYTHONPATH": str(site)}
-    listed = run_densecap(["captioners"], env=env)
+    listed = run_densecap(["caption-sources"], env=env)
     assert listed.returncode == 0, listed.stderr
     assert "shouty: Says what the sparse captions say" in listed.stdout and "suffix: str = '!'" in listed.stdout
     out = tmp_path / "out"
@@ -60,7 +60,7 @@ def test_external_caption_source_via_entry_point(world_dir, tmp_path):
             str(world_dir),
             "-S",
             "split=val",
-            "--captioner",
+            "--caption-source",
             "shouty",
             "-C",
             "suffix=_LOUD",
@@ -76,6 +76,6 @@ def test_external_caption_source_via_entry_point(world_dir, tmp_path):
     (d,) = s.dense
     assert d.source == "shouty" and d.model == "shouty-1" and d.text == " ".join(s.sparse).upper() + "_LOUD"
     # without the plug-in on the path the name is unknown, with a clear message
-    r = run_densecap(["run", "--input", str(world_dir), "--captioner", "shouty", "--out", str(tmp_path / "o2")])
+    r = run_densecap(["run", "--input", str(world_dir), "--caption-source", "shouty", "--out", str(tmp_path / "o2")])
     assert r.returncode == 2 and "unknown caption source 'shouty'" in r.stderr
     assert json.loads((out / "manifest.json").read_text())["splits"]["val"]["count"] == 8

@@ -107,9 +107,9 @@ def test_ray_shards_equal_local_shards_with_oracle_and_import(world_dir, tmp_pat
     common = [
         "--input",
         str(world_dir),
-        "--captioner",
+        "--caption-source",
         "synthetic-oracle",
-        "--captioner",
+        "--caption-source",
         "import",
         "-C",
         f"1:path={corpus}",
@@ -225,7 +225,7 @@ def test_ray_cluster_started_by_the_driver_ends_with_it(tmp_path):
             "length",
             "--out",
             out,
-            "--captioner",
+            "--caption-source",
             "vllm-server",
             "-C",
             f"base_url={srv.base_url}",
@@ -288,7 +288,7 @@ def test_sigkilled_ray_worker_unit_is_retried_every_image_once(tmp_path, ray_clu
             "length",
             "--out",
             out,
-            "--captioner",
+            "--caption-source",
             "vllm-server",
             "-C",
             f"base_url={srv.base_url}",
@@ -349,7 +349,7 @@ def test_sigkilled_ray_driver_rerun_finishes_nothing_twice(tmp_path, ray_cluster
             "length",
             "--out",
             out,
-            "--captioner",
+            "--caption-source",
             "vllm-server",
             "-C",
             f"base_url={srv.base_url}",
@@ -440,7 +440,7 @@ def vllm_world(tmp_path_factory) -> Path:
 def vllm_args(*urls: str, extra: tuple[str, ...] = ()) -> list[str]:
     where = [f"base_urls=[{','.join(urls)}]"] if len(urls) > 1 else [f"base_url={urls[0]}"]
     return [
-        "--captioner",
+        "--caption-source",
         "vllm-server",
         *[x for w in where for x in ("-C", w)],
         "-C",
@@ -589,7 +589,7 @@ def test_pipeline_stage_runs_on_ray_and_keeps_its_cache_when_switched_back(world
                     "type": "densecap",
                     "inputs": {"shards": str(world_dir)},
                     "params": {
-                        "captioners": [{"type": "synthetic-oracle"}],
+                        "caption_sources": [{"type": "synthetic-oracle"}],
                         "filters": [{"type": "length"}],
                         "progress": False,
                         "executor": executor,

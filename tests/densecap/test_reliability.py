@@ -42,7 +42,7 @@ def image_folder(root: Path, n_png: int, n_jpg: int = 0) -> dict[str, bytes]:
 
 
 def server_opts(srv: FakeOpenAI, *extra: str) -> list[str]:
-    return ["--captioner", "vllm-server", "-C", f"base_url={srv.base_url}", "-C", "model=fake-vlm", *extra]
+    return ["--caption-source", "vllm-server", "-C", f"base_url={srv.base_url}", "-C", "model=fake-vlm", *extra]
 
 
 def run_cli(*args) -> int:
@@ -215,7 +215,7 @@ def test_fingerprint_counts_what_decides_content_only(field, value, stale):
             DensecapConfig,
             {
                 "source": {"type": "shards", "params": {"path": "x"}},
-                "captioners": [{"type": "vllm-server", "params": params}],
+                "caption_sources": [{"type": "vllm-server", "params": params}],
             },
         )
 
@@ -237,7 +237,7 @@ def test_pipeline_stage_keeps_its_shards_when_the_server_moves(tmp_path, fake, m
                     "type": "densecap",
                     "params": {
                         "source": {"type": "folder", "params": {"path": str(tmp_path / "photos"), "chunk_size": 3}},
-                        "captioners": [
+                        "caption_sources": [
                             {"type": "vllm-server", "params": {"base_url": url, "model": "fake-vlm", **extra}}
                         ],
                         "filters": [{"type": "length"}],
@@ -325,7 +325,7 @@ def test_api_key_comes_from_the_environment_or_a_file_and_is_never_written(tmp_p
                         "type": "densecap",
                         "params": {
                             "source": {"type": "folder", "params": {"path": str(tmp_path / "photos")}},
-                            "captioners": [
+                            "caption_sources": [
                                 {"type": "vllm-server", "params": {"base_url": srv.base_url, "model": "fake-vlm"}}
                             ],
                             "filters": [{"type": "length"}],
@@ -352,14 +352,14 @@ def test_api_key_comes_from_the_environment_or_a_file_and_is_never_written(tmp_p
             tmp_path / "photos",
             "--out",
             out3,
-            "--captioner",
+            "--caption-source",
             "vllm-server",
             "-C",
             f"api_key={SECRET}",
         )
         == 2
     )
-    assert "captioners[0].params.api_key: not accepted" in caplog.text and "OPENAI_API_KEY" in caplog.text
+    assert "caption_sources[0].params.api_key: not accepted" in caplog.text and "OPENAI_API_KEY" in caplog.text
     assert files_containing(tmp_path, SECRET) == [str(key_file)]
 
 
@@ -436,7 +436,7 @@ def test_malformed_replies_and_retry_after_are_handled_per_image(tmp_path, fake)
 
 
 def test_retry_after_parsing():
-    from densecap.captioners.vllm_server import parse_reply, parse_retry_after
+    from densecap.caption_sources.vllm_server import parse_reply, parse_retry_after
 
     assert parse_retry_after("3") == 3.0 and parse_retry_after("0.5") == 0.5 and parse_retry_after("-4") == 0.0
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None and parse_retry_after("nan") is None
@@ -479,7 +479,7 @@ def test_fill_filters_kept_and_new_captions_like_a_first_pass(tmp_path):
         "max_retries=0",
         "-C",
         "model=fake-vlm",
-        "--captioner",
+        "--caption-source",
         "vllm-server",
     ]
     out = tmp_path / "out"
@@ -534,7 +534,7 @@ def test_mixed_folder_loads_every_image_with_hf_datasets(tmp_path, n_png, n_jpg,
             tmp_path / "photos",
             "-S",
             "chunk_size=5",
-            "--captioner",
+            "--caption-source",
             "import",
             "-C",
             f"path={corpus}",
@@ -586,7 +586,7 @@ def test_image_ext_keep_and_fixed(tmp_path):
         "folder",
         "--input",
         tmp_path / "photos",
-        "--captioner",
+        "--caption-source",
         "import",
         "-C",
         f"path={corpus}",

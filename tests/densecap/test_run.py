@@ -38,6 +38,11 @@ def test_oracle_run_writes_shards_manifest_report(world_dir, tmp_path):
     for f in ("summary.json", "reasons.csv", "lengths.png", "report.md", "rejects.jsonl", "shards.csv"):
         assert (report / f).exists(), f
     assert json.loads((report / "summary.json").read_text())["captions_by_verdict"] == {"keep": 32}
+    # the per-source table is a markdown table (tabulate, a densecap dependency), not plain text
+    md = (report / "report.md").read_text().splitlines()
+    head = md.index("## Captions per source and verdict") + 2
+    assert md[head].startswith("| source") and set(md[head + 1]) <= set("|:- ") and "|" in md[head + 1]
+    assert md[head + 2].replace(" ", "") == "|synthetic-oracle|keep|32|"
     stats = json.loads((out / "train-000000.stats.json").read_text())
     assert stats["captions_requested"] == 8 and stats["captions_kept"] == 8 and "captions_per_s" in stats
 
@@ -53,9 +58,9 @@ def test_two_sources_coexist_and_rerun_is_a_noop(world_dir, tmp_path):
         world_dir,
         "--out",
         out,
-        "--captioner",
+        "--caption-source",
         "synthetic-oracle",
-        "--captioner",
+        "--caption-source",
         "import=llava-v1",
         "-C",
         f"1:path={corpus}",
@@ -109,7 +114,7 @@ def test_num_workers(world_dir, tmp_path):
 def test_config_file_and_errors(world_dir, tmp_path, capsys, caplog):
     cfg = tmp_path / "densecap.yaml"
     cfg.write_text(
-        f"source: {{type: shards, params: {{path: {world_dir}}}}}\ncaptioners: [{{type: synthetic-oracle}}]\n"
+        f"source: {{type: shards, params: {{path: {world_dir}}}}}\ncaption_sources: [{{type: synthetic-oracle}}]\n"
         f"filters: [{{type: length, params: {{min_words: 3}}}}]\nout: {tmp_path / 'o'}\n"
     )
     assert main(["run", "--config", str(cfg), "--print-config"]) == 0
@@ -117,14 +122,14 @@ def test_config_file_and_errors(world_dir, tmp_path, capsys, caplog):
     assert printed["filters"] == [{"type": "length", "params": {"min_words": 3}, "label": ""}]
     assert main(["run", "--config", str(cfg), "-F", "length.min_words=many"]) == 2
     assert "filters[0].params.min_words: expected an integer" in caplog.text
-    assert main(["run", "--config", str(cfg), "--captioner", "nope"]) == 2
+    assert main(["run", "--config", str(cfg), "--caption-source", "nope"]) == 2
     assert "unknown caption source 'nope'" in caplog.text
     assert main(["run", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
     assert "missing does not exist" in caplog.text
 
 
 def test_help_documents_every_source_and_filter(capsys):
-    from densecap.captioners import CAPTION_SOURCES
+    from densecap.caption_sources import CAPTION_SOURCES
     from densecap.filters import FILTERS
     from densecap.images import IMAGE_SOURCES
 
@@ -150,7 +155,7 @@ def test_densecap_pipeline_stage(world_dir, tmp_path, monkeypatch):
                 "type": "densecap",
                 "inputs": {"shards": str(world_dir)},
                 "params": {
-                    "captioners": [{"type": "synthetic-oracle"}],
+                    "caption_sources": [{"type": "synthetic-oracle"}],
                     "filters": [{"type": "length"}],
                     "progress": False,
                 },

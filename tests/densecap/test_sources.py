@@ -68,6 +68,40 @@ def test_folder_errors(tmp_path):
         make("folder", path=str(tmp_path), captions=str(bad))
 
 
+def test_folder_captions_formats_share_the_import_reader(tmp_path):
+    """The folder source's captions file is read by densecap.tables.read_table (the import source's
+    reader): csv / tsv / jsonl / json / parquet, errors naming the file and line or column."""
+    import pandas as pd
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "a.png").write_bytes(png_bytes())
+    (root / "b.png").write_bytes(png_bytes((0, 0, 200)))
+    want = {"a.png": ["red"], "b.png": ["blue", "dark"]}
+    files = {
+        "c.tsv": "image\tcaption\na.png\tred\nb.png\tblue\nb.png\tdark\n",
+        "c.jsonl": '{"image": "a.png", "caption": "red"}\n\n{"image": "b.png", "caption": ["blue", "dark"]}\n',
+        "c.json": json.dumps({"a.png": "red", "b.png": ["blue", "dark"]}),
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    pd.DataFrame({"image": ["a.png", "b.png"], "caption": [["red"], ["blue", "dark"]]}).to_parquet(
+        tmp_path / "c.parquet"
+    )
+    for name in [*files, "c.parquet"]:
+        src = make("folder", path=str(root), captions=str(tmp_path / name))
+        assert src.captions == want, name
+    (tmp_path / "gap.jsonl").write_text('{"image": "a.png", "caption": "x"}\n\n{"image": "b.png"}\n')
+    with pytest.raises(ConfigError, match=r"gap.jsonl:3: row lacks field 'image' or 'caption'"):
+        make("folder", path=str(root), captions=str(tmp_path / "gap.jsonl"))
+    (tmp_path / "cols.csv").write_text("file,caption\na.png,x\n")
+    with pytest.raises(ConfigError, match=r"cols.csv: no column 'image'"):
+        make("folder", path=str(root), captions=str(tmp_path / "cols.csv"))
+    (tmp_path / "c.txt").write_text("")
+    with pytest.raises(ConfigError, match="unsupported table format '.txt'"):
+        make("folder", path=str(root), captions=str(tmp_path / "c.txt"))
+
+
 def test_karpathy(tmp_path):
     root = tmp_path / "coco"
     (root / "val2014").mkdir(parents=True)
@@ -191,7 +225,7 @@ def test_corrupt_images_are_recorded_and_skipped(tmp_path):
             "folder",
             "--input",
             str(root),
-            "--captioner",
+            "--caption-source",
             "import",
             "-C",
             f"path={corpus}",

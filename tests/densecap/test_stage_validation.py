@@ -21,7 +21,7 @@ BASE = {
             "inputs": {"shards": "${world.shards}"},
             "params": {
                 "source": {"type": "synthetic-world"},
-                "captioners": [{"type": "synthetic-oracle"}],
+                "caption_sources": [{"type": "synthetic-oracle"}],
                 "filters": [{"type": "length"}, {"type": "grounding"}],
                 "progress": False,
             },
@@ -54,27 +54,27 @@ VLLM = {"base_url": "http://127.0.0.1:8000", "model": "m"}
 @pytest.mark.parametrize(
     "params, fields",
     [
-        ({"captioners": [{"type": "synthetic-orcale"}]}, ["captioners[0].type", "synthetic-orcale"]),
+        ({"caption_sources": [{"type": "synthetic-orcale"}]}, ["caption_sources[0].type", "synthetic-orcale"]),
         (
-            {"captioners": [{"type": "vllm-server", "params": {**VLLM, "temperatur": 0.2}}]},
-            ["captioners[0].params", "temperatur"],
+            {"caption_sources": [{"type": "vllm-server", "params": {**VLLM, "temperatur": 0.2}}]},
+            ["caption_sources[0].params", "temperatur"],
         ),
         (
-            {"captioners": [{"type": "vllm-server", "params": {**VLLM, "concurrency": "lots"}}]},
-            ["captioners[0].params.concurrency"],
+            {"caption_sources": [{"type": "vllm-server", "params": {**VLLM, "concurrency": "lots"}}]},
+            ["caption_sources[0].params.concurrency"],
         ),
         (
             {
-                "captioners": [
+                "caption_sources": [
                     {"type": "synthetic-oracle"},
                     {"type": "vllm-server", "label": "v", "params": {**VLLM, "sampling": {"top_q": 0.9}}},
                 ]
             },
-            ["captioners[1].params.sampling", "top_q"],
+            ["caption_sources[1].params.sampling", "top_q"],
         ),
         (
-            {"captioners": [{"type": "import", "params": {"format": "table"}}]},
-            ["captioners[0].params.path", "required"],
+            {"caption_sources": [{"type": "import", "params": {"format": "table"}}]},
+            ["caption_sources[0].params.path", "required"],
         ),
         ({"filters": [{"type": "length"}, {"type": "lenght"}]}, ["filters[1].type", "lenght"]),
         ({"filters": [{"type": "length", "params": {"min_words": "many"}}]}, ["filters[0].params.min_words"]),

@@ -65,7 +65,7 @@ def offline_run(request, tmp_path_factory):
             str(world_dir),
             "-S",
             "split=val",
-            "--captioner",
+            "--caption-source",
             "vllm-offline",
             "-C",
             f"model={tiny_vlm}",
@@ -95,7 +95,7 @@ def offline_run(request, tmp_path_factory):
 
 def server_args(srv, *extra: str) -> list[str]:
     return [
-        "--captioner",
+        "--caption-source",
         "vllm-server",
         "-C",
         f"base_url={srv.base_url}",
@@ -139,7 +139,7 @@ def test_captions_arrive_with_provenance_and_concurrency(vllm_server, world_dir,
         RunConfig,
         {
             "source": {"type": "shards", "params": {"path": str(world_dir)}},
-            "captioners": [
+            "caption_sources": [
                 {
                     "type": "vllm-server",
                     "params": {
@@ -185,7 +185,7 @@ def test_unreachable_server_and_wrong_model_fail_clearly(vllm_server, world_dir,
             str(world_dir),
             "--out",
             str(tmp_path / "a"),
-            "--captioner",
+            "--caption-source",
             "vllm-server",
             "-C",
             f"base_url=http://127.0.0.1:{free_port()}",

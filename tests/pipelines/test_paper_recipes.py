@@ -118,7 +118,7 @@ def test_paper_pipeline_dry_run(dataset, tmp_path):
 def test_paper_pipeline_recipe_values(dataset, tmp_path):
     """The paper's settings are what the file says, and every plug-in's params parse."""
     from d2s.config import from_dict
-    from densecap.captioners import CAPTION_SOURCES
+    from densecap.caption_sources import CAPTION_SOURCES
     from densecap.filters import FILTERS
     from densecap.images import IMAGE_SOURCES
     from vse_train.stages import VseTrainParams
@@ -128,7 +128,7 @@ def test_paper_pipeline_recipe_values(dataset, tmp_path):
     assert v["model"] == "vit-b16-224-bert-base"
     assert (v["epochs"], v["batch_size"], v["lr"], v["mixed_precision"]) == (30, 128, 0.0002, "fp16")
     assert v["protocols"] == (["coco_1k_5fold", "coco_5k"] if dataset == "coco" else ["f30k_1k"])
-    cap = st["captions"]["params"]["captioners"][0]
+    cap = st["captions"]["params"]["caption_sources"][0]
     assert cap["type"] == "vllm-server"
     assert {k: cap["params"]["sampling"][k] for k in ("temperature", "top_p")} == {"temperature": 0.2, "top_p": 0.9}
     assert v["max_new_tokens"] == 500
@@ -160,7 +160,7 @@ def test_paper_pipeline_recipe_values(dataset, tmp_path):
     src_params = IMAGE_SOURCES.parse_params(p["source"]["type"], p["source"]["params"], "source")
     src = IMAGE_SOURCES.get(p["source"]["type"])(src_params)
     assert sorted((u.split, u.size) for u in src.units()) == sorted(SPLITS.items())
-    cp = CAPTION_SOURCES.parse_params(cap["type"], p["captioners"][0]["params"], "captioners[0]")
+    cp = CAPTION_SOURCES.parse_params(cap["type"], p["caption_sources"][0]["params"], "caption_sources[0]")
     assert (cp.sampling.temperature, cp.sampling.top_p, cp.sampling.max_tokens) == (0.2, 0.9, 500)
     for i, f in enumerate(p["filters"]):
         FILTERS.parse_params(f["type"], f.get("params", {}), f"filters[{i}]")

@@ -7,11 +7,20 @@ a wrong field fails at that moment with a message naming the field's full path::
 
 Supported field types: bool, int, float, str, Path, Literal[...], Optional/``X | None``,
 list[X], tuple[X, ...], dict[str, X], and nested dataclasses.
+
+Two things let configurations be composed and renamed without changing what users write:
+
+- ``field(metadata=FLATTEN)`` on a nested-dataclass field: its fields sit at the same level as
+  the outer class's in the plain data (``from_dict`` gathers them, ``to_dict`` writes them
+  there), so a class can wrap another one instead of repeating its fields;
+- a class attribute ``config_aliases = {"old_name": "new_name"}``: ``old_name`` is still read
+  (with a deprecation warning in the log) as ``new_name``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from pathlib import Path
@@ -20,6 +29,11 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+#: field metadata: a nested dataclass whose fields are written at the level of the outer class
+FLATTEN = {"flatten": True}
 
 
 class ConfigError(ValueError):
@@ -32,70 +46,131 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {_type_name(tp)}")
+        return _convert_union(value, tp, where)
     if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected one of {list(typing.get_args(tp))}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         return from_dict(tp, value, where)
     if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item = args[0] if args else Any
-        out = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if (origin is tuple or tp is tuple) else out
+        return _convert_sequence(value, tp, where)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        args = typing.get_args(tp)
         vt = args[1] if len(args) == 2 else Any
         return {str(k): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads '1e-4' as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    if tp is Path:
-        if isinstance(value, (str, Path)):
-            return Path(value)
-        raise ConfigError(f"{where}: expected a path, got {value!r}")
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, where)
     raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def _convert_union(value: Any, tp: Any, where: str) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _convert(value, a, where)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {_type_name(tp)}")
+
+
+def _convert_sequence(value: Any, tp: Any, where: str) -> list | tuple:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    args = typing.get_args(tp)
+    item = args[0] if args else Any
+    out = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(out) if (typing.get_origin(tp) is tuple or tp is tuple) else out
+
+
+def _to_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+
+
+def _to_int(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ConfigError(f"{where}: expected an integer, got {value!r}")
+
+
+def _to_float(value: Any, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML reads '1e-4' as a string
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected a number, got {value!r}")
+
+
+def _to_str(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{where}: expected a string, got {value!r}")
+
+
+def _to_path(value: Any, where: str) -> Path:
+    if isinstance(value, (str, Path)):
+        return Path(value)
+    raise ConfigError(f"{where}: expected a path, got {value!r}")
+
+
+_SCALARS: dict[Any, Any] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str, Path: _to_path}
+
+
+def _flattened(cls: type) -> dict[str, type]:
+    """name -> dataclass of the ``FLATTEN`` fields of ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.metadata.get("flatten")}
+
+
+def flat_fields(cls: type) -> list[dataclasses.Field]:
+    """The dataclass fields of ``cls`` as plain data sees them: a ``FLATTEN`` field is replaced by
+    the fields of its class (recursively), in order. For listings such as ``d2s stages``."""
+    flat = _flattened(cls)
+    out: list[dataclasses.Field] = []
+    for f in dataclasses.fields(cls):
+        out.extend(flat_fields(flat[f.name]) if f.name in flat else [f])
+    return out
+
+
+def known_fields(cls: type) -> list[str]:
+    """The field names ``cls`` reads from plain data (flattened fields replaced by theirs)."""
+    return [f.name for f in flat_fields(cls) if f.init]
+
+
+def _apply_aliases(cls: type, data: dict, where: str) -> dict:
+    aliases: dict[str, str] = getattr(cls, "config_aliases", {}) or {}
+    if not any(old in data for old in aliases):
+        return data
+    data = dict(data)
+    for old, new in aliases.items():
+        if old not in data:
+            continue
+        if new in data:
+            raise ConfigError(f"{where}: {old!r} is the deprecated name of {new!r}; give only {new!r}")
+        log.warning("%s: %r is deprecated, write %r (read as %r)", where, old, new, new)
+        data[new] = data.pop(old)
+    return data
 
 
 def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
@@ -106,13 +181,21 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
         raise ConfigError(f"{where}: expected a mapping of fields, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    flat = _flattened(cls)
+    for inner in flat.values():
+        data = _apply_aliases(inner, data, where)
+    data = _apply_aliases(cls, data, where)
+    own = set(fields) - set(flat)
+    unknown = sorted(set(data) - own - {n for inner in flat.values() for n in known_fields(inner)})
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known_fields(cls))}")
     kwargs = {}
     for name, f in fields.items():
         sub = f"{where}.{name}"
-        if name in data:
+        if name in flat:
+            inner_names = set(known_fields(flat[name])) | set(getattr(flat[name], "config_aliases", {}) or {})
+            kwargs[name] = from_dict(flat[name], {k: v for k, v in data.items() if k in inner_names}, where)
+        elif name in data:
             kwargs[name] = _convert(data[name], hints[name], sub)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{sub}: required field is missing")
@@ -128,7 +211,14 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
 def to_dict(obj: Any) -> Any:
     """A dataclass (tree) as plain JSON/YAML-ready data."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = to_dict(getattr(obj, f.name))
+            if f.metadata.get("flatten"):
+                out.update(value)
+            else:
+                out[f.name] = value
+        return out
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

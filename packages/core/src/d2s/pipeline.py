@@ -22,20 +22,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import os
 import re
 import time
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
 from .config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from .registry import Registry
 from .shards import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -89,26 +88,22 @@ class Stage:
         return {k: v for k, v in params.items() if k not in cls.execution_params}
 
 
+STAGES: Registry[type[Stage]] = Registry(
+    "stage type", ENTRY_POINT_GROUP, base=Stage, error=PipelineError, name_attr=None
+)
+"""Stage types: the ``d2s.stages`` entry points of installed packages (and ``STAGES.register`` in code)."""
+
+
 def stage_types() -> dict[str, str]:
     """Registered stage types: name -> 'module:attr' (from installed packages' entry points)."""
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return STAGES.targets()
 
 
 def load_stage_type(type_name: str, where: str) -> type[Stage]:
-    registered = stage_types()
-    target = registered.get(type_name)
-    if target is None and ":" in type_name:
-        target = type_name  # 'package.module:Class' for stage types not (yet) packaged
-    if target is None:
-        raise PipelineError(f"{where}.type: unknown stage type {type_name!r}; registered: {sorted(registered)}")
-    module_name, _, attr = target.partition(":")
     try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise PipelineError(f"{where}.type: cannot load stage type {type_name!r} ({target}): {exc}") from None
-    if not (isinstance(obj, type) and issubclass(obj, Stage)):
-        raise PipelineError(f"{where}.type: {target} is not a d2s.pipeline.Stage subclass")
-    return obj
+        return STAGES.get(type_name)
+    except PipelineError as exc:
+        raise PipelineError(f"{where}.type: {exc}") from None
 
 
 @dataclass
@@ -174,6 +169,44 @@ def load_pipeline(
     run_dir: str | Path | None = None,
 ) -> Pipeline:
     """Read, override, interpolate and validate a whole pipeline before anything runs."""
+    doc, src = _read_pipeline_doc(path, overrides, doc)
+    name = doc.get("name") or (Path(path).stem if path else "pipeline")
+    vars_ = doc.get("vars") or {}
+    if not isinstance(vars_, dict):
+        raise PipelineError(f"{src}: 'vars' must be a mapping")
+    rd = Path(run_dir or doc.get("run_dir") or f"runs/{name}")
+    if not rd.is_absolute():
+        rd = (Path.cwd() / rd).resolve()
+    scope = _initial_scope(name, rd, Path(path).resolve().parent.parent if path else Path.cwd(), vars_, doc)
+    planned: list[PlannedStage] = []
+    produced: dict[str, str] = {}  # output path -> stage
+    for sname, sdoc in doc["stages"].items():
+        scope["__later__"].discard(sname)
+        s = _plan_stage(str(sname), sdoc, scope, produced, rd)
+        planned.append(s)
+        scope["__stages__"].add(s.name)
+        for k, p in s.outputs.items():
+            scope[f"{s.name}.{k}"] = str(p)
+            produced[str(p)] = s.name
+    resolved = {
+        "name": name,
+        "run_dir": str(rd),
+        "vars": {k: scope[f"vars.{k}"] for k in vars_},
+        "stages": {
+            s.name: {
+                "type": s.type_name,
+                "params": to_dict(s.params) if s.params is not None else {},
+                "inputs": s.inputs,
+                "outputs": {k: str(v) for k, v in s.outputs.items()},
+            }
+            for s in planned
+        },
+    }
+    return Pipeline(name, Path(path) if path else None, rd, resolved["vars"], planned, resolved)
+
+
+def _read_pipeline_doc(path: str | Path | None, overrides: list[str] | None, doc: dict | None) -> tuple[dict, str]:
+    """The pipeline document with the overrides applied, and how to name it in messages."""
     if doc is None:
         if path is None:
             raise ValueError("load_pipeline needs a path or a doc")
@@ -192,14 +225,11 @@ def load_pipeline(
     unknown_top = sorted(set(doc) - {"name", "run_dir", "vars", "stages", "description"})
     if unknown_top:
         raise PipelineError(f"{src}: unknown top-level field(s) {unknown_top}")
-    name = doc.get("name") or (Path(path).stem if path else "pipeline")
-    vars_ = doc.get("vars") or {}
-    if not isinstance(vars_, dict):
-        raise PipelineError(f"{src}: 'vars' must be a mapping")
-    base = Path(path).resolve().parent.parent if path else Path.cwd()
-    rd = Path(run_dir or doc.get("run_dir") or f"runs/{name}")
-    if not rd.is_absolute():
-        rd = (Path.cwd() / rd).resolve()
+    return doc, src
+
+
+def _initial_scope(name: str, rd: Path, base: Path, vars_: dict, doc: dict) -> dict[str, Any]:
+    """What ``${...}`` can refer to before any stage: name, run_dir, project_dir and the vars."""
     scope: dict[str, Any] = {"name": name, "run_dir": str(rd), "project_dir": str(base)}
     scope["__stages__"] = set()
     scope["__later__"] = set(doc["stages"])
@@ -208,66 +238,51 @@ def load_pipeline(
     # vars may refer to run_dir / other vars defined before them
     for k, v in vars_.items():
         scope[f"vars.{k}"] = _interpolate(v, scope, f"vars.{k}", set())
+    return scope
 
-    planned: list[PlannedStage] = []
-    produced: dict[str, str] = {}  # output path -> stage
-    for sname, sdoc in doc["stages"].items():
-        where = f"stage {sname!r}"
-        scope["__later__"].discard(sname)
-        if not re.fullmatch(r"[A-Za-z0-9_\-]+", str(sname)):
-            raise PipelineError(f"{where}: stage names may use letters, digits, '-' and '_'")
-        if not isinstance(sdoc, dict) or "type" not in sdoc:
-            raise PipelineError(f"{where}: needs a 'type'")
-        bad = sorted(set(sdoc) - {"type", "params", "inputs", "outputs", "description"})
-        if bad:
-            raise PipelineError(f"{where}: unknown field(s) {bad}; a stage has type, params, inputs, outputs")
-        cls = load_stage_type(sdoc["type"], where)
-        deps: set[str] = set()
-        raw_params = _interpolate(sdoc.get("params") or {}, scope, f"{where} params", deps)
-        params = from_dict(cls.Params, raw_params, f"{where} params") if dataclasses.is_dataclass(cls.Params) else None
-        raw_inputs = _interpolate(sdoc.get("inputs") or {}, scope, f"{where} inputs", deps)
-        if not isinstance(raw_inputs, dict):
-            raise PipelineError(f"{where} inputs: must be a mapping")
-        declared = {k.rstrip("?"): k.endswith("?") for k in cls.inputs}
-        for k in raw_inputs:
-            if k not in declared:
-                raise PipelineError(
-                    f"{where} inputs.{k}: stage type {sdoc['type']!r} has no input {k!r}; inputs: {sorted(declared)}"
-                )
-        for k, optional in declared.items():
-            if k not in raw_inputs and not optional:
-                raise PipelineError(f"{where} inputs.{k}: required input is missing")
-        for k, v in raw_inputs.items():
-            if isinstance(v, str) and v not in produced and not Path(v).exists() and not _looks_remote(v):
-                raise PipelineError(f"{where} inputs.{k}: {v} does not exist and no earlier stage produces it")
-        raw_outputs = _interpolate(sdoc.get("outputs") or {}, scope, f"{where} outputs", set())
-        for k in raw_outputs:
-            if k not in cls.outputs:
-                raise PipelineError(
-                    f"{where} outputs.{k}: stage type {sdoc['type']!r} has no output {k!r}; outputs: {sorted(cls.outputs)}"
-                )
-        work = rd / sname
-        outputs = {k: Path(raw_outputs.get(k) or work / k).resolve() for k in cls.outputs}
-        planned.append(PlannedStage(sname, sdoc["type"], cls, params, raw_inputs, outputs, work, sorted(deps)))
-        scope["__stages__"].add(sname)
-        for k, p in outputs.items():
-            scope[f"{sname}.{k}"] = str(p)
-            produced[str(p)] = sname
-    resolved = {
-        "name": name,
-        "run_dir": str(rd),
-        "vars": {k: scope[f"vars.{k}"] for k in vars_},
-        "stages": {
-            s.name: {
-                "type": s.type_name,
-                "params": to_dict(s.params) if s.params is not None else {},
-                "inputs": s.inputs,
-                "outputs": {k: str(v) for k, v in s.outputs.items()},
-            }
-            for s in planned
-        },
-    }
-    return Pipeline(name, Path(path) if path else None, rd, resolved["vars"], planned, resolved)
+
+def _plan_stage(sname: str, sdoc: Any, scope: dict[str, Any], produced: dict[str, str], rd: Path) -> PlannedStage:
+    """One stage, validated: its type, typed params, inputs (declared, existing) and outputs."""
+    where = f"stage {sname!r}"
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", sname):
+        raise PipelineError(f"{where}: stage names may use letters, digits, '-' and '_'")
+    if not isinstance(sdoc, dict) or "type" not in sdoc:
+        raise PipelineError(f"{where}: needs a 'type'")
+    bad = sorted(set(sdoc) - {"type", "params", "inputs", "outputs", "description"})
+    if bad:
+        raise PipelineError(f"{where}: unknown field(s) {bad}; a stage has type, params, inputs, outputs")
+    cls = load_stage_type(sdoc["type"], where)
+    deps: set[str] = set()
+    raw_params = _interpolate(sdoc.get("params") or {}, scope, f"{where} params", deps)
+    params = from_dict(cls.Params, raw_params, f"{where} params") if dataclasses.is_dataclass(cls.Params) else None
+    raw_inputs = _interpolate(sdoc.get("inputs") or {}, scope, f"{where} inputs", deps)
+    _check_inputs(cls, sdoc["type"], raw_inputs, produced, where)
+    raw_outputs = _interpolate(sdoc.get("outputs") or {}, scope, f"{where} outputs", set())
+    for k in raw_outputs:
+        if k not in cls.outputs:
+            raise PipelineError(
+                f"{where} outputs.{k}: stage type {sdoc['type']!r} has no output {k!r}; outputs: {sorted(cls.outputs)}"
+            )
+    work = rd / sname
+    outputs = {k: Path(raw_outputs.get(k) or work / k).resolve() for k in cls.outputs}
+    return PlannedStage(sname, sdoc["type"], cls, params, raw_inputs, outputs, work, sorted(deps))
+
+
+def _check_inputs(cls: type[Stage], type_name: str, raw_inputs: Any, produced: dict[str, str], where: str) -> None:
+    if not isinstance(raw_inputs, dict):
+        raise PipelineError(f"{where} inputs: must be a mapping")
+    declared = {k.rstrip("?"): k.endswith("?") for k in cls.inputs}
+    for k in raw_inputs:
+        if k not in declared:
+            raise PipelineError(
+                f"{where} inputs.{k}: stage type {type_name!r} has no input {k!r}; inputs: {sorted(declared)}"
+            )
+    for k, optional in declared.items():
+        if k not in raw_inputs and not optional:
+            raise PipelineError(f"{where} inputs.{k}: required input is missing")
+    for k, v in raw_inputs.items():
+        if isinstance(v, str) and v not in produced and not Path(v).exists() and not _looks_remote(v):
+            raise PipelineError(f"{where} inputs.{k}: {v} does not exist and no earlier stage produces it")
 
 
 def _looks_remote(v: str) -> bool:

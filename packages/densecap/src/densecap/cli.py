@@ -1,9 +1,9 @@
 """The ``densecap`` command line.
 
-    densecap run --source folder -S path=photos/ --captioner vllm-server -C base_url=http://host:8000 --out out/
+    densecap run --source folder -S path=photos/ --caption-source vllm-server -C base_url=http://host:8000 --out out/
     densecap run --config densecap.yaml --set num_workers=4 --rank 0 --world-size 8
     densecap run ... --executor ray --ray-address auto --set executor.replicas=8   # a Ray cluster runs the units
-    densecap sources | captioners | filters       # what is registered, with parameters
+    densecap sources | caption-sources | filters  # what is registered, with parameters
     densecap report OUT_DIR                       # rebuild the summary report
 
 Exit status: 0 done; 2 bad configuration; 3 finished but some captions failed (recorded
@@ -20,12 +20,12 @@ import sys
 from typing import Any
 
 from d2s.config import ConfigError, from_dict, load_yaml, parse_override
+from d2s.registry import describe_params, doc_line
 
-from .captioners import CAPTION_SOURCES, CaptionSourceError
+from .caption_sources import CAPTION_SOURCES, CaptionSourceError
 from .config import RunConfig
 from .filters import DEFAULT_FILTERS, FILTERS
 from .images import IMAGE_SOURCES
-from .registry import describe_params, doc_line
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,11 @@ def _epilog() -> str:
     return (
         "image sources (--source, parameters with -S KEY=VALUE):\n"
         + catalogue(IMAGE_SOURCES, params=False)
-        + "\n\ncaption sources (--captioner, parameters with -C [INDEX:]KEY=VALUE):\n"
+        + "\n\ncaption sources (--caption-source, parameters with -C [INDEX:]KEY=VALUE):\n"
         + catalogue(CAPTION_SOURCES, params=False)
         + f"\n\nfilters (--filters, default {','.join(DEFAULT_FILTERS)}; parameters with -F NAME.KEY=VALUE):\n"
         + catalogue(FILTERS, params=False)
-        + "\n\n`densecap sources|captioners|filters` list every parameter with its default."
+        + "\n\n`densecap sources|caption-sources|filters` list every parameter with its default."
     )
 
 
@@ -73,8 +73,8 @@ def _set(doc: Any, path: list[str], value: Any, where: str) -> None:
             raise ConfigError(f"{where}: cannot set {'.'.join(path)}")
 
 
-def build_config(args: argparse.Namespace) -> RunConfig:
-    doc: dict[str, Any] = load_yaml(args.config) if args.config else {}
+def _source_doc(doc: dict[str, Any], args: argparse.Namespace) -> None:
+    """--source, --input and -S into ``doc['source']``."""
     if args.source:
         doc["source"] = {"type": args.source, "params": {}}
     src = doc.setdefault("source", {"type": "shards", "params": {}})
@@ -83,22 +83,33 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     for o in args.source_opt:
         k, v = parse_override(o)
         _set(src.setdefault("params", {}), k, v, f"-S {o}")
-    if args.captioner:
-        doc["captioners"] = []
-        for c in args.captioner:
+
+
+def _caption_sources_doc(doc: dict[str, Any], args: argparse.Namespace) -> None:
+    """--caption-source (--captioner) and -C into ``doc['caption_sources']``."""
+    if "captioners" in doc and "caption_sources" not in doc:  # the deprecated key of a config file
+        log.warning("%s: 'captioners' is deprecated, write 'caption_sources'", args.config)
+        doc["caption_sources"] = doc.pop("captioners")
+    if args.caption_source:
+        doc["caption_sources"] = []
+        for c in args.caption_source:
             typ, _, label = c.partition("=")
-            doc["captioners"].append({"type": typ, "params": {}, **({"label": label} if label else {})})
-    caps = doc.setdefault("captioners", [{"type": "synthetic-oracle"}])
-    for o in args.captioner_opt:
+            doc["caption_sources"].append({"type": typ, "params": {}, **({"label": label} if label else {})})
+    caps = doc.setdefault("caption_sources", [{"type": "synthetic-oracle"}])
+    for o in args.caption_source_opt:
         idx, sep, rest = o.partition(":")
         if sep and idx.isdigit() and "=" not in idx:
             i, o2 = int(idx), rest
         else:
             i, o2 = 0, o
         if i >= len(caps):
-            raise ConfigError(f"-C {o}: there is no captioner #{i} (have {len(caps)})")
+            raise ConfigError(f"-C {o}: there is no caption source #{i} (have {len(caps)})")
         k, v = parse_override(o2)
         _set(caps[i].setdefault("params", {}), k, v, f"-C {o}")
+
+
+def _filters_doc(doc: dict[str, Any], args: argparse.Namespace) -> None:
+    """--filters and -F into ``doc['filters']``."""
     if args.filters is not None:
         names = [] if args.filters.strip() in ("", "none") else [n.strip() for n in args.filters.split(",")]
         doc["filters"] = [{"type": n, "params": {}} for n in names]
@@ -109,6 +120,10 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         if not match or len(k) < 2:
             raise ConfigError(f"-F {o}: expected FILTER.KEY=VALUE with FILTER one of {[f['type'] for f in filters]}")
         _set(match[0].setdefault("params", {}), k[1:], v, f"-F {o}")
+
+
+def _execution_doc(doc: dict[str, Any], args: argparse.Namespace) -> None:
+    """Where to write, this rank, workers, executor, progress and recaption flags."""
     for name in ("out", "report", "rank", "world_size", "num_workers", "batch_size"):
         v = getattr(args, name)
         if v is not None:
@@ -123,15 +138,27 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         doc["progress"] = False
     if args.recaption:
         doc["recaption"] = True
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """The config file, then the flags, then ``--set``, parsed into a :class:`RunConfig`."""
+    doc: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    _source_doc(doc, args)
+    _caption_sources_doc(doc, args)
+    _filters_doc(doc, args)
+    _execution_doc(doc, args)
     for o in args.set:
         k, v = parse_override(o)
+        if k[0] == "captioners":  # the deprecated name of the key
+            k = ["caption_sources", *k[1:]]
         _set(doc, k, v, f"--set {o}")
     cfg = from_dict(RunConfig, doc, "config")
     # validate every plug-in's params now, before any work
-    IMAGE_SOURCES.parse_params(cfg.source.type, cfg.source.params, "source.params")
-    for i, c in enumerate(cfg.captioners):
-        CAPTION_SOURCES.parse_params(c.type, c.params, f"captioners[{i}].params")
-    for i, f in enumerate(cfg.filters):
+    c = cfg.config
+    IMAGE_SOURCES.parse_params(c.source.type, c.source.params, "source.params")
+    for i, cs in enumerate(c.caption_sources):
+        CAPTION_SOURCES.parse_params(cs.type, cs.params, f"caption_sources[{i}].params")
+    for i, f in enumerate(c.filters):
         FILTERS.parse_params(f.type, f.params, f"filters[{i}].params")
     return cfg
 
@@ -151,6 +178,23 @@ def make_parser() -> argparse.ArgumentParser:
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_what_args(r)
+    _add_how_args(r)
+    for name, aliases, what in (
+        ("sources", [], "image sources"),
+        ("caption-sources", ["captioners"], "caption sources"),  # 'captioners': the deprecated name
+        ("filters", [], "filters"),
+    ):
+        sub.add_parser(name, aliases=aliases, help=f"list registered {what} and their parameters")
+    rep = sub.add_parser("report", help="(re)write the summary report of an output directory")
+    rep.add_argument("out")
+    rep.add_argument("--report", default=None)
+    return ap
+
+
+# argparse tables: one add_argument per flag (long, but flat and read top to bottom)
+def _add_what_args(r: argparse.ArgumentParser) -> None:
+    """What to caption: config file, image source, caption sources, filters."""
     r.add_argument("--config", help="YAML file with the config (fields of densecap.config.RunConfig)")
     r.add_argument("--source", help=f"image source type: {', '.join(IMAGE_SOURCES.names())}")
     r.add_argument("--input", help="shorthand for -S path=INPUT")
@@ -158,21 +202,29 @@ def make_parser() -> argparse.ArgumentParser:
         "-S", "--source-opt", action="append", default=[], metavar="KEY=VALUE", help="image source parameter"
     )
     r.add_argument(
-        "--captioner",
+        "--caption-source",
+        "--captioner",  # the deprecated name
+        dest="caption_source",
         action="append",
         metavar="TYPE[=LABEL]",
         help=f"caption source (repeat for several): {', '.join(CAPTION_SOURCES.names())}",
     )
     r.add_argument(
         "-C",
+        "--caption-source-opt",
         "--captioner-opt",
+        dest="caption_source_opt",
         action="append",
         default=[],
         metavar="[I:]KEY=VALUE",
-        help="parameter of captioner I (default 0), e.g. -C sampling.temperature=0.7",
+        help="parameter of caption source I (default 0), e.g. -C sampling.temperature=0.7",
     )
     r.add_argument("--filters", help=f"comma-separated filter list or 'none' (default {','.join(DEFAULT_FILTERS)})")
     r.add_argument("-F", "--filter-opt", action="append", default=[], metavar="FILTER.KEY=VALUE")
+
+
+def _add_how_args(r: argparse.ArgumentParser) -> None:
+    """Where to write, with what share of the work and which executor; --set and --print-config."""
     r.add_argument("--out", help="output shard directory")
     r.add_argument("--report", help="report directory (default OUT/report)")
     r.add_argument("--num-workers", dest="num_workers", type=int)
@@ -195,19 +247,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--no-progress", action="store_true")
     r.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. captioners.0.label=x"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config field, e.g. caption_sources.0.label=x",
     )
     r.add_argument("--print-config", action="store_true", help="print the parsed config and exit")
-    for name, _reg, what in (
-        ("sources", IMAGE_SOURCES, "image sources"),
-        ("captioners", CAPTION_SOURCES, "caption sources"),
-        ("filters", FILTERS, "filters"),
-    ):
-        sub.add_parser(name, help=f"list registered {what} and their parameters")
-    rep = sub.add_parser("report", help="(re)write the summary report of an output directory")
-    rep.add_argument("out")
-    rep.add_argument("--report", default=None)
-    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = make_parser()
     args = ap.parse_args(argv)
     setup_logging(args.log_level)
-    if args.cmd in ("sources", "captioners", "filters"):
-        reg = {"sources": IMAGE_SOURCES, "captioners": CAPTION_SOURCES, "filters": FILTERS}[args.cmd]
-        print(catalogue(reg, indent=""))
+    listings = {"sources": IMAGE_SOURCES, "caption-sources": CAPTION_SOURCES, "captioners": CAPTION_SOURCES}
+    if args.cmd in (*listings, "filters"):
+        print(catalogue(listings.get(args.cmd, FILTERS), indent=""))
         return 0
     if args.cmd == "report":
         from pathlib import Path

@@ -1,11 +1,16 @@
 """The densecap configuration: one dataclass tree, parsed with d2s.config.from_dict.
 
-The same :class:`DensecapConfig` is what ``densecap run --config`` reads (as
-:class:`RunConfig`) and what the ``densecap`` pipeline stage takes as ``params`` (as
-:class:`StageConfig`). Parsing it also parses every plug-in's ``params`` through the
-plug-in's registry, so a wrong plug-in name or parameter fails when the configuration is
-read (``d2s run --dry-run`` included), naming the field, e.g.
-``captioners[0].params: unknown field(s) ['temperatur']``.
+:class:`DensecapConfig` is the one configuration of a densecap job. The ``densecap`` pipeline
+stage's ``params`` (:class:`StageConfig`) wrap it and add this machine's share of the work
+(``rank`` / ``world_size``); what ``densecap run --config`` reads (:class:`RunConfig`) wraps
+the stage's and adds where to write (``out`` / ``report``). Wrapped configs are flattened
+(``d2s.config.FLATTEN``): their fields sit at the top level of the YAML, as before.
+
+Parsing it also parses every plug-in's ``params`` through the plug-in's registry, so a wrong
+plug-in name or parameter fails when the configuration is read (``d2s run --dry-run``
+included), naming the field, e.g. ``caption_sources[0].params: unknown field(s) ['temperatur']``.
+
+``captioners`` is the deprecated name of ``caption_sources``: still read, with a warning.
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from d2s.config import ConfigError
+from d2s.config import FLATTEN, ConfigError
 
 from .filters import DEFAULT_FILTERS
 
@@ -92,8 +97,13 @@ class ExecutorConfig:
 
 @dataclass
 class DensecapConfig:
+    """What a densecap job does (and with how many workers); see docs/pipeline-format.md."""
+
+    # the key before caption sources had one name everywhere: still read, with a warning
+    config_aliases: ClassVar[dict[str, str]] = {"captioners": "caption_sources"}
+
     source: PluginConfig = field(default_factory=lambda: PluginConfig("shards"))
-    captioners: list[PluginConfig] = field(default_factory=lambda: [PluginConfig("synthetic-oracle")])
+    caption_sources: list[PluginConfig] = field(default_factory=lambda: [PluginConfig("synthetic-oracle")])
     filters: list[PluginConfig] = field(default_factory=lambda: [PluginConfig(n) for n in DEFAULT_FILTERS])
     num_workers: int = 1
     batch_size: int = 64
@@ -111,9 +121,9 @@ class DensecapConfig:
             raise ValueError("num_workers must be >= 1")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        labels = [c.label or c.type for c in self.captioners]
+        labels = [c.label or c.type for c in self.caption_sources]
         if len(set(labels)) != len(labels):
-            raise ValueError(f"captioners need distinct labels (DenseText.source), got {labels}")
+            raise ValueError(f"caption_sources need distinct labels (DenseText.source), got {labels}")
         try:
             # a missing source 'path' is allowed here: the pipeline stage takes it from its
             # 'shards' input, and a run without one fails when it builds the source
@@ -125,7 +135,7 @@ class DensecapConfig:
 
     def validate_plugins(self, *, path_from_input: bool = False) -> None:
         """Parse every plug-in's params with its registry and check the source's data paths."""
-        from .captioners import CAPTION_SOURCES
+        from .caption_sources import CAPTION_SOURCES
         from .filters import FILTERS
         from .images import IMAGE_SOURCES
 
@@ -139,21 +149,14 @@ class DensecapConfig:
                 src_params["path"] = _PATH_FROM_INPUT
         _parse_plugin(IMAGE_SOURCES, self.source, "source", src_params)
         _check_source_paths(self.source)
-        for i, c in enumerate(self.captioners):
-            _parse_plugin(CAPTION_SOURCES, c, f"captioners[{i}]")
+        for i, c in enumerate(self.caption_sources):
+            _parse_plugin(CAPTION_SOURCES, c, f"caption_sources[{i}]")
         for i, f in enumerate(self.filters):
             _parse_plugin(FILTERS, f, f"filters[{i}]")
 
 
-def _check_rank(rank: int, world_size: int) -> None:
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
-
-
 @dataclass
-class StageConfig(DensecapConfig):
+class StageConfig:
     """``params`` of the ``densecap`` pipeline stage: the config plus this machine's share.
 
     With ``world_size`` N > 1, units go round-robin to ranks 0..N-1 (as ``densecap run
@@ -161,23 +164,31 @@ class StageConfig(DensecapConfig):
     the stage with their own ``rank``.
     """
 
+    config: DensecapConfig = field(default_factory=DensecapConfig, metadata=FLATTEN)
     rank: int = 0
     world_size: int = 1
 
+    def __getattr__(self, name: str) -> Any:
+        # read access to the wrapped config's fields (``params.source``), as when they were copied here
+        if name.startswith("__") or name == "config" or name not in DensecapConfig.__dataclass_fields__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.config, name)
+
     def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_rank(self.rank, self.world_size)
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={self.rank} world_size={self.world_size}")
 
 
 @dataclass
-class RunConfig(DensecapConfig):
+class RunConfig(StageConfig):
+    """What ``densecap run`` reads: the stage's params plus where to write."""
+
     out: str = ""
     report: str = ""  # default: <out>/report
-    rank: int = 0
-    world_size: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.out:
             raise ValueError("out (the output shard directory) is required")
-        _check_rank(self.rank, self.world_size)

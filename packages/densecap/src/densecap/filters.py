@@ -19,11 +19,10 @@ from typing import ClassVar
 
 import numpy as np
 
+from d2s.registry import PluginRegistry
 from d2s.schema import DenseText, Sample
 
-from .registry import Registry
-
-FILTERS: Registry[Filter] = Registry("filter", "densecap.filters")
+FILTERS: PluginRegistry[Filter] = PluginRegistry("filter", "densecap.filters")
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?", re.UNICODE)
 

@@ -9,7 +9,6 @@ images that cannot be read; :func:`check_image` then verifies that every image d
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -20,14 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from d2s.config import ConfigError
+from d2s.registry import PluginRegistry
 from d2s.schema import Sample, SampleError, sniff_image_ext
 
-from .registry import Registry
+from .tables import missing, read_table, require_columns
 
 log = logging.getLogger(__name__)
 
-IMAGE_SOURCES: Registry[ImageSource] = Registry("image source", "densecap.image_sources")
+IMAGE_SOURCES: PluginRegistry[ImageSource] = PluginRegistry("image source", "densecap.image_sources")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -126,33 +128,20 @@ def _read_file(path: Path) -> bytes | Rejected:
 
 
 def _load_captions_table(path: Path, image_field: str, caption_field: str) -> dict[str, list[str]]:
-    """image name -> captions, from a .jsonl / .json / .csv / .tsv file."""
+    """image name -> captions, from a .jsonl / .json / .csv / .tsv / .parquet file (a caption cell
+    may hold a list of captions); read by the reader the import caption source uses."""
     if not path.exists():
         raise FileNotFoundError(f"captions file {path} does not exist")
-    rows: list[dict] = []
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"{path}:{n}: not valid JSON: {exc}") from None
-    elif suffix == ".json":
-        doc = json.loads(path.read_text())
-        rows = doc if isinstance(doc, list) else [{image_field: k, caption_field: v} for k, v in doc.items()]
-    elif suffix in (".csv", ".tsv"):
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    else:
-        raise ConfigError(f"captions file {path}: unsupported format {suffix!r} (use .jsonl, .json, .csv, .tsv)")
+    df = read_table(path, "captions file", mapping=(image_field, caption_field))
     out: dict[str, list[str]] = {}
-    for n, row in enumerate(rows, 1):
-        if image_field not in row or caption_field not in row:
-            raise ConfigError(f"{path}: row {n} lacks field {image_field!r} or {caption_field!r}: {row}")
-        caps = row[caption_field]
-        caps = caps if isinstance(caps, list) else [caps]
-        out.setdefault(str(row[image_field]), []).extend(str(c) for c in caps)
+    if not len(df):
+        return out
+    require_columns(df, path, "captions file", [image_field, caption_field])
+    for where, image, caps in zip(df.attrs["where"], df[image_field], df[caption_field]):
+        if missing(image) or (not isinstance(caps, list) and missing(caps)):
+            raise ConfigError(f"{where}: row lacks field {image_field!r} or {caption_field!r}")
+        caps = list(caps) if isinstance(caps, (list, tuple, np.ndarray)) else [caps]  # ndarray: parquet lists
+        out.setdefault(str(image), []).extend(str(c) for c in caps)
     return out
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from d2s.config import ConfigError, to_dict
 
-from .captioners import CaptionSourceError
+from .caption_sources import CaptionSourceError
 from .config import DensecapConfig
 from .images import Unit
 
@@ -128,8 +128,6 @@ def run_units(
     cluster until every replica has its caption sources started). Returns the first caption
     source's fatal message ('' if none); raises CaptionSourceError when the replicas cannot start their caption sources and RunAborted
     (after the other units finished) when a unit could not be written after its retries."""
-    from .run import config_fingerprint
-
     ex = cfg.executor
     info = {} if info is None else info
     t_start = time.perf_counter()
@@ -138,81 +136,18 @@ def run_units(
     caller_connected = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     local = _connect(ex.address, dict(ex.init))  # before importing Ray (see there)
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
 
     actors: list[Any] = []
     try:
-        n = max(1, min(ex.replicas or cfg.num_workers, len(todo)))
-        have = ray.cluster_resources()
-        for res, per in (("CPU", ex.num_cpus), ("GPU", ex.num_gpus)):
-            if per and per * n > have.get(res, 0):
-                log.warning(
-                    "densecap: %d replicas x %s %s > the cluster's %s %s: some replicas wait for resources "
-                    "(an autoscaling cluster may add them)",
-                    n,
-                    per,
-                    res,
-                    have.get(res, 0),
-                    res,
-                )
-        Actor = ray.remote(UnitWriter).options(
-            num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_restarts=ex.max_retries, max_task_retries=ex.max_retries
-        )
-        cfg_dict = to_dict(cfg)
-        fp = config_fingerprint(cfg)
-        actors = [Actor.remote(cfg_dict, str(out), image_exts, fp) for _ in range(n)]
-        for r in ray.get([a.ready.remote() for a in actors]):
-            if r["error"]:
-                raise CaptionSourceError(r["error"])
-        info.update(replicas=n, ray_startup_s=round(time.perf_counter() - t_start, 2))
+        _start_replicas(cfg, out, todo, image_exts, actors)
+        info.update(replicas=len(actors), ray_startup_s=round(time.perf_counter() - t_start, 2))
         log.info(
-            "densecap: %d Ray replica(s) ready after %.1fs, %d unit(s) to write", n, info["ray_startup_s"], len(todo)
+            "densecap: %d Ray replica(s) ready after %.1fs, %d unit(s) to write",
+            len(actors),
+            info["ray_startup_s"],
+            len(todo),
         )
-        queue = deque(todo)
-        running: dict[Any, tuple[Any, Unit]] = {}
-        fatal = ""
-        lost: list[str] = []
-        t0 = time.perf_counter()
-
-        def submit(actor: Any) -> None:
-            u = queue.popleft()
-            running[actor.process.remote(u)] = (actor, u)
-
-        # two units per replica: the next one is already queued on the actor when one finishes
-        for _ in range(2):
-            for a in actors:
-                if queue:
-                    submit(a)
-        while running:
-            (ref,), _ = ray.wait(list(running), num_returns=1)
-            actor, unit = running.pop(ref)
-            try:
-                r = ray.get(ref)
-            except RayActorError as exc:  # the replica died more than max_retries times: Ray gave up on it
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                lost.append(f"{unit.split}-{unit.index}: {type(exc).__name__}: {first}")
-                log.error("densecap: unit %s/%d lost after %d retries: %s", unit.split, unit.index, ex.max_retries, exc)
-                actors = [a for a in actors if a is not actor]
-                continue
-            except RayTaskError as exc:  # an error inside the unit (not a death): not retried, reported
-                raise RuntimeError(f"unit {unit.split}-{unit.index} failed on Ray: {exc}") from None
-            results.append(r)
-            tick(int(r.get("count", 0)))
-            if r.get("fatal") and not fatal:
-                fatal = r["fatal"]
-                queue.clear()  # finish the units in flight, start no new ones
-            if queue:
-                submit(actor)
-        log.info("densecap: Ray run of %d unit(s) took %.1fs", len(results), time.perf_counter() - t0)
-        if lost or (queue and not fatal):
-            from .run import RunAborted
-
-            raise RunAborted(
-                f"{len(lost)} unit(s) could not be written after {ex.max_retries} retries each "
-                f"({'; '.join(lost)}){f' and {len(queue)} never started' if queue else ''}; "
-                "finished shards are kept: rerun the same command to continue"
-            )
-        return fatal
+        return _schedule(actors, todo, results, tick, ex.max_retries)
     finally:
         for a in actors:
             try:
@@ -223,3 +158,85 @@ def run_units(
             ray.shutdown()
         if local is not None:  # every unit is finished or given up: nothing to wait for
             local.stop(graceful=False)
+
+
+def _start_replicas(cfg: DensecapConfig, out: Path, todo: list[Unit], image_exts: dict, actors: list[Any]) -> None:
+    """Start the replicas (appended to ``actors`` at once, so the caller ends them whatever happens)
+    and wait until each has its caption sources started."""
+    import ray
+
+    from .run import config_fingerprint
+
+    ex = cfg.executor
+    n = max(1, min(ex.replicas or cfg.num_workers, len(todo)))
+    have = ray.cluster_resources()
+    for res, per in (("CPU", ex.num_cpus), ("GPU", ex.num_gpus)):
+        if per and per * n > have.get(res, 0):
+            log.warning(
+                "densecap: %d replicas x %s %s > the cluster's %s %s: some replicas wait for resources "
+                "(an autoscaling cluster may add them)",
+                n,
+                per,
+                res,
+                have.get(res, 0),
+                res,
+            )
+    Actor = ray.remote(UnitWriter).options(
+        num_cpus=ex.num_cpus, num_gpus=ex.num_gpus, max_restarts=ex.max_retries, max_task_retries=ex.max_retries
+    )
+    cfg_dict, fp = to_dict(cfg), config_fingerprint(cfg)
+    actors.extend(Actor.remote(cfg_dict, str(out), image_exts, fp) for _ in range(n))
+    for r in ray.get([a.ready.remote() for a in actors]):
+        if r["error"]:
+            raise CaptionSourceError(r["error"])
+
+
+def _schedule(actors: list[Any], todo: list[Unit], results: list[dict], tick, max_retries: int) -> str:
+    """Two units in flight per replica until none is left; returns the first fatal message."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    queue = deque(todo)
+    running: dict[Any, tuple[Any, Unit]] = {}
+    fatal = ""
+    lost: list[str] = []
+    t0 = time.perf_counter()
+
+    def submit(actor: Any) -> None:
+        u = queue.popleft()
+        running[actor.process.remote(u)] = (actor, u)
+
+    # two units per replica: the next one is already queued on the actor when one finishes
+    for _ in range(2):
+        for a in actors:
+            if queue:
+                submit(a)
+    while running:
+        (ref,), _ = ray.wait(list(running), num_returns=1)
+        actor, unit = running.pop(ref)
+        try:
+            r = ray.get(ref)
+        except RayActorError as exc:  # the replica died more than max_retries times: Ray gave up on it
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            lost.append(f"{unit.split}-{unit.index}: {type(exc).__name__}: {first}")
+            log.error("densecap: unit %s/%d lost after %d retries: %s", unit.split, unit.index, max_retries, exc)
+            continue
+        except RayTaskError as exc:  # an error inside the unit (not a death): not retried, reported
+            raise RuntimeError(f"unit {unit.split}-{unit.index} failed on Ray: {exc}") from None
+        results.append(r)
+        tick(int(r.get("count", 0)))
+        if r.get("fatal") and not fatal:
+            fatal = r["fatal"]
+            queue.clear()  # finish the units in flight, start no new ones
+        if queue:
+            submit(actor)
+    log.info("densecap: Ray run of %d unit(s) took %.1fs", len(results), time.perf_counter() - t0)
+    if lost or (queue and not fatal):
+        from .run import RunAborted
+
+        raise RunAborted(
+            f"{len(lost)} unit(s) could not be written after {max_retries} retries each "
+            f"({'; '.join(lost)}){f' and {len(queue)} never started' if queue else ''}; "
+            "finished shards are kept: rerun the same command to continue"
+        )
+    return fatal

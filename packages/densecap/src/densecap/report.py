@@ -43,18 +43,12 @@ def _dense_rows(out: Path) -> list[dict[str, Any]]:
 
 
 def write_report(out: str | Path, report_dir: str | Path, n_examples: int = 3) -> dict[str, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
 
     out, report_dir = Path(out), Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     shard_stats = pd.DataFrame(list(completed_shards(out).values()))
-    dense = pd.DataFrame(
-        _dense_rows(out), columns=["key", "id", "split", "source", "model", "verdict", "error", "words", "text"]
-    )
+    dense = pd.DataFrame(_dense_rows(out), columns=DENSE_COLUMNS)
     rejects = []
     for p in sorted((out / "rejects").glob("*.jsonl")):
         rejects += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
@@ -70,25 +64,45 @@ def write_report(out: str | Path, report_dir: str | Path, n_examples: int = 3) -
         shard_stats.drop(
             columns=[c for c in ("world", "captioners", "filters") if c in shard_stats], errors="ignore"
         ).to_csv(report_dir / "shards.csv", index=False)
-    image_reasons = pd.Series(
-        [r["reason"].split(":")[0] for r in rejects if r.get("kind") == "image"], dtype=str
-    ).value_counts()
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
     ok = dense[(dense.verdict == "keep") & (dense.error == "")]["words"] if len(dense) else []
     bad = dense[dense.verdict != "keep"]["words"] if len(dense) else []
-    ax.hist([list(ok), list(bad)], bins=30, label=["kept", "dropped / failed"], stacked=True)
+    _lengths_plot(report_dir / "lengths.png", list(ok), list(bad))
+    summary = _summary(shard_stats, dense, rejects, list(ok))
+    atomic_write_json(report_dir / "summary.json", summary)
+    atomic_write_text(report_dir / "report.md", _markdown(out, summary, reasons, dense, n_examples))
+    log.info("report written to %s", report_dir)
+    return summary
+
+
+DENSE_COLUMNS = ["key", "id", "split", "source", "model", "verdict", "error", "words", "text"]
+
+
+def _lengths_plot(path: Path, ok: list[int], bad: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist([ok, bad], bins=30, label=["kept", "dropped / failed"], stacked=True)
     ax.set_xlabel("words per dense caption")
     ax.set_ylabel("captions")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(report_dir / "lengths.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _summary(shard_stats, dense, rejects: list[dict], ok: list[int]) -> dict[str, Any]:
+    import pandas as pd
 
     def num(col: str) -> int:
         return int(shard_stats[col].fillna(0).sum()) if col in shard_stats else 0
 
-    summary = {
+    image_reasons = pd.Series(
+        [r["reason"].split(":")[0] for r in rejects if r.get("kind") == "image"], dtype=str
+    ).value_counts()
+    return {
         "shards": int(len(shard_stats)),
         "images": num("count"),
         "images_rejected": num("images_rejected"),
@@ -99,10 +113,11 @@ def write_report(out: str | Path, report_dir: str | Path, n_examples: int = 3) -
         "caption_errors": int((dense.error != "").sum()) if len(dense) else 0,
         "prompt_tokens": num("prompt_tokens"),
         "completion_tokens": num("completion_tokens"),
-        "mean_words_kept": round(float(pd.Series(list(ok)).mean()), 2) if len(ok) else 0.0,
+        "mean_words_kept": round(float(pd.Series(ok).mean()), 2) if len(ok) else 0.0,
     }
-    atomic_write_json(report_dir / "summary.json", summary)
 
+
+def _markdown(out: Path, summary: dict, reasons, dense, n_examples: int) -> str:
     lines = [
         f"# densecap report: {out}",
         "",
@@ -126,14 +141,14 @@ def write_report(out: str | Path, report_dir: str | Path, n_examples: int = 3) -
             text = (r.text or r.error).replace("\n", " ")
             lines.append(f"- `{r.key}` [{r.source} / {r.verdict}] {text[:300]}")
         lines.append("")
-    atomic_write_text(report_dir / "report.md", "\n".join(lines) + "\n")
-    log.info("report written to %s", report_dir)
-    return summary
+    return "\n".join(lines) + "\n"
 
 
 def _has_tabulate() -> bool:
+    """tabulate (a dependency of d2s-densecap) renders pandas' to_markdown; plain text without it."""
     try:
         import tabulate  # noqa: F401
     except ImportError:
+        log.warning("tabulate is not installed: the report's table is plain text (pip install tabulate)")
         return False
     return True

@@ -20,6 +20,7 @@ processes die with the process that started them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -40,8 +41,8 @@ from d2s.config import ConfigError, to_dict
 from d2s.schema import Sample
 from d2s.shards import ShardWriter, atomic_write_text, completed_shards, iter_samples, shard_name, stats_path
 
-from .captioners import CAPTION_SOURCES, CaptionSource
-from .config import DensecapConfig, RunConfig
+from .caption_sources import CAPTION_SOURCES, CaptionSource
+from .config import DensecapConfig, RunConfig, StageConfig
 from .filters import FILTERS, FilterChain
 from .images import IMAGE_SOURCES, ImageSource, Rejected, Unit, check_image
 
@@ -147,9 +148,9 @@ class Worker:
         self.image_exts = dict(image_exts or {})
         self.source: ImageSource = IMAGE_SOURCES.create(cfg.source.type, cfg.source.params, "source.params")
         self.captioners: list[CaptionSource] = []
-        for i, c in enumerate(cfg.captioners):
+        for i, c in enumerate(cfg.caption_sources):
             cls = CAPTION_SOURCES.get(c.type)
-            params = CAPTION_SOURCES.parse_params(c.type, c.params, f"captioners[{i}].params")
+            params = CAPTION_SOURCES.parse_params(c.type, c.params, f"caption_sources[{i}].params")
             self.captioners.append(cls(params, label=c.label or c.type))
         self.chain = FilterChain(
             [FILTERS.create(f.type, f.params, f"filters[{i}].params") for i, f in enumerate(cfg.filters)]
@@ -217,66 +218,67 @@ class Worker:
         same order as in a first pass, so stateful filters (near-duplicates) see the whole shard
         and the verdicts are those a single clean pass would give."""
         for cap in self.captioners:
-            todo: list[Sample] = []
-            slot: dict[int, int] = {}  # id(sample) -> where its text from this source sits
-            for s in batch:
-                mine = [d for d in s.dense if d.source == cap.label]
-                if mine and not self.cfg.recaption and not any(d.error for d in mine):
-                    continue
-                slot[id(s)] = next((i for i, d in enumerate(s.dense) if d.source == cap.label), len(s.dense))
-                s.dense = [d for d in s.dense if d.source != cap.label]
-                todo.append(s)
-            new: dict[int, Any] = {}
-            if todo:
-                t0 = time.perf_counter()
-                results = self.loop.run_until_complete(cap.caption(todo))
-                counts["caption_seconds"] += time.perf_counter() - t0
-                if len(results) != len(todo):
-                    raise RuntimeError(
-                        f"caption source {cap.label!r} returned {len(results)} results for {len(todo)} samples"
-                    )
-                for s, d in zip(todo, results):
-                    counts["captions_requested"] += 1
-                    if d is None:
-                        counts["captions_missing"] += 1
-                        continue
-                    s.dense.insert(slot[id(s)], d)
-                    new[id(s)] = d
-                    counts["prompt_tokens"] += int(d.scores.get("prompt_tokens", 0))
-                    counts["completion_tokens"] += int(d.scores.get("completion_tokens", 0))
+            new = self._request(cap, batch, counts)
             for s in batch:
                 for d in [d for d in s.dense if d.source == cap.label]:
-                    verdict = self.chain.apply(d, s)
-                    if d.error:
-                        counts["caption_errors"] += 1
-                        rejects.append(
-                            {
-                                "kind": "caption",
-                                "key": s.key,
-                                "id": s.id,
-                                "source": d.source,
-                                "reason": "error",
-                                "error": d.error,
-                            }
-                        )
-                    elif verdict == "keep":
-                        counts["captions_kept"] += 1
-                    else:
-                        counts["captions_dropped"] += 1
-                        counts[f"dropped_{verdict}"] += 1
-                        rejects.append(
-                            {
-                                "kind": "caption",
-                                "key": s.key,
-                                "id": s.id,
-                                "source": d.source,
-                                "reason": verdict,
-                                "text": d.text,
-                                "scores": d.scores,
-                            }
-                        )
+                    self._filter(s, d, counts, rejects)
                     if id(s) not in new:
                         counts["captions_refiltered"] += 1
+
+    def _request(self, cap: CaptionSource, batch: list[Sample], counts: Counter) -> dict[int, Any]:
+        """Ask ``cap`` for the samples without a good text from it; id(sample) -> its new text."""
+        todo: list[Sample] = []
+        slot: dict[int, int] = {}  # id(sample) -> where its text from this source sits
+        for s in batch:
+            mine = [d for d in s.dense if d.source == cap.label]
+            if mine and not self.cfg.recaption and not any(d.error for d in mine):
+                continue
+            slot[id(s)] = next((i for i, d in enumerate(s.dense) if d.source == cap.label), len(s.dense))
+            s.dense = [d for d in s.dense if d.source != cap.label]
+            todo.append(s)
+        new: dict[int, Any] = {}
+        if not todo:
+            return new
+        t0 = time.perf_counter()
+        results = self.loop.run_until_complete(cap.caption(todo))
+        counts["caption_seconds"] += time.perf_counter() - t0
+        if len(results) != len(todo):
+            raise RuntimeError(f"caption source {cap.label!r} returned {len(results)} results for {len(todo)} samples")
+        for s, d in zip(todo, results):
+            counts["captions_requested"] += 1
+            if d is None:
+                counts["captions_missing"] += 1
+                continue
+            s.dense.insert(slot[id(s)], d)
+            new[id(s)] = d
+            counts["prompt_tokens"] += int(d.scores.get("prompt_tokens", 0))
+            counts["completion_tokens"] += int(d.scores.get("completion_tokens", 0))
+        return new
+
+    def _filter(self, s: Sample, d: Any, counts: Counter, rejects: list[dict]) -> None:
+        """The filter chain's verdict on one caption, counted; errors and drops go to ``rejects``."""
+        verdict = self.chain.apply(d, s)
+        if d.error:
+            counts["caption_errors"] += 1
+            rejects.append(
+                {"kind": "caption", "key": s.key, "id": s.id, "source": d.source, "reason": "error", "error": d.error}
+            )
+        elif verdict == "keep":
+            counts["captions_kept"] += 1
+        else:
+            counts["captions_dropped"] += 1
+            counts[f"dropped_{verdict}"] += 1
+            rejects.append(
+                {
+                    "kind": "caption",
+                    "key": s.key,
+                    "id": s.id,
+                    "source": d.source,
+                    "reason": verdict,
+                    "text": d.text,
+                    "scores": d.scores,
+                }
+            )
 
     def _endpoint_stats(self, since: dict | None = None) -> dict[str, dict]:
         """label -> url -> {ok, failed[, down]} for caption sources with several servers (counts
@@ -358,6 +360,8 @@ class Worker:
 
 
 EXECUTION_FIELDS = ("num_workers", "batch_size", "progress", "executor")
+#: config keys hashed under their old name, so that renaming a key never makes shards stale
+HASH_KEYS = {"caption_sources": "captioners"}
 
 
 def strip_transport(captioners: list[dict]) -> list[dict]:
@@ -374,19 +378,20 @@ def strip_transport(captioners: list[dict]) -> list[dict]:
     return out
 
 
-def content_config(cfg: DensecapConfig) -> dict[str, Any]:
+def content_config(cfg: DensecapConfig | StageConfig) -> dict[str, Any]:
     """What decides a shard's content: the image source, the caption sources (model, prompt,
     sampling...) without their transport params (server address, key, concurrency, timeouts,
     retries), the filters, the image format and ``recaption``; not workers, batch size, progress
-    bars or the executor."""
-    doc = {
-        k: v for k, v in to_dict(cfg).items() if k in DensecapConfig.__dataclass_fields__ and k not in EXECUTION_FIELDS
-    }
+    bars or the executor. Keys renamed since shards were first written keep their old name here
+    (:data:`HASH_KEYS`), so the fingerprint of an unchanged configuration never changes."""
+    if isinstance(cfg, StageConfig):
+        cfg = cfg.config
+    doc = {HASH_KEYS.get(k, k): v for k, v in to_dict(cfg).items() if k not in EXECUTION_FIELDS}
     doc["captioners"] = strip_transport(doc["captioners"])
     return doc
 
 
-def config_fingerprint(cfg: DensecapConfig) -> str:
+def config_fingerprint(cfg: DensecapConfig | StageConfig) -> str:
     """Hash of :func:`content_config`: a complete shard written under another one is captioned again."""
     return hashlib.sha256(json.dumps(content_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -510,17 +515,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    base = DensecapConfig(**{k: getattr(cfg, k) for k in DensecapConfig.__dataclass_fields__})
+    base = cfg.config
     atomic_write_text(out / f"densecap-config.rank{cfg.rank}.json", json.dumps(to_dict(cfg), indent=2) + "\n")
     worker = Worker(base, out)
-    on_ray = cfg.executor.type == "ray"
+    on_ray = base.executor.type == "ray"
     todo, mine = plan_units(worker.source, out, cfg.rank, cfg.world_size, config_fingerprint(base), clean=not on_ray)
-    image_exts = resolve_image_exts(worker.source, worker.source.units(), cfg.image_ext) if todo else {}
+    image_exts = resolve_image_exts(worker.source, worker.source.units(), base.image_ext) if todo else {}
     worker.image_exts = image_exts
-    known = [u.size for u in todo]
-    total = sum(known) if all(k is not None for k in known) else None
     log.info(
         "densecap: %d unit(s) for rank %d/%d, %d already complete",
         len(todo),
@@ -530,88 +531,18 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     )
     results: list[dict] = []
     ray_info: dict[str, Any] = {}
-    fatal = ""
     t0 = time.perf_counter()
-    bar = tqdm(total=total, desc=f"densecap rank {cfg.rank}", unit="img", disable=not cfg.progress, dynamic_ncols=True)
-
-    def tick(n: int) -> None:
-        bar.update(n)
-        el = time.perf_counter() - t0
-        bar.set_postfix_str(
-            f"{sum(r.get('captions_requested', 0) for r in results) / el if el else 0:.1f} cap/s shards {len(results)}/{len(todo)}"
-        )
-
-    try:
+    with _progress(cfg, todo, results, t0) as tick:
         if on_ray:
             worker.close()
-            if todo:
-                from .ray_executor import run_units
-
-                fatal = run_units(base, out, todo, image_exts, results, tick, ray_info)
-        elif cfg.num_workers == 1 or len(todo) <= 1:
-            try:
-                for u in todo:
-                    results.append(worker.process(u, progress=tick))
-                    tick(0)
-                    if worker.fatal:
-                        fatal = worker.fatal
-                        break
-            finally:
-                worker.close()
+            fatal = _run_on_ray(base, out, todo, image_exts, results, tick, ray_info)
+        elif base.num_workers == 1 or len(todo) <= 1:
+            fatal = _run_inline(worker, todo, results, tick)
         else:
             worker.close()
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(
-                cfg.num_workers,
-                mp_context=mp.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(to_dict(base), str(out), image_exts, os.getpid()),
-            ) as ex:
-                futures = [ex.submit(_work, u) for u in todo]
-                for f in futures:
-                    r = f.result()
-                    results.append(r)
-                    tick(r["count"])
-                    if r.get("fatal") and not fatal:
-                        fatal = r["fatal"]
-                        for g in futures:
-                            g.cancel()
-                        break
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
-    agg: Counter = Counter()
-    for r in results:
-        if r.get("skipped"):  # completed by an earlier attempt while this run waited for its lock
-            continue
-        for k, v in r.items():
-            if (
-                isinstance(v, (int, float))
-                and not isinstance(v, bool)
-                and k
-                not in ("index", "schema_version", "bytes", "seconds", "captions_per_s", "completion_tokens_per_s")
-            ):
-                agg[k] += v
-    summary = {
-        "units_total": len(mine),
-        "units_run": len(results),
-        "executor": cfg.executor.type,
-        **({"units_skipped": sum(1 for r in results if r.get("skipped")), **ray_info} if on_ray else {}),
-        "seconds": round(seconds, 2),
-        "captions_per_s": round(agg.get("captions_requested", 0) / seconds, 3) if seconds else 0.0,
-        **{k: int(v) if float(v).is_integer() else round(v, 3) for k, v in agg.items()},
-    }
-    complete = completed_shards(out)
-    all_done = all(str(out / shard_name(u.split, u.index)) in complete for u in worker.source.units())
-    if all_done:
-        from d2s.shards import write_manifest
-
-        from .report import write_report
-
-        write_manifest(out)
-        write_report(out, Path(cfg.report) if cfg.report else out / "report")
-    summary["complete"] = all_done
+            fatal = _run_pool(base, out, todo, image_exts, results, tick)
+    summary = _summary(cfg, mine, results, ray_info, time.perf_counter() - t0)
+    summary["complete"] = _finish_if_complete(cfg, out, worker.source)
     log.info("densecap summary: %s", json.dumps(summary))
     if fatal:
         raise RunAborted(
@@ -619,3 +550,107 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
             "failed captions are recorded with their error; rerun the same command to fill them."
         )
     return summary
+
+
+@contextlib.contextmanager
+def _progress(cfg: RunConfig, todo: list[Unit], results: list[dict], t0: float):
+    """A progress bar over this rank's images; yields ``tick(n)`` (n images more done)."""
+    from tqdm import tqdm
+
+    known = [u.size for u in todo]
+    total = sum(known) if all(k is not None for k in known) else None
+    bar = tqdm(
+        total=total, desc=f"densecap rank {cfg.rank}", unit="img", disable=not cfg.config.progress, dynamic_ncols=True
+    )
+
+    def tick(n: int) -> None:
+        bar.update(n)
+        el = time.perf_counter() - t0
+        rate = sum(r.get("captions_requested", 0) for r in results) / el if el else 0
+        bar.set_postfix_str(f"{rate:.1f} cap/s shards {len(results)}/{len(todo)}")
+
+    try:
+        yield tick
+    finally:
+        bar.close()
+
+
+def _run_on_ray(base: DensecapConfig, out: Path, todo, image_exts, results, tick, ray_info) -> str:
+    if not todo:
+        return ""
+    from .ray_executor import run_units
+
+    return run_units(base, out, todo, image_exts, results, tick, ray_info)
+
+
+def _run_inline(worker: Worker, todo: list[Unit], results: list[dict], tick) -> str:
+    """Units one after the other in this process; returns why a caption source stopped ('' if none)."""
+    try:
+        for u in todo:
+            results.append(worker.process(u, progress=tick))
+            tick(0)
+            if worker.fatal:
+                return worker.fatal
+        return ""
+    finally:
+        worker.close()
+
+
+def _run_pool(base: DensecapConfig, out: Path, todo: list[Unit], image_exts: dict, results: list[dict], tick) -> str:
+    """Units in ``num_workers`` processes that die with this one."""
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(
+        base.num_workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(to_dict(base), str(out), image_exts, os.getpid()),
+    ) as ex:
+        futures = [ex.submit(_work, u) for u in todo]
+        for f in futures:
+            r = f.result()
+            results.append(r)
+            tick(r["count"])
+            if r.get("fatal"):
+                for g in futures:
+                    g.cancel()
+                return r["fatal"]
+    return ""
+
+
+# per-shard stats that are not summed into the run summary
+_NOT_SUMMED = ("index", "schema_version", "bytes", "seconds", "captions_per_s", "completion_tokens_per_s")
+
+
+def _summary(cfg: RunConfig, mine: list[Unit], results: list[dict], ray_info: dict, seconds: float) -> dict[str, Any]:
+    agg: Counter = Counter()
+    for r in results:
+        if r.get("skipped"):  # completed by an earlier attempt while this run waited for its lock
+            continue
+        for k, v in r.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _NOT_SUMMED:
+                agg[k] += v
+    on_ray = cfg.config.executor.type == "ray"
+    return {
+        "units_total": len(mine),
+        "units_run": len(results),
+        "executor": cfg.config.executor.type,
+        **({"units_skipped": sum(1 for r in results if r.get("skipped")), **ray_info} if on_ray else {}),
+        "seconds": round(seconds, 2),
+        "captions_per_s": round(agg.get("captions_requested", 0) / seconds, 3) if seconds else 0.0,
+        **{k: int(v) if float(v).is_integer() else round(v, 3) for k, v in agg.items()},
+    }
+
+
+def _finish_if_complete(cfg: RunConfig, out: Path, source: ImageSource) -> bool:
+    """When every unit of every rank is complete, write the manifest and the report."""
+    complete = completed_shards(out)
+    all_done = all(str(out / shard_name(u.split, u.index)) in complete for u in source.units())
+    if all_done:
+        from d2s.shards import write_manifest
+
+        from .report import write_report
+
+        write_manifest(out)
+        write_report(out, Path(cfg.report) if cfg.report else out / "report")
+    return all_done

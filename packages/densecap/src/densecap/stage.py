@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from d2s.pipeline import Stage, StageContext
 
-from .config import DensecapConfig, PluginConfig, RunConfig, StageConfig
+from .config import PluginConfig, RunConfig, StageConfig
 from .run import run
 
 
@@ -37,29 +39,29 @@ class DensecapStage(Stage):
     @classmethod
     def cache_params(cls, params: dict) -> dict:
         """Also without the caption sources' transport params (server address, key source,
-        concurrency, timeouts, retries): moving the server keeps the stage and its shards."""
-        from .run import strip_transport
+        concurrency, timeouts, retries): moving the server keeps the stage and its shards.
+
+        The caption sources go into the key under ``captioners``, their name before the rename
+        to ``caption_sources``, so that the cache key of an existing pipeline stays the same."""
+        from .run import HASH_KEYS, strip_transport
 
         doc = super().cache_params(params)
+        for new, old in HASH_KEYS.items():
+            if new in doc:
+                doc[old] = doc.pop(new)
         doc["captioners"] = strip_transport(doc.get("captioners") or [])
         return doc
 
     def run(self, ctx: StageContext) -> dict:
         p: StageConfig = ctx.params
-        source = p.source
+        config = p.config
         if ctx.inputs.get("shards"):
-            source = PluginConfig(source.type, {**source.params, "path": str(ctx.inputs["shards"])}, source.label)
-        base = {k: getattr(p, k) for k in DensecapConfig.__dataclass_fields__}
-        cfg = RunConfig(
-            **{
-                **base,
-                "source": source,
-                "out": str(ctx.outputs["shards"]),
-                "report": str(ctx.outputs["report"]),
-                "rank": p.rank,
-                "world_size": p.world_size,
-            }
-        )
+            source = config.source
+            path = str(ctx.inputs["shards"])
+            config = dataclasses.replace(
+                config, source=PluginConfig(source.type, {**source.params, "path": path}, source.label)
+            )
+        cfg = RunConfig(config, p.rank, p.world_size, str(ctx.outputs["shards"]), str(ctx.outputs["report"]))
         summary = run(cfg)
         if not summary.get("complete"):
             if p.world_size > 1:

@@ -76,21 +76,28 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512):
 def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a servable tiny LLaVA model directory to ``out_dir`` and return it."""
     import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlavaForConditionalGeneration
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(out_dir)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    model = LlavaForConditionalGeneration(_llava_config(tokenizer)).eval()
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    _save_processor(out_dir, tokenizer)
+    n = _rename_vision_weights(out_dir / "model.safetensors")
+    (out_dir / "d2s_tiny_vlm.json").write_text(json.dumps({"family": "llava", "seed": seed}) + "\n")
+    log.info("tiny LLaVA written to %s (%d tensors)", out_dir, n)
+    return out_dir
+
+
+def _llava_config(tokenizer):
+    """A 2-layer CLIP vision tower (32x32 images, 16 patches) and a 2-layer Llama."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
     vision = CLIPVisionConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -113,20 +120,20 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    cfg = LlavaConfig(
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=image_token_id,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
         image_seq_length=16,
     )
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
+
+
+def _save_processor(out_dir: Path, tokenizer) -> None:
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 32},
         crop_size={"height": 32, "width": 32},
@@ -143,21 +150,22 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
         chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(out_dir)
-    # transformers 5.x names the vision weights `vision_tower.embeddings...`; vLLM's LLaVA
-    # loader expects the CLIPVisionModel layout `vision_tower.vision_model.embeddings...`.
-    st = out_dir / "model.safetensors"
-    weights = load_file(st)
+
+
+def _rename_vision_weights(st: Path) -> int:
+    """transformers 5.x names the vision weights ``vision_tower.embeddings...``; vLLM's LLaVA
+    loader expects the CLIPVisionModel layout ``vision_tower.vision_model.embeddings...``."""
+    from safetensors.torch import load_file, save_file
+
     renamed = {}
-    for k, v in weights.items():
+    for k, v in load_file(st).items():
         for prefix in ("model.vision_tower.", "vision_tower."):
             if k.startswith(prefix) and not k.startswith(prefix + "vision_model."):
                 k = prefix + "vision_model." + k[len(prefix) :]
                 break
         renamed[k] = v.contiguous()
     save_file(renamed, st, metadata={"format": "pt"})
-    (out_dir / "d2s_tiny_vlm.json").write_text(json.dumps({"family": "llava", "seed": seed}) + "\n")
-    log.info("tiny LLaVA written to %s (%d tensors)", out_dir, len(renamed))
-    return out_dir
+    return len(renamed)
 
 
 def main(argv: list[str] | None = None) -> int:

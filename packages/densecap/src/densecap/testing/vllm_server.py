@@ -11,6 +11,7 @@ never leaves a 3 GB server behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -175,6 +177,30 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def tiny_server_url(
+    scratch: str | Path, base_url: str = "", *, name: str = "tiny-llava", max_num_seqs: int = 8
+) -> Iterator[str]:
+    """The base URL of a vLLM server for a benchmark: ``base_url`` itself when given (a running
+    server); otherwise the tiny LLaVA is built under ``scratch`` and served from ``.venv-vllm``
+    under ``name`` until the block ends."""
+    if base_url:
+        yield base_url
+        return
+    from .tiny_vlm import build_tiny_llava
+
+    scratch = Path(scratch)
+    server = VLLMServer(
+        build_tiny_llava(scratch / "tiny-llava"), name=name, scratch=scratch / "scratch", max_num_seqs=max_num_seqs
+    )
+    server.start()
+    print(f"vLLM server started in {server.start_seconds:.1f}s", file=sys.stderr)
+    try:
+        yield server.base_url
+    finally:
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,11 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from d2s.registry import PluginRegistry
 from d2s.schema import DenseText, Sample
 
-from ..registry import Registry
-
-CAPTION_SOURCES: Registry[CaptionSource] = Registry("caption source", "densecap.caption_sources")
+CAPTION_SOURCES: PluginRegistry[CaptionSource] = PluginRegistry("caption source", "densecap.caption_sources")
 
 
 class CaptionSourceError(RuntimeError):

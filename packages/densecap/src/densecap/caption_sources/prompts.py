@@ -2,14 +2,15 @@
 
 The server (or ``vllm.LLM.chat``) applies the model's own chat template to these
 messages, so no special tokens are ever written here. Pick a family by name
-(``prompt_family``); add one with :func:`register_prompt`.
+(``prompt_family``); add one with :func:`register_prompt`, or from another package with a
+``densecap.prompt_families`` entry point (a :class:`PromptFamily` instance).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from d2s.config import ConfigError
+from d2s.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -31,18 +32,18 @@ class PromptFamily:
         return msgs
 
 
-PROMPT_FAMILIES: dict[str, PromptFamily] = {}
+PROMPT_FAMILIES: Registry[PromptFamily] = Registry(
+    "prompt_family", "densecap.prompt_families", base=PromptFamily, name_attr=None
+)
 
 
 def register_prompt(family: PromptFamily) -> PromptFamily:
-    PROMPT_FAMILIES[family.name] = family
-    return family
+    """Add (or replace) a family under its own name."""
+    return PROMPT_FAMILIES.add(family.name, family, replace=True)
 
 
 def get_prompt(name: str) -> PromptFamily:
-    if name not in PROMPT_FAMILIES:
-        raise ConfigError(f"unknown prompt_family {name!r}; known: {sorted(PROMPT_FAMILIES)}")
-    return PROMPT_FAMILIES[name]
+    return PROMPT_FAMILIES.get(name)
 
 
 register_prompt(

@@ -11,6 +11,7 @@ from typing import Literal
 from d2s.config import ConfigError
 from d2s.schema import DenseText, Sample
 
+from ..tables import read_table
 from .base import CAPTION_SOURCES, CaptionSource
 
 log = logging.getLogger(__name__)
@@ -119,18 +120,8 @@ class ImportSource(CaptionSource):
                 yield row["image"], answers[0].strip()
 
     def _table(self, path: Path):
-        import pandas as pd
-
-        suffix = path.suffix.lower()
-        if suffix == ".parquet":
-            df = pd.read_parquet(path)
-        elif suffix == ".jsonl":
-            df = pd.read_json(path, lines=True, dtype=False)
-        elif suffix in (".csv", ".tsv"):
-            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-        else:
-            raise ConfigError(f"import: {path}: unsupported table format {suffix!r} (csv, tsv, jsonl, parquet)")
-        cols = list(df.columns)
+        df = read_table(path, "import", suffixes=(".csv", ".tsv", ".jsonl", ".parquet"))
+        cols = [str(c) for c in df.columns]
         idc = self.params.id_field or next((c for c in ("id", "image_id", "image", "key") if c in cols), "")
         txc = self.params.text_field or next((c for c in ("text", "caption", "dense") if c in cols), "")
         if idc not in cols or txc not in cols:
