@@ -47,12 +47,15 @@ def setup_logging(level: str | int | None = None, file: str | Path | None = None
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def add_log_level(parser: argparse.ArgumentParser, subparsers: list[argparse.ArgumentParser] = ()) -> None:
-    """``--log-level`` on ``parser`` and on each of ``subparsers``, so that both
+def add_log_level(parser: argparse.ArgumentParser, subparsers=()) -> None:
+    """``--log-level`` on ``parser`` and on each subcommand parser (a list, or the action
+    ``add_subparsers`` returned, called after every subcommand is added), so that both
     ``prog --log-level DEBUG sub ...`` and ``prog sub ... --log-level DEBUG`` work; the one
     after the subcommand wins."""
     help_ = "DEBUG, INFO (default; or $D2S_LOG_LEVEL), WARNING, ERROR"
     parser.add_argument("--log-level", default=None, type=str.upper, help=help_)
-    for sp in subparsers:
+    subs = getattr(subparsers, "choices", None)
+    unique = {id(sp): sp for sp in (subs.values() if subs is not None else subparsers)}  # aliases share a parser
+    for sp in unique.values():
         # SUPPRESS: a subcommand without the option leaves the top-level value in place
         sp.add_argument("--log-level", default=argparse.SUPPRESS, type=str.upper, help=help_)

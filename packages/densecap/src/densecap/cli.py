@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from d2s.config import ConfigError, from_dict, load_yaml, parse_override
+from d2s.log import add_log_level
 from d2s.registry import describe_params, doc_line
 
 from .caption_sources import CAPTION_SOURCES, CaptionSourceError
@@ -170,7 +171,6 @@ def make_parser() -> argparse.ArgumentParser:
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--log-level", default=None)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser(
         "run",
@@ -189,6 +189,7 @@ def make_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write the summary report of an output directory")
     rep.add_argument("out")
     rep.add_argument("--report", default=None)
+    add_log_level(ap, sub)
     return ap
 
 

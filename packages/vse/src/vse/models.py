@@ -19,11 +19,11 @@ randomly initialised model described by ``backbone.build`` (HF config kwargs) th
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from d2s.config import ConfigError, from_dict, to_dict
+from d2s.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +182,16 @@ class ModelConfig:
         return to_dict(self)
 
 
-def _config_dir():
-    return resources.files("vse") / "configs" / "models"
+# The model configs: JSON files in vse/configs/models, in folders named by $VSE_MODEL_PATH
+# (os.pathsep-separated), or advertised by a package through the entry-point group vse.models.
+MODELS: Registry[dict] = Registry(
+    "model config", "vse.models", name_attr=None, json_package=("vse", "configs/models"), json_env="VSE_MODEL_PATH"
+)
 
 
 def list_models() -> list[str]:
     """Names of the registered model configs."""
-    return sorted(p.name[: -len(".json")] for p in _config_dir().iterdir() if p.name.endswith(".json"))
+    return MODELS.names()
 
 
 def _merge(base: dict, overrides: dict) -> dict:
@@ -220,11 +224,11 @@ def get_model_config(name: str | Path | dict, **overrides: Any) -> ModelConfig:
         doc, where = json.loads(Path(str(name)).read_text()), str(name)
         doc.setdefault("name", Path(str(name)).stem)
     else:
-        path = _config_dir() / f"{name}.json"
-        if not path.is_file():
-            raise ConfigError(f"model: unknown model config {name!r}; registered: {list_models()}")
-        doc, where = json.loads(path.read_text()), f"model config {name!r}"
-        doc["name"] = str(name)
+        try:
+            doc = copy.deepcopy(MODELS.get(str(name)))  # the registry caches the parsed file
+        except ConfigError as exc:
+            raise ConfigError(f"model: {exc}") from None
+        doc["name"], where = str(name), f"model config {name!r}"
     doc = _merge(doc, _dotted_to_nested(overrides))
     return from_dict(ModelConfig, doc, where)
 

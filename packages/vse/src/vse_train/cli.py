@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from d2s.config import ConfigError, apply_overrides, load_yaml
+from d2s.log import add_log_level
 from d2s.schema import SampleError
 
 from .state import StateError
@@ -94,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_build_assets(sub)
     sub.add_parser("models", help="list model configs")
     sub.add_parser("recipes", help="list recipes")
-    parser.add_argument("--log-level", default=None)
+    add_log_level(parser, sub)
     return parser
 
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2s.config import from_dict
+from d2s.config import ConfigError, from_dict
+from d2s.registry import Registry
 
 
 def negatives_mask(ids_a: torch.Tensor | None, ids_b: torch.Tensor | None, n: int, m: int, device) -> torch.Tensor:
@@ -162,13 +163,18 @@ class DistillLoss(nn.Module):
         return distill_loss(a, b, self.p.metric, self.p.reduction)
 
 
-LOSSES: dict[str, type[nn.Module]] = {"triplet": TripletLoss, "infonce": InfoNCELoss, "distill": DistillLoss}
+# Loss kinds a recipe can name; a package adds its own through the entry-point group vse.losses
+# (a torch.nn.Module class with a Params dataclass, an ``arity`` of "align" or "distill" and
+# ``__init__(params, steps_per_epoch)``).
+LOSSES: Registry[type[nn.Module]] = Registry("loss", "vse.losses", base=nn.Module, name_attr=None)
+LOSSES.add("triplet", TripletLoss)
+LOSSES.add("infonce", InfoNCELoss)
+LOSSES.add("distill", DistillLoss)
 
 
 def build_loss(kind: str, params: dict[str, Any], steps_per_epoch: int, where: str) -> nn.Module:
-    cls = LOSSES.get(kind)
-    if cls is None:
-        from d2s.config import ConfigError
-
-        raise ConfigError(f"{where}.kind: unknown loss {kind!r}; known: {sorted(LOSSES)}")
+    try:
+        cls = LOSSES.get(kind)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.kind: {exc}") from None
     return cls(from_dict(cls.Params, params, f"{where}.params"), steps_per_epoch)

@@ -16,14 +16,15 @@ Each loss term names two *embeddings* the step computes on demand:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from d2s.config import ConfigError, from_dict, load_yaml
+from d2s.registry import Registry
 from vse.models import GROUPS
 
 from .losses import LOSSES
@@ -122,12 +123,15 @@ def with_warmup(recipe: Recipe, epochs: float) -> Recipe:
     return dataclasses.replace(recipe, losses=losses)
 
 
-def _recipe_dir():
-    return resources.files("vse_train") / "configs" / "recipes"
+# The recipes: JSON files in vse_train/configs/recipes, in folders named by $VSE_RECIPE_PATH,
+# or advertised by a package through the entry-point group vse.recipes.
+RECIPES: Registry[dict] = Registry(
+    "recipe", "vse.recipes", name_attr=None, json_package=("vse_train", "configs/recipes"), json_env="VSE_RECIPE_PATH"
+)
 
 
 def list_recipes() -> list[str]:
-    return sorted(p.name[: -len(".json")] for p in _recipe_dir().iterdir() if p.name.endswith(".json"))
+    return RECIPES.names()
 
 
 def get_recipe(name_or_path: str | Path | dict) -> Recipe:
@@ -139,9 +143,9 @@ def get_recipe(name_or_path: str | Path | dict) -> Recipe:
         doc = json.loads(p.read_text()) if p.suffix == ".json" else load_yaml(p)
         doc.setdefault("name", p.stem)
         return from_dict(Recipe, doc, f"recipe {p}")
-    path = _recipe_dir() / f"{name_or_path}.json"
-    if not path.is_file():
-        raise ConfigError(f"recipe: unknown recipe {name_or_path!r}; registered: {list_recipes()}")
-    doc = json.loads(path.read_text())
+    try:
+        doc = copy.deepcopy(RECIPES.get(str(name_or_path)))  # the registry caches the parsed file
+    except ConfigError as exc:
+        raise ConfigError(f"recipe: {exc}") from None
     doc["name"] = str(name_or_path)
     return from_dict(Recipe, doc, f"recipe {name_or_path!r}")
