@@ -261,34 +261,7 @@ class ReportStage(Stage):
             summary[bench_name] = {label: round(m["rsum"], 2) for label, m in rows.items()}
         lines += _paired(summary, self._val_rsums(ctx), p.seeds_table)
 
-        histories = {}
-        for name, label in RUNS:
-            path = Path(ctx.inputs[name]) / "metrics.jsonl" if ctx.inputs.get(name) else None
-            if path is not None and path.exists():
-                histories[label] = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-        if _curves(histories, out / "training_curves.png"):
-            lines += ["## Training", "", "![training curves](training_curves.png)", ""]
-            for name, label in RUNS:
-                sp = Path(ctx.inputs[name]) / "summary.json" if ctx.inputs.get(name) else None
-                if sp is not None and sp.exists():
-                    s = json.loads(sp.read_text())
-                    lines.append(
-                        f"- {label}: {s['steps']} steps, {s['seconds']:.0f} s, {s['samples_per_s']:.0f} samples/s, "
-                        f"best val rSum {_fmt_num(s['best_rsum'])}"
-                    )
-            lines.append("")
-
-        if ctx.inputs.get("captions"):
-            cap = Path(ctx.inputs["captions"])
-            lines += ["## Dense captions", ""]
-            for png in sorted(cap.glob("*.png")):
-                shutil.copy(png, out / f"captions_{png.name}")
-                lines += [f"![{png.stem}](captions_{png.name})", ""]
-            sj = cap / "summary.json"
-            if sj.exists():
-                s = json.loads(sj.read_text())
-                keep = {k: v for k, v in s.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-                lines += ["| field | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in keep.items()] + [""]
+        lines += self._training(ctx, out) + self._captions(ctx, out)
 
         if ctx.inputs.get("shards") and p.examples > 0 and results:
             lines += self._examples(ctx, p, out)
@@ -299,6 +272,42 @@ class ReportStage(Stage):
         out.rename(final)
         ctx.log.info("report: %s", final / "report.md")
         return summary
+
+    @staticmethod
+    def _training(ctx: StageContext, out: Path) -> list[str]:
+        histories = {}
+        for name, label in RUNS:
+            path = Path(ctx.inputs[name]) / "metrics.jsonl" if ctx.inputs.get(name) else None
+            if path is not None and path.exists():
+                histories[label] = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        if not _curves(histories, out / "training_curves.png"):
+            return []
+        lines = ["## Training", "", "![training curves](training_curves.png)", ""]
+        for name, label in RUNS:
+            sp = Path(ctx.inputs[name]) / "summary.json" if ctx.inputs.get(name) else None
+            if sp is not None and sp.exists():
+                s = json.loads(sp.read_text())
+                lines.append(
+                    f"- {label}: {s['steps']} steps, {s['seconds']:.0f} s, {s['samples_per_s']:.0f} samples/s, "
+                    f"best val rSum {_fmt_num(s['best_rsum'])}"
+                )
+        return lines + [""]
+
+    @staticmethod
+    def _captions(ctx: StageContext, out: Path) -> list[str]:
+        if not ctx.inputs.get("captions"):
+            return []
+        cap = Path(ctx.inputs["captions"])
+        lines = ["## Dense captions", ""]
+        for png in sorted(cap.glob("*.png")):
+            shutil.copy(png, out / f"captions_{png.name}")
+            lines += [f"![{png.stem}](captions_{png.name})", ""]
+        sj = cap / "summary.json"
+        if sj.exists():
+            s = json.loads(sj.read_text())
+            keep = {k: v for k, v in s.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+            lines += ["| field | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in keep.items()] + [""]
+        return lines
 
     @staticmethod
     def _run_configs(ctx: StageContext) -> dict[str, dict]:
