@@ -154,3 +154,42 @@ def test_the_registries_of_the_project():
     ] == "d2s.stages:SyntheticWorldStage"
     assert set(PROTOCOLS) >= {"coco_1k_5fold", "coco_5k", "f30k_1k", "custom", "long_text"}
     assert get_protocol("coco_5k").n_images == 5000
+
+
+def test_class_registries_refuse_instances_and_instance_registries_refuse_classes():
+    from d2s.config import ConfigError
+    from d2s.registry import Registry
+
+    class Base:
+        pass
+
+    classes = Registry("thing", base=Base, name_attr=None, items="class")
+    instances = Registry("other", base=Base, name_attr=None, items="instance")
+    classes.add("a", Base)
+    instances.add("b", Base())
+    with pytest.raises(ConfigError, match="is not a .*Base \\(subclass\\)"):
+        classes.add("c", Base())
+    with pytest.raises(ConfigError, match="\\(instance\\)"):
+        instances.add("d", Base)
+
+
+def test_stage_lookup_refuses_a_stage_instance():
+    import tests.core.test_registry as me
+    from d2s.pipeline import PipelineError, Stage, load_stage_type
+
+    me.A_STAGE_INSTANCE = Stage()
+    with pytest.raises(PipelineError, match="subclass"):
+        load_stage_type("tests.core.test_registry:A_STAGE_INSTANCE", "stage x")
+
+
+def test_json_folder_from_the_environment_is_read_when_the_variable_changes(tmp_path, monkeypatch):
+    import json
+
+    from d2s.registry import Registry
+
+    reg = Registry("config", json_env="D2S_TEST_REG_PATH", name_attr=None)
+    monkeypatch.delenv("D2S_TEST_REG_PATH", raising=False)
+    assert reg.names() == []
+    (tmp_path / "late.json").write_text(json.dumps({"x": 1}))
+    monkeypatch.setenv("D2S_TEST_REG_PATH", str(tmp_path))
+    assert reg.names() == ["late"] and reg.get("late") == {"x": 1}

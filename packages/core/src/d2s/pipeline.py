@@ -89,7 +89,7 @@ class Stage:
 
 
 STAGES: Registry[type[Stage]] = Registry(
-    "stage type", ENTRY_POINT_GROUP, base=Stage, error=PipelineError, name_attr=None
+    "stage type", ENTRY_POINT_GROUP, base=Stage, error=PipelineError, name_attr=None, items="class"
 )
 """Stage types: the ``d2s.stages`` entry points of installed packages (and ``STAGES.register`` in code)."""
 

@@ -68,6 +68,7 @@ class Registry(Generic[T]):
         json_package: tuple[str, str] | None = None,
         json_env: str | None = None,
         json_loader: JsonLoader | None = None,
+        items: str = "any",
     ):
         self.kind = kind
         self.group = group
@@ -76,10 +77,14 @@ class Registry(Generic[T]):
         self.name_attr = name_attr
         self.json_loader = json_loader or _default_json_loader
         self.json_env = json_env
+        if items not in ("any", "class", "instance"):
+            raise ValueError(f"items must be 'any', 'class' or 'instance', not {items!r}")
+        self.items_are = items  # with ``base``: subclasses only, instances only, or either
         self._items: dict[str, T] = {}
         self._eps: dict[str, EntryPoint] | None = None
         self._json_folders: list[Any] = []  # Path or importlib.resources Traversable
         self._json_files: dict[str, Any] | None = None
+        self._json_env_seen = ""
         self._json_items: dict[str, T] = {}
         if json_package is not None:
             self.add_json_folder(json_package)
@@ -144,7 +149,13 @@ class Registry(Generic[T]):
         return self._json_folders + [Path(p) for p in env.split(os.pathsep) if p]
 
     def json_files(self) -> dict[str, Any]:
-        """name -> the ``.json`` file it comes from (after overrides)."""
+        """name -> the ``.json`` file it comes from (after overrides). Read again when the
+        environment variable naming extra folders changes."""
+        env = os.environ.get(self.json_env, "") if self.json_env else ""
+        if env != self._json_env_seen:
+            self._json_env_seen = env
+            self._json_files = None
+            self._json_items.clear()
         if self._json_files is None:
             files: dict[str, Any] = {}
             for folder in self._folders():
@@ -160,9 +171,8 @@ class Registry(Generic[T]):
         """name -> where the item comes from ('module:attr' or a JSON file), without loading any."""
         out = {n: str(p) for n, p in self.json_files().items()}
         out.update(self.entry_point_targets())
-        for n, obj in self._items.items():
-            if n not in out:
-                out[n] = f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+        for n, obj in self._items.items():  # what get() returns first
+            out[n] = f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__qualname__)}"
         return dict(sorted(out.items()))
 
     def names(self) -> list[str]:
@@ -208,10 +218,13 @@ class Registry(Generic[T]):
     def _check(self, name: str, obj: Any, where: str) -> None:
         if self.base is None:
             return
-        ok = issubclass(obj, self.base) if isinstance(obj, type) else isinstance(obj, self.base)
+        is_cls = isinstance(obj, type)
+        ok = issubclass(obj, self.base) if is_cls else isinstance(obj, self.base)
+        ok = ok and {"class": is_cls, "instance": not is_cls}.get(self.items_are, True)
         if not ok:
             what = f"{self.base.__module__}.{self.base.__qualname__}"
-            raise self.error(f"{self.kind} {name!r}{where} is not a {what} (subclass or instance)")
+            shape = {"class": "subclass", "instance": "instance"}.get(self.items_are, "subclass or instance")
+            raise self.error(f"{self.kind} {name!r}{where} is not a {what} ({shape})")
 
     def items(self) -> list[tuple[str, T]]:
         """(name, item) for every name; an entry point that fails to load is left out with a warning."""
@@ -251,6 +264,10 @@ class PluginRegistry(Registry[type[T]]):
     sources, caption sources and filters): ``parse_params`` / ``create`` build them from plain
     config data, and ``refused_params`` (a class attribute ``{field: reason}``) names fields a
     configuration must not hold."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("items", "class")
+        super().__init__(*args, **kwargs)
 
     def parse_params(self, name: str, params: dict[str, Any] | None, where: str) -> Any:
         cls = self.get(name)

@@ -444,7 +444,7 @@ class Protocol:
 
 
 PROTOCOLS: Registry[Protocol] = Registry(
-    "protocol", "d2s.protocols", base=Protocol, error=RetrievalInputError, name_attr=None
+    "protocol", "d2s.protocols", base=Protocol, error=RetrievalInputError, name_attr=None, items="instance"
 )
 """Evaluation protocols by name; another package adds one with a ``d2s.protocols`` entry point
 (a :class:`Protocol` instance) or ``PROTOCOLS.add(name, Protocol(...))``."""

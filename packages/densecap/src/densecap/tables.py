@@ -32,10 +32,18 @@ def read_table(
     if suffix not in suffixes:
         raise ConfigError(f"{what}: {path}: unsupported table format {suffix!r} ({', '.join(s[1:] for s in suffixes)})")
     if suffix in (".csv", ".tsv"):
-        df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+        try:
+            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+        except pd.errors.EmptyDataError:  # an empty file is an empty table
+            df = pd.DataFrame()
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{what}: {path}: {exc}") from None
         where = [f"{path}:{i + 2}" for i in range(len(df))]  # line 1 is the header
     elif suffix == ".parquet":
-        df = pd.read_parquet(path)
+        try:
+            df = pd.read_parquet(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{what}: {path}: {exc}") from None
         where = [f"{path}: row {i + 1}" for i in range(len(df))]
     elif suffix == ".jsonl":
         lines, rows = _jsonl_rows(path)

@@ -166,7 +166,7 @@ class DistillLoss(nn.Module):
 # Loss kinds a recipe can name; a package adds its own through the entry-point group vse.losses
 # (a torch.nn.Module class with a Params dataclass, an ``arity`` of "align" or "distill" and
 # ``__init__(params, steps_per_epoch)``).
-LOSSES: Registry[type[nn.Module]] = Registry("loss", "vse.losses", base=nn.Module, name_attr=None)
+LOSSES: Registry[type[nn.Module]] = Registry("loss", "vse.losses", base=nn.Module, name_attr=None, items="class")
 LOSSES.add("triplet", TripletLoss)
 LOSSES.add("infonce", InfoNCELoss)
 LOSSES.add("distill", DistillLoss)

@@ -1,4 +1,4 @@
-"""Recipes: what a training run optimises, as data (JSON files in ``vse/configs/recipes/``).
+"""Recipes: what a training run optimises, as data (JSON files in ``vse_train/configs/recipes/``).
 
 A recipe says which parameter groups train or stay frozen, where weights come from
 (``init``: ``none`` = the model config's backbones, ``checkpoint`` = the run's ``init``

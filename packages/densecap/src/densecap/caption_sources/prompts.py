@@ -33,7 +33,7 @@ class PromptFamily:
 
 
 PROMPT_FAMILIES: Registry[PromptFamily] = Registry(
-    "prompt_family", "densecap.prompt_families", base=PromptFamily, name_attr=None
+    "prompt_family", "densecap.prompt_families", base=PromptFamily, name_attr=None, items="instance"
 )
 
 
