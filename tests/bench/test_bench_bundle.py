@@ -80,6 +80,7 @@ def test_cli_with_real_bundle_and_shards(trained, tmp_path):
     assert res.benchmarks["custom"].metrics == retrieval_metrics(emb.img, emb.txt, emb.txt_to_img)
 
 
+@pytest.mark.slow
 def test_stage_with_real_bundle(trained, tmp_path):
     from bench.api import read_results
     from d2s.pipeline import Runner, load_pipeline
@@ -155,6 +156,7 @@ print(json.dumps({{"img": list(img.shape), "txt": list(txt.shape), "loaded": loa
 """
 
 
+@pytest.mark.slow
 def test_bench_embeds_with_a_bundle_without_the_train_extra(trained, tmp_path):
     """bench + bench.api load a real bundle and embed images and texts with neither the trainer
     (vse_train) nor its dependencies (accelerate, tensorboard, webdataset) importable, and d2s-vse

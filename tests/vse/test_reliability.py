@@ -319,6 +319,7 @@ def test_training_names_shard_and_key_of_a_corrupt_image(corrupt_world, assets, 
     assert any(shard in msg and repr(key) in msg for k, (shard, key) in bad.items() if k.endswith("train")), msg
 
 
+@pytest.mark.slow
 def test_skip_policy_drops_counts_and_logs_bad_samples(corrupt_world, assets, tmp_path, caplog):
     world, bad = corrupt_world
     run = tmp_path / "run"

@@ -106,6 +106,7 @@ def test_heldout_metrics_improve_over_the_random_init(run):
     assert on_disk["image"]["heldout_after"] == img["heldout_after"] and on_disk["trained"] == ["image", "text"]
 
 
+@pytest.mark.slow
 def test_saved_backbones_load_through_create_model_and_are_the_trained_ones(run):
     warm = create_model("tiny-vit", assets_dir=run["warm"])
     rand = create_model("tiny-vit", assets_dir=run["random"])
