@@ -129,7 +129,7 @@ def test_bad_train_config_names_the_field(world, assets, tmp_path, doc_change, f
         train(cfg)
 
 
-def test_bad_model_and_recipe_fields():
+def test_bad_model_and_recipe_fields(tmp_path):
     with pytest.raises(ConfigError, match=r"image: patch_drop"):
         get_model_config("tiny-vit", **{"image.patch_drop": 1.5})
     with pytest.raises(ConfigError, match=r"text.*unknown field.*'colour'"):
@@ -140,7 +140,7 @@ def test_bad_model_and_recipe_fields():
         get_recipe({"losses": [{"kind": "distill", "inputs": ["sparse", "teacher_dense"]}]})
     with pytest.raises(ConfigError, match="stage 2 needs init"):
         try:
-            train(parse_config({"shards": "x", "out": "y", "recipe": "stage2", "steps": 1}))
+            train(parse_config({"shards": "x", "out": str(tmp_path / "y"), "recipe": "stage2", "steps": 1}))
         except ConfigError as exc:
             assert "init" in str(exc)
             raise ConfigError("stage 2 needs init") from None
