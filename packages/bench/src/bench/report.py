@@ -105,10 +105,11 @@ def _curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(runs) + 1, figsize=(4.2 * (len(runs) + 1), 3.8), squeeze=False)
     for ax, (label, rows) in zip(axes[0], runs.items()):
-        for term in _loss_terms(rows):
+        terms = _loss_terms(rows)
+        for term in terms:
             pts = [(r["step"], r[term]) for r in rows if term in r]
             ax.plot(*zip(*pts), label=term.removeprefix("loss/"), lw=2 if term == "loss/total" else 1)
-        ys = [r[t] for r in rows for t in _loss_terms(rows) if t in r]
+        ys = [r[t] for r in rows for t in terms if t in r]
         if min(ys) > 0 and max(ys) / min(ys) > 20:
             ax.set_yscale("log")  # terms orders of magnitude apart (summed alignment vs batch-mean distillation)
         ax.set(title=f"{label}: training loss", xlabel="step", ylabel="loss")
