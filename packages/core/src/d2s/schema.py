@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -32,12 +32,42 @@ class SampleError(ValueError):
 
 
 @dataclass
+class Sentence:
+    """One sentence of a dense text scored against its image (``d2s.grounding``).
+
+    ``score`` is the calibrated grounding score (how much better the sentence matches its own
+    image than it matches reference images, in standard deviations); ``similarity`` is the raw
+    cosine. ``removed`` marks a sentence a repair took out of the text.
+    """
+
+    text: str
+    score: float
+    similarity: float
+    removed: bool = False
+
+
+@dataclass
+class SentenceTruth:
+    """What is known to be true of one sentence (the ``synthetic-errors`` caption source):
+    ``label`` is ``"true"`` or the kind of error that was put into it. For evaluation only:
+    no filter or scorer reads it."""
+
+    text: str
+    label: str
+
+
+@dataclass
 class DenseText:
     """One long description of an image, with where it came from and what the filters said.
 
     ``verdict`` is ``"keep"`` or the reason the first failing filter gave
     (``"too_short"``, ``"repetition"``, ...). ``scores`` holds every filter's
     numeric score so that thresholds can be changed later without re-running them.
+    ``sentences`` holds the grounding scores of every sentence (empty until scored, see
+    ``d2s.grounding``) and ``scorer`` names what scored them; after a repair ``text`` keeps
+    the supported sentences, ``original_text`` the text as captioned, and the removed
+    sentences stay in ``sentences`` with ``removed`` set. ``truth`` is known only for
+    synthetic captions with planted errors.
     """
 
     text: str
@@ -48,10 +78,22 @@ class DenseText:
     scores: dict[str, float] = field(default_factory=dict)
     verdict: str = "keep"
     error: str = ""
+    sentences: list[Sentence] = field(default_factory=list)
+    scorer: str = ""
+    original_text: str = ""
+    truth: list[SentenceTruth] = field(default_factory=list)
 
     @property
     def kept(self) -> bool:
         return self.verdict == "keep" and not self.error
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DenseText:
+        """From its JSON object; TypeError / ValueError name the bad field."""
+        d = dict(d)
+        d["sentences"] = [Sentence(**x) for x in d.get("sentences") or []]
+        d["truth"] = [SentenceTruth(**x) for x in d.get("truth") or []]
+        return cls(**d)
 
 
 @dataclass
@@ -142,7 +184,7 @@ class Sample:
             if not isinstance(d, dict) or not isinstance(d.get("text"), str) or not isinstance(d.get("source"), str):
                 raise fail(f"json field dense[{i}] needs string 'text' and 'source'")
             try:
-                dense.append(DenseText(**d))
+                dense.append(DenseText.from_json(d))
             except TypeError as exc:
                 raise fail(f"json field dense[{i}]: {exc}") from None
         return cls(

@@ -36,6 +36,7 @@ class SyntheticWorldStage(Stage):
     image is shared with the others): the data of ``vse-assets``' warm start."""
 
     Params = SyntheticWorldParams
+    version = "2"  # 2: shard schema version 2 (grounding fields)
     outputs = {"shards": "directory of <split>-NNNNNN.tar shards with manifest.json"}
 
     def run(self, ctx: StageContext) -> dict:
