@@ -48,7 +48,7 @@ if marker not in src:
 PYEOF
 # The project's packages, without letting pip touch vLLM's torch.
 pip_ install -q --no-deps -e packages/core -e packages/densecap
-pip_ install -q webdataset braceexpand pyyaml httpx pandas matplotlib tqdm pillow numpy "tabulate==0.10.0"
+pip_ install -q webdataset braceexpand pyyaml httpx pandas matplotlib tqdm pillow numpy "tabulate==0.10.0" "sentencex==1.0.32"
 "$VENV/bin/python" -c "import torch, vllm, torchvision, d2s, densecap, webdataset, httpx; print('[setup_vllm_cpu] vllm', vllm.__version__, 'torch', torch.__version__)" \
   || { echo "[setup_vllm_cpu] install check failed" >&2; exit 1; }
 echo "$want" > "$stamp"
