@@ -216,3 +216,16 @@ def test_log_messages_follow_the_current_stderr(capsys):
         assert "goes to the stderr of the moment" in sys.stderr.getvalue()
     finally:
         sys.stderr = old
+
+
+def test_a_stage_whose_params_name_an_earlier_output_reruns_when_that_stage_does(tmp_path):
+    # e.g. densecap's grounding scorer: {path: ${scorer.bundle}} in params, not in inputs
+    doc = pipeline_doc()
+    doc["stages"]["other"] = {"type": f"{TOY}:Write", "params": {"text": "${make.out}", "repeat": 1}}
+    _, report = run(tmp_path, doc=doc)
+    assert [r["action"] for r in report] == ["run", "run", "run"]
+    _, report = run(tmp_path, doc=doc, overrides=["make.params.repeat=3"])
+    # 'other' has the same params (the path string) but 'make' reran: so does 'other'
+    assert [r["action"] for r in report] == ["run", "run", "run"]
+    _, report = run(tmp_path, doc=doc, overrides=["make.params.repeat=3"])
+    assert [r["action"] for r in report] == ["skip", "skip", "skip"]

@@ -337,12 +337,17 @@ class Runner:
             else:
                 inputs[k] = v
         params = to_dict(s.params) if s.params is not None else {}
+        # stages that params (not inputs) refer to, e.g. a scorer's bundle path: their outputs
+        # decide this stage's result as much as its inputs do
+        via_inputs = {x["stage"] for x in inputs.values() if isinstance(x, dict) and "stage" in x}
+        param_deps = {d: self.hashes.get(d, "missing") for d in s.upstream if d not in via_inputs and d in self.hashes}
         key = {
             "type": s.type_name,
             "version": s.cls.version,
             "params": s.cls.cache_params(params),
             "inputs": inputs,
             "outputs": {k: str(v) for k, v in s.outputs.items()},
+            **({"param_deps": param_deps} if param_deps else {}),
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
