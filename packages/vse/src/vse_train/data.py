@@ -54,7 +54,9 @@ def image_id_int(sample_id: str) -> int:
 class TextField:
     """One text tensor of a batch: which text, how long, augmented or not."""
 
-    source: str  # "sparse" (one caption drawn per image) or "dense" (a kept dense text)
+    # "sparse" (one caption drawn per image), "dense" (a kept dense text), "sentence" (one
+    # sentence of it) or "sentence_negative" (that sentence with one word changed: text_edits)
+    source: str
     max_length: int
     augment: bool
 
@@ -123,18 +125,35 @@ class Collate:
             batch["skipped"] = torch.tensor([skipped], dtype=torch.long)
         if caption_index is None:
             caption_index = [int(rng.integers(len(s.sparse))) if s.sparse else 0 for s in samples]
-        sparse = [s.sparse[j] if s.sparse else "" for s, j in zip(samples, caption_index)]
-        dense = None
+        texts: dict[str, list[str]] = {
+            "sparse": [s.sparse[j] if s.sparse else "" for s, j in zip(samples, caption_index)]
+        }
         for name, f in self.fields.items():
-            if f.source == "sparse":
-                texts = sparse
-            else:
-                if dense is None:
-                    dense = [_pick_dense(s, rng) for s in samples]
-                texts = dense
-            ids, mask = self.tokenizer(texts, f.max_length, self.aug if f.augment else None, rng)
+            if f.source not in texts:
+                texts.update(_dense_texts(samples, f.source, rng))
+            ids, mask = self.tokenizer(texts[f.source], f.max_length, self.aug if f.augment else None, rng)
             batch[f"{name}_ids"], batch[f"{name}_mask"] = ids, mask
         return batch
+
+
+def _dense_texts(samples: list[Sample], source: str, rng: np.random.Generator) -> dict[str, list[str]]:
+    """The dense text of each sample; for the sentence sources also one of its sentences and that
+    sentence with one word changed (another image's sentence when no word can be changed)."""
+    dense = [_pick_dense(s, rng) for s in samples]
+    if source == "dense":
+        return {"dense": dense}
+    from d2s.grounding import split_sentences
+
+    from .text_edits import batch_words, edit_sentence
+
+    split = [split_sentences(t) or [t] for t in dense]
+    sentences = [ss[int(rng.integers(len(ss)))] for ss in split]
+    seen = batch_words([x for ss in split for x in ss])
+    negatives = []
+    for i, x in enumerate(sentences):
+        edited = edit_sentence(x, rng, seen)
+        negatives.append(edited if edited is not None else sentences[(i + 1) % len(sentences)])
+    return {"dense": dense, "sentence": sentences, "sentence_negative": negatives}
 
 
 def _pick_dense(s: Sample, rng: np.random.Generator) -> str:

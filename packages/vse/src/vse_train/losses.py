@@ -68,15 +68,19 @@ def infonce_loss(
     ids: torch.Tensor | None,
     temperature: torch.Tensor | float,
     reduction: str = "mean",
+    extra_txt: torch.Tensor | None = None,
 ):
+    """Symmetric InfoNCE; ``extra_txt`` (hard negatives, one per pair) joins the texts each image
+    is ranked against (image -> text only, as NegCLIP does)."""
     logits = (img @ txt.t()) / temperature
     n = logits.shape[0]
     same = ~negatives_mask(ids, ids, n, n, logits.device)
     other_pos = same & ~torch.eye(n, dtype=torch.bool, device=logits.device)
     logits = logits.masked_fill(other_pos, float("-inf"))
     labels = torch.arange(n, device=logits.device)
+    i2t = logits if extra_txt is None else torch.cat([logits, (img @ extra_txt.t()) / temperature], dim=1)
     return (
-        F.cross_entropy(logits, labels, reduction=reduction) + F.cross_entropy(logits.t(), labels, reduction=reduction)
+        F.cross_entropy(i2t, labels, reduction=reduction) + F.cross_entropy(logits.t(), labels, reduction=reduction)
     ) / 2
 
 
@@ -136,6 +140,7 @@ class TripletLoss(nn.Module):
 class InfoNCELoss(nn.Module):
     Params = InfoNCEParams
     arity = "align"
+    hard_negatives = True  # a third input: extra texts each image is ranked against
 
     def __init__(self, p: InfoNCEParams, steps_per_epoch: int):
         super().__init__()
@@ -146,9 +151,9 @@ class InfoNCELoss(nn.Module):
         else:
             self.register_buffer("logit_scale", init)
 
-    def forward(self, a, b, ids, step: int):
+    def forward(self, a, b, ids, step: int, extra: torch.Tensor | None = None):
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
-        return infonce_loss(a, b, ids, 1.0 / scale, self.p.reduction)
+        return infonce_loss(a, b, ids, 1.0 / scale, self.p.reduction, extra)
 
 
 class DistillLoss(nn.Module):

@@ -12,6 +12,12 @@ Each loss term names two *embeddings* the step computes on demand:
     sparse         one sparse caption per image (through the student head when the recipe has one)
     dense          the image's dense text through the trained text encoder (no student head)
     teacher_dense  the dense text through the frozen teacher (no gradient)
+    sentence       one sentence of the image's dense text (trained text encoder, no student head)
+    sentence_negative  that sentence with one word changed (``vse_train.text_edits``)
+
+An alignment term may name a third embedding: extra negatives for the second one, e.g.
+``["image", "sentence", "sentence_negative"]`` (each image also has to rank its sentence above
+every edited sentence of the batch); only losses with ``hard_negatives = True`` take one.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from vse.models import GROUPS
 
 from .losses import LOSSES
 
-EMBEDDINGS = ("image", "sparse", "dense", "teacher_dense")
+EMBEDDINGS = ("image", "sparse", "dense", "teacher_dense", "sentence", "sentence_negative")
 
 
 @dataclass
@@ -47,8 +53,10 @@ class LossSpec:
             raise ValueError("ramp_epochs must be >= 0")
         if self.kind not in LOSSES:
             raise ValueError(f"kind: unknown loss {self.kind!r}; known: {sorted(LOSSES)}")
-        if len(self.inputs) != 2 or any(e not in EMBEDDINGS for e in self.inputs):
-            raise ValueError(f"inputs: need two of {list(EMBEDDINGS)}, got {self.inputs}")
+        if len(self.inputs) not in (2, 3) or any(e not in EMBEDDINGS for e in self.inputs):
+            raise ValueError(f"inputs: need two (or three) of {list(EMBEDDINGS)}, got {self.inputs}")
+        if len(self.inputs) == 3 and not getattr(LOSSES[self.kind], "hard_negatives", False):
+            raise ValueError(f"inputs: loss {self.kind!r} takes no third input (extra negatives)")
 
 
 @dataclass
@@ -86,7 +94,7 @@ class Recipe:
 
     @property
     def needs_dense(self) -> bool:
-        return self.needs("dense") or self.needs("teacher_dense")
+        return any(self.needs(e) for e in ("dense", "teacher_dense", "sentence", "sentence_negative"))
 
     @property
     def deterministic_teacher(self) -> bool:

@@ -132,8 +132,11 @@ class Objective(nn.Module):
             out["image"] = m.embed_images(batch["pixels"])
         if r.needs("sparse"):
             out["sparse"] = m.embed_texts(batch["sparse_ids"], batch["sparse_mask"], use_student=True, normalize=False)
-        if r.needs("dense"):
-            out["dense"] = m.embed_texts(batch["dense_ids"], batch["dense_mask"], use_student=False, normalize=False)
+        for name in ("dense", "sentence", "sentence_negative"):
+            if r.needs(name):
+                out[name] = m.embed_texts(
+                    batch[f"{name}_ids"], batch[f"{name}_mask"], use_student=False, normalize=False
+                )
         return out
 
     def forward(self, batch: dict[str, torch.Tensor], step: int, teacher_dense: torch.Tensor | None = None):
@@ -147,7 +150,7 @@ class Objective(nn.Module):
         total = 0.0
         for name, spec, loss, ramp in zip(self.names, self.recipe.losses, self.losses, self.ramp_steps):
             embs = unit if loss.arity == "align" else raw  # distillation sees them unnormalised
-            value = loss(embs[spec.inputs[0]], embs[spec.inputs[1]], ids, step)
+            value = loss(*(embs[e] for e in spec.inputs[:2]), ids, step, *(embs[e] for e in spec.inputs[2:]))
             parts[name] = value.detach()
             total = total + spec.weight * ramp_factor(step, ramp) * value
         return total, parts
@@ -185,6 +188,9 @@ def text_fields(recipe: Recipe, model: VSEModel) -> dict[str, TextField]:
         fields["dense"] = TextField("dense", t.dense_max_length, augment=True)
     if recipe.needs("teacher_dense"):
         fields["teacher"] = TextField("dense", t.dense_max_length, augment=recipe.teacher_augment)
+    for name in ("sentence", "sentence_negative"):
+        if recipe.needs(name):  # not augmented: dropping a word could remove the edited one
+            fields[name] = TextField(name, t.dense_max_length, augment=False)
     return fields
 
 
