@@ -231,19 +231,32 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def describe(scene: dict) -> str:
-    """The exact dense description: scene type, background, every object, neighbour relations."""
+def _header_sentence(scene: dict, scene_type: str, count: int) -> str:
+    return f"A {scene_type} scene on a {scene['texture']} {scene['background']} background with {count} objects."
+
+
+def _object_sentence(obj: dict, grid: int) -> str:
+    return f"At the {position_phrase(obj, grid)} there is {_article(_np(obj))}."
+
+
+def _relation_sentence(a: dict, rel: str, b: dict) -> str:
+    return f"The {_np(a)} is {rel} the {_np(b)}."
+
+
+def describe_sentences(scene: dict) -> list[str]:
+    """The sentences of :func:`describe`, in order: the scene sentence (type, background, object
+    count), one sentence per object, one per neighbour relation (:func:`relations`)."""
     objs = scene["objects"]
     grid = scene.get("grid", 3)
-    parts = [
-        f"A {scene['scene_type']} scene on a {scene['texture']} {scene['background']} background "
-        f"with {len(objs)} objects."
-    ]
-    for o in objs:
-        parts.append(f"At the {position_phrase(o, grid)} there is {_article(_np(o))}.")
-    for i, rel, j in relations(scene):
-        parts.append(f"The {_np(objs[i])} is {rel} the {_np(objs[j])}.")
-    return " ".join(parts)
+    out = [_header_sentence(scene, scene["scene_type"], len(objs))]
+    out += [_object_sentence(o, grid) for o in objs]
+    out += [_relation_sentence(objs[i], rel, objs[j]) for i, rel, j in relations(scene)]
+    return out
+
+
+def describe(scene: dict) -> str:
+    """The exact dense description: scene type, background, every object, neighbour relations."""
+    return " ".join(describe_sentences(scene))
 
 
 def sparse_captions(scene: dict, cfg: WorldConfig, rng: np.random.Generator) -> list[str]:
