@@ -45,27 +45,28 @@ class SyntheticErrorsSource(CaptionSource):
 
     def __init__(self, params: SyntheticErrorsSource.Params | None = None, *, label: str = ""):
         super().__init__(params if params is not None else self.Params(), label=label)
-        from d2s import synthetic
-
-        self._synthetic = synthetic
         self.model = "d2s.synthetic.plant_errors"
 
     def provenance(self) -> dict[str, float]:
+        from d2s.synthetic import ERROR_KINDS
+
         p = self.params
-        weights = {f"mix.{k}": float(p.mix.get(k, 0.0)) for k in self._synthetic.ERROR_KINDS}
+        weights = {f"mix.{k}": float(p.mix.get(k, 0.0)) for k in ERROR_KINDS}
         return {"rate": float(p.rate), "seed": float(p.seed), **weights}
 
     def caption_one(self, s: Sample) -> DenseText:
         import numpy as np
+
+        from d2s.synthetic import WorldConfig, plant_errors
 
         raw = s.meta.get("scene")
         if not raw:
             return self.failed("sample has no meta['scene'] (not a synthetic-world image)")
         try:
             scene = json.loads(raw)
-            world = self._world(s.meta.get("world"))
+            world = WorldConfig(**json.loads(s.meta["world"])) if s.meta.get("world") else None
             rng = np.random.default_rng(sample_seed(self.params.seed, s.key))
-            planted = self._synthetic.plant_errors(scene, rng, self.params.rate, self.params.mix, world=world)
+            planted = plant_errors(scene, rng, self.params.rate, self.params.mix, world=world)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             return self.failed(f"bad scene or world in meta: {type(exc).__name__}: {exc}")
         return self.dense(
@@ -73,10 +74,6 @@ class SyntheticErrorsSource(CaptionSource):
             params=self.provenance(),
             truth=[SentenceTruth(text, label) for text, label in planted],
         )
-
-    def _world(self, raw: str | None):
-        """The sample's WorldConfig (meta['world']), or None when the sample has none."""
-        return self._synthetic.WorldConfig(**json.loads(raw)) if raw else None
 
     async def caption(self, samples: list[Sample]) -> list[DenseText | None]:
         return [self.caption_one(s) for s in samples]
