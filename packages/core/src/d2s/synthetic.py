@@ -20,11 +20,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -231,19 +233,32 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def describe(scene: dict) -> str:
-    """The exact dense description: scene type, background, every object, neighbour relations."""
+def _header_sentence(scene: dict, scene_type: str, count: int) -> str:
+    return f"A {scene_type} scene on a {scene['texture']} {scene['background']} background with {count} objects."
+
+
+def _object_sentence(obj: dict, grid: int) -> str:
+    return f"At the {position_phrase(obj, grid)} there is {_article(_np(obj))}."
+
+
+def _relation_sentence(a: dict, rel: str, b: dict) -> str:
+    return f"The {_np(a)} is {rel} the {_np(b)}."
+
+
+def describe_sentences(scene: dict) -> list[str]:
+    """The sentences of :func:`describe`, in order: the scene sentence (type, background, object
+    count), one sentence per object, one per neighbour relation (:func:`relations`)."""
     objs = scene["objects"]
     grid = scene.get("grid", 3)
-    parts = [
-        f"A {scene['scene_type']} scene on a {scene['texture']} {scene['background']} background "
-        f"with {len(objs)} objects."
-    ]
-    for o in objs:
-        parts.append(f"At the {position_phrase(o, grid)} there is {_article(_np(o))}.")
-    for i, rel, j in relations(scene):
-        parts.append(f"The {_np(objs[i])} is {rel} the {_np(objs[j])}.")
-    return " ".join(parts)
+    out = [_header_sentence(scene, scene["scene_type"], len(objs))]
+    out += [_object_sentence(o, grid) for o in objs]
+    out += [_relation_sentence(objs[i], rel, objs[j]) for i, rel, j in relations(scene)]
+    return out
+
+
+def describe(scene: dict) -> str:
+    """The exact dense description: scene type, background, every object, neighbour relations."""
+    return " ".join(describe_sentences(scene))
 
 
 def sparse_captions(scene: dict, cfg: WorldConfig, rng: np.random.Generator) -> list[str]:
@@ -282,6 +297,288 @@ def sparse_captions(scene: dict, cfg: WorldConfig, rng: np.random.Generator) -> 
     while len(caps) < cfg.captions_per_image:  # tiny scenes may not yield enough distinct captions
         caps.append(caps[len(caps) % max(1, len(caps))])
     return caps
+
+
+# ---- planted errors ---------------------------------------------------------------------
+# Captions with known false sentences, to measure sentence scorers against exact truth
+# (docs/synthetic-world.md, "Planted errors").
+
+#: the kinds of false sentence plant_errors makes; a sentence's label is "true" or one of these
+ERROR_KINDS = (
+    "absent_object",
+    "wrong_color",
+    "wrong_size",
+    "wrong_position",
+    "wrong_relation",
+    "wrong_scene",
+    "wrong_count",
+    "filler",
+)
+#: kinds that add a sentence to the description; every other kind replaces a true sentence
+INSERTED_KINDS = ("absent_object", "filler")
+#: what a replacement error becomes when no sentence of the caption can take it (first that can,
+#: else an inserted absent_object, which always can)
+ERROR_FALLBACK = {
+    "wrong_scene": ("wrong_count", "wrong_color", "wrong_position", "wrong_size", "wrong_relation"),
+    "wrong_count": ("wrong_scene", "wrong_color", "wrong_position", "wrong_size", "wrong_relation"),
+    "wrong_color": ("wrong_size", "wrong_position", "wrong_relation", "wrong_scene", "wrong_count"),
+    "wrong_size": ("wrong_color", "wrong_position", "wrong_relation", "wrong_scene", "wrong_count"),
+    "wrong_position": ("wrong_color", "wrong_size", "wrong_relation", "wrong_scene", "wrong_count"),
+    "wrong_relation": ("wrong_position", "wrong_color", "wrong_size", "wrong_scene", "wrong_count"),
+}
+#: generic sentences true of every image of this world; they say nothing about the scene
+FILLER_SENTENCES = (
+    "The shapes have clean, flat colours.",
+    "The image is a simple flat illustration.",
+    "Each object sits in its own cell of an invisible grid.",
+    "None of the objects overlap.",
+    "The picture is drawn in two dimensions, seen straight on.",
+    "There are no people, animals or words in the image.",
+    "The edges of the shapes are sharp.",
+    "The composition is tidy and evenly spaced.",
+)
+#: with a world given, the chance that an absent object is one of the scene type's own objects
+COOCCURRENCE_PROB = 0.5
+# the order of the kinds on the sampling line: kinds that compete for one sentence sit together
+_LINE_ORDER = (
+    "wrong_scene",
+    "wrong_count",
+    "wrong_color",
+    "wrong_size",
+    "wrong_position",
+    "wrong_relation",
+    "absent_object",
+    "filler",
+)
+_ATTRS = ("size", "color", "shape")
+
+
+def check_error_params(rate: float, mix: dict[str, float] | None = None) -> dict[str, float]:
+    """Validate ``rate`` and ``mix`` of :func:`plant_errors`; return the weights of every kind in
+    :data:`ERROR_KINDS`, normalised to sum 1 (kinds ``mix`` leaves out weigh 0; ``None`` = equal)."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be a number in [0, 1], got {rate!r}")
+    weights = dict.fromkeys(ERROR_KINDS, 1.0) if mix is None else dict(mix)
+    unknown = sorted(set(weights) - set(ERROR_KINDS))
+    if unknown:
+        raise ValueError(f"mix: unknown error kind(s) {unknown}; known kinds: {list(ERROR_KINDS)}")
+    for kind, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"mix.{kind}: weight must be a finite number >= 0, got {w!r}")
+    total = float(sum(weights.values()))
+    if total == 0.0:
+        if rate > 0:
+            raise ValueError("mix: every weight is 0; give at least one error kind a weight > 0")
+        return dict.fromkeys(ERROR_KINDS, 0.0)
+    norm = {k: weights.get(k, 0.0) / total for k in ERROR_KINDS}
+    if rate * sum(norm[k] for k in INSERTED_KINDS) >= 1.0:
+        raise ValueError(
+            f"rate: 1 cannot be reached with only inserted kinds {list(INSERTED_KINDS)} in mix "
+            "(the true sentences would remain); add a kind that replaces sentences"
+        )
+    return norm
+
+
+def _error_kinds(n_true: int, norm: dict[str, float], rate: float, rng: np.random.Generator) -> list[str]:
+    """The kinds of the errors to plant in a description of ``n_true`` sentences.
+
+    Kind k is due ``rate * w_k * L`` times in expectation, where ``L = n_true / (1 - rate * w_ins)``
+    is the expected caption length (``w_ins``: the weight of the inserted kinds, which lengthen the
+    caption). Systematic sampling: the kinds' expected counts are laid end to end on a line and
+    points ``u, u + 1, u + 2, ...`` (``u`` uniform in [0, 1)) pick them, so every count is exact in
+    expectation and kinds of one sentence (scene type, object count) never collide when their
+    expected counts sum to at most 1.
+    """
+    inserted = sum(norm[k] for k in INSERTED_KINDS)
+    length = n_true / (1.0 - rate * inserted)
+    u = float(rng.random())
+    kinds, start = [], 0.0
+    for kind in _LINE_ORDER:
+        end = start + rate * norm[kind] * length
+        kinds += [kind] * (math.ceil(end - u) - math.ceil(start - u))
+        start = end
+    return kinds
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(a[k] == b[k] for k in _ATTRS)
+
+
+def _differences(a: dict, b: dict) -> int:
+    return sum(a[k] != b[k] for k in _ATTRS)
+
+
+class _Planter:
+    """Makes the false sentences of one caption of ``scene`` (see :func:`plant_errors`). Each
+    method returns a sentence false of the scene in exactly its own way, or None if it cannot."""
+
+    def __init__(self, scene: dict, rng: np.random.Generator, world: WorldConfig | None):
+        self.scene, self.rng = scene, rng
+        self.objs = scene["objects"]
+        self.grid = scene.get("grid", 3)
+        self.rels = relations(scene)
+        self.cells = {(o["row"], o["col"]): o for o in self.objs}
+        types = scene_types(world) if world is not None else ()
+        self.types = [t["name"] for t in types] or list(SCENE_TYPES)
+        self.signature = next((t["signature"] for t in types if t["name"] == scene["scene_type"]), [])
+        self.absent_used: set[tuple[str, str]] = set()
+        self.fillers_used: set[str] = set()
+
+    def pick(self, items: list) -> Any:
+        return items[int(self.rng.integers(len(items)))]
+
+    def _exists(self, desc: dict) -> bool:
+        return any(_same(o, desc) for o in self.objs)
+
+    # replacements: the true sentence of one object, relation or the scene, changed
+    def wrong_color(self, i: int) -> str | None:
+        o = self.objs[i]
+        colors = [c for c in COLORS if c != o["color"] and not self._exists({**o, "color": c})]
+        return _object_sentence({**o, "color": self.pick(colors)}, self.grid) if colors else None
+
+    def wrong_size(self, i: int) -> str | None:
+        o = self.objs[i]
+        sizes = [s for s in SIZES if s != o["size"] and not self._exists({**o, "size": s})]
+        return _object_sentence({**o, "size": self.pick(sizes)}, self.grid) if sizes else None
+
+    def wrong_position(self, i: int) -> str | None:
+        """Another cell, empty or holding an object of another shape that differs from this one in
+        at least one more attribute (so the sentence cannot be read as that object misdescribed)."""
+        o = self.objs[i]
+
+        def free(rc: tuple[int, int]) -> bool:
+            occ = self.cells.get(rc)
+            return occ is None or (occ["shape"] != o["shape"] and _differences(occ, o) >= 2)
+
+        cells = [
+            (r, c)
+            for r in range(self.grid)
+            for c in range(self.grid)
+            if (r, c) != (o["row"], o["col"]) and free((r, c))
+        ]
+        if not cells:
+            return None
+        r, c = self.pick(cells)
+        return _object_sentence({**o, "row": r, "col": c}, self.grid)
+
+    def wrong_relation(self, k: int) -> str | None:
+        """Relation k reversed or with the other relation word; if all of those happen to be true,
+        one of its objects in that relation with an object it is not in that relation with."""
+        i, rel, j = self.rels[k]
+        desc = [_np(o) for o in self.objs]
+        true = {(desc[a], r, desc[b]) for a, r, b in self.rels}
+
+        def false(t: tuple[int, str, int]) -> bool:
+            return desc[t[0]] != desc[t[2]] and (desc[t[0]], t[1], desc[t[2]]) not in true
+
+        other = "left of" if rel == "above" else "above"
+        cands = [t for t in ((j, rel, i), (i, other, j), (j, other, i)) if false(t)]
+        cands = cands or [t for m in range(len(self.objs)) for t in ((i, rel, m), (m, rel, j)) if false(t)]
+        if not cands:
+            return None
+        a, r, b = self.pick(cands)
+        return _relation_sentence(self.objs[a], r, self.objs[b])
+
+    def wrong_scene(self) -> str | None:
+        st = self.scene["scene_type"]
+        names = [t for t in self.types if t != st] or [t for t in SCENE_TYPES if t != st]
+        return _header_sentence(self.scene, self.pick(names), len(self.objs))
+
+    def wrong_count(self) -> str | None:
+        n = len(self.objs)
+        return _header_sentence(
+            self.scene, self.scene["scene_type"], self.pick([m for m in (n - 2, n - 1, n + 1, n + 2) if m >= 1])
+        )
+
+    # insertions
+    def absent_object(self) -> str:
+        """A shape + colour found nowhere in the scene, in an empty cell if there is one (else in a
+        cell whose object has another shape and another colour)."""
+        cells = [(r, c) for r in range(self.grid) for c in range(self.grid)]
+        r, c = self.pick([rc for rc in cells if rc not in self.cells] or cells)
+        occ = self.cells.get((r, c))
+        present = {(o["shape"], o["color"]) for o in self.objs}
+
+        def ok(shape: str, color: str) -> bool:
+            return (shape, color) not in present and (occ is None or (shape != occ["shape"] and color != occ["color"]))
+
+        def fresh(cands: list) -> list:
+            return [x for x in cands if x not in self.absent_used] or cands
+
+        sig = [(s["shape"], s["color"]) for s in self.signature if ok(s["shape"], s["color"])]
+        if sig and self.rng.random() < COOCCURRENCE_PROB:
+            shape, color = self.pick(fresh(sig))
+        else:
+            shape, color = self.pick(fresh([(s, col) for s in SHAPES for col in COLORS if ok(s, col)]))
+        self.absent_used.add((shape, color))
+        obj = {"shape": shape, "color": color, "size": self.pick(list(SIZES)), "row": r, "col": c}
+        return _object_sentence(obj, self.grid)
+
+    def filler(self) -> str:
+        text = self.pick([f for f in FILLER_SENTENCES if f not in self.fillers_used] or list(FILLER_SENTENCES))
+        self.fillers_used.add(text)
+        return text
+
+    def replace(self, kind: str, out: list[tuple[str, str]]) -> bool:
+        """Replace a random still-true sentence that can take ``kind``; False if none can."""
+        n_obj = len(self.objs)
+        if kind in ("wrong_scene", "wrong_count"):
+            targets: list[tuple[int, int | None]] = [(0, None)]
+        elif kind == "wrong_relation":
+            targets = [(1 + n_obj + k, k) for k in range(len(self.rels))]
+        else:
+            targets = [(1 + i, i) for i in range(n_obj)]
+        make = getattr(self, kind)
+        for t in self.rng.permutation(len(targets)):
+            idx, arg = targets[int(t)]
+            if out[idx][1] != "true":
+                continue
+            sentence = make() if arg is None else make(arg)
+            if sentence is not None:
+                out[idx] = (sentence, kind)
+                return True
+        return False
+
+
+def plant_errors(
+    scene: dict,
+    rng: np.random.Generator,
+    rate: float = 0.3,
+    mix: dict[str, float] | None = None,
+    *,
+    world: WorldConfig | None = None,
+) -> list[tuple[str, str]]:
+    """The exact description of ``scene`` with false sentences planted: ``(sentence, label)`` in
+    caption order, ``label`` ``"true"`` or a kind of :data:`ERROR_KINDS`. Join the sentences with
+    ``" "`` for the caption text; with ``rate=0`` they are :func:`describe_sentences`.
+
+    ``rate``: the share of the caption's sentences that are false, in expectation (expected false
+    sentences = ``rate`` x expected caption length). ``mix``: relative weights of the kinds
+    (``None``: all equal; a kind left out weighs 0). Replacement kinds (``wrong_*``) change one true
+    sentence in place; inserted kinds (:data:`INSERTED_KINDS`) add a sentence at a random place
+    after the first. How many of each kind: :func:`_error_kinds`. A replacement kind no sentence can
+    take (no relation sentence left, the scene sentence already false) becomes the first kind of
+    :data:`ERROR_FALLBACK` that one can, else an inserted ``absent_object``.
+
+    ``world``: the scene's world config (``meta['world']`` of a sample), optional: wrong scene types
+    are then the world's own, and an absent object is, with probability
+    :data:`COOCCURRENCE_PROB`, one of the scene type's signature objects missing from the scene
+    (a co-occurrence hallucination). Deterministic for the same scene, rng state and arguments.
+    """
+    norm = check_error_params(rate, mix)
+    out = [(s, "true") for s in describe_sentences(scene)]
+    planter = _Planter(scene, rng, world)
+    inserted: list[tuple[str, str]] = []
+    for kind in _error_kinds(len(out), norm, rate, rng):
+        for k in (kind, *ERROR_FALLBACK.get(kind, ()), "absent_object"):
+            if k in INSERTED_KINDS:
+                inserted.append((getattr(planter, k)(), k))
+                break
+            if planter.replace(k, out):
+                break
+    for item in inserted:
+        out.insert(int(rng.integers(1, len(out) + 1)), item)
+    return out
 
 
 # ---- pixels -------------------------------------------------------------------------
