@@ -418,13 +418,24 @@ def _argument_names(method: Any) -> set[str] | None:
 
 
 def _revision(model: str, m: Any) -> str:
-    """The hub commit of the loaded weights, else ``sha256:<16 hex>`` of a local folder's files."""
-    commit = getattr(m.config, "_commit_hash", None)
+    """``sha256:<16 hex>`` of a local folder's files, else the hub commit the weights came from."""
     root = Path(model).expanduser()
     if root.is_dir():
         files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in _MODEL_FILE_SUFFIXES)
         return "sha256:" + _sha256_files(files, root)[:16]
+    commit = getattr(m.config, "_commit_hash", None) or _hub_commit(model)  # transformers 4.x kept it on the config
     if commit:
         return str(commit)
     log.warning("hf-dual-encoder %s: no commit hash known; the identity names the model only", model)
     return "unknown"
+
+
+def _hub_commit(model: str) -> str | None:
+    """The commit of the cached snapshot a hub model was just loaded from (cache lookup only)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(model, "config.json", local_files_only=True))
+    except Exception:  # noqa: BLE001 - best effort: an unknown commit is reported, not fatal
+        return None
+    return path.parent.name if path.parent.parent.name == "snapshots" else None
