@@ -14,6 +14,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -242,6 +244,33 @@ def test_hf_scorer_counts_truncated_sentences_and_logs_once(tiny, caplog):
     assert len(warnings) == 1 and "2 of 3 sentences are longer than 12 tokens" in warnings[0].getMessage()
 
 
+def test_hf_scorer_device_and_dtype(tiny):
+    """cuda where there is one (same embeddings as the CPU's), a clear error where there is none;
+    bfloat16 close to float32, with its own identity."""
+    from vse.scoring import HFDualEncoderScorer
+
+    model = str(tiny["clip"])
+    data, keys = [_png((200, 30, 30)), _png((30, 30, 200))], ["r", "b"]
+    cpu = HFDualEncoderScorer({"model": model, "progress": False})
+    want_img, want_txt = cpu.embed_images(data, keys), cpu.embed_texts(SENTENCES)
+    if torch.cuda.is_available():
+        gpu = HFDualEncoderScorer({"model": model, "device": "cuda", "progress": False})
+        img, txt = gpu.embed_images(data, keys), gpu.embed_texts(SENTENCES)
+        assert img.device.type == txt.device.type == "cpu" and img.dtype == torch.float32
+        assert torch.allclose(img, want_img, atol=1e-3) and torch.allclose(txt, want_txt, atol=1e-3)
+        assert gpu.identity == cpu.identity
+    else:
+        with pytest.raises(ScorerError, match=r"device: 'cuda'.*CUDA is not available"):
+            HFDualEncoderScorer({"model": model, "device": "cuda"})
+    with pytest.raises(ScorerError, match=r"device: 'gpu3' is not a torch device"):
+        HFDualEncoderScorer({"model": model, "device": "gpu3"})
+    bf16 = HFDualEncoderScorer({"model": model, "dtype": "bfloat16", "progress": False})
+    txt = bf16.embed_texts(SENTENCES)
+    assert txt.dtype == torch.float32 and _unit(txt)
+    assert torch.allclose(txt, want_txt, atol=0.05) and not torch.equal(txt, want_txt)
+    assert bf16.identity != cpu.identity
+
+
 def test_progress_bar_only_when_asked_and_more_than_one_batch(tiny, capfd):
     from vse.scoring import HFDualEncoderScorer
 
@@ -285,6 +314,33 @@ def test_hf_identity_follows_the_weights_and_the_builder_is_deterministic(tmp_pa
     assert HFDualEncoderScorer({"model": str(d)}).identity != first
     build_tiny_clip(d, seed=0)
     assert HFDualEncoderScorer({"model": str(d)}).identity == first
+
+
+@pytest.mark.slow
+def test_hf_scorer_loads_a_hub_name_from_the_cache_and_names_its_commit(tmp_path):
+    """A model by hub name, offline, from a hub cache laid out by hand; its identity is the commit."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--d2s-test--tiny-clip"
+    build_tiny_clip(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = (
+        "from d2s.grounding import SCORERS\n"
+        "s = SCORERS.create('hf-dual-encoder', {'model': 'd2s-test/tiny-clip', 'progress': False}, 'test')\n"
+        "print(s.identity)\n"
+        "print(tuple(s.embed_texts(['a red circle', 'a blue square']).shape))\n"
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HOME": str(tmp_path / "home"),
+    }
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    identity, shape = out.stdout.strip().splitlines()[-2:]
+    assert f'"revision": "{commit}"' in identity and '"model": "d2s-test/tiny-clip"' in identity
+    assert shape == "(2, 16)"
 
 
 # ---- through the registry, end to end -------------------------------------------------------
