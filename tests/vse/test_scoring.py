@@ -295,6 +295,15 @@ def test_hf_scorer_errors_name_the_model(tiny, tmp_path):
         HFDualEncoderScorer({"model": str(tiny["clip"]), "max_length": 100})
     with pytest.raises(ScorerError, match=r"dtype: 'float16' needs a GPU"):
         HFDualEncoderScorer({"model": str(tiny["clip"]), "dtype": "float16"})
+    from transformers import AutoConfig, SiglipModel
+
+    odd = tmp_path / "odd-siglip"  # text head to 16 dims, image features 32: no shared space
+    shutil.copytree(tiny["siglip"], odd)
+    cfg = AutoConfig.from_pretrained(odd)
+    cfg.text_config.projection_size = 16
+    SiglipModel(cfg).save_pretrained(odd)
+    with pytest.raises(ScorerError, match=r"image features \(32\) and text features \(16\) differ in size"):
+        HFDualEncoderScorer({"model": str(odd)})
     scorer = HFDualEncoderScorer({"model": str(tiny["clip"]), "progress": False})
     with pytest.raises(SampleError, match=r"key 'not-a-png'.*cannot decode"):
         scorer.embed_images([_png((1, 2, 3)), b"\x89PNG truncated"], ["ok", "not-a-png"])
@@ -365,6 +374,8 @@ def test_registry_scorer_scores_every_sentence(name, bundle, tiny):
     assert bank.embeddings.shape[0] == 5 and _unit(bank.embeddings)
     items = [(s, DenseText(describe(json.loads(s.meta["scene"])), source="synthetic-oracle")) for s in samples[:3]]
     items.append((samples[0], DenseText("A red circle. A purple cow is flying over it.", source="test")))
+    dim = bank.embeddings.shape[1]
+    assert scorer.embed_texts([]).shape == (0, dim) and scorer.embed_images([], []).shape == (0, dim)
     scored = score_batch(scorer, bank, items)
     assert len(scored) == len(items)
     for (_, dense), sentences in zip(items, scored):

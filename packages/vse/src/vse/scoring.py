@@ -119,9 +119,9 @@ class BundleScorer(SentenceScorer):
     (``text.dense_max_length``).
 
     Identity: the model config's name, the text path, and a sha256 (first 16 hex digits) of
-    the bundle's contents that decide its scores (weights, ``vse_config.json``, tokenizer,
-    image processor), computed once when the scorer is built. It changes when the weights
-    do, and not when the bundle is copied elsewhere.
+    what decides its embeddings (weights, model config and head, tokenizer, image processor;
+    not the run's paths or metrics in ``vse_config.json``), computed once when the scorer is
+    built. It changes when the weights do, and not when the bundle is copied elsewhere.
     """
 
     name = "vse-bundle"
@@ -143,7 +143,7 @@ class BundleScorer(SentenceScorer):
         self.use_student = p.text_path == "sparse"
         if self.use_student and self.bundle.model.student is None:
             raise ScorerError(f"text_path: 'sparse' needs a student head, and the model in {p.path} has none")
-        self._sha = _sha256_files(_bundle_files(root), root)[:16]
+        self._sha = _bundle_sha(root, self.bundle.config)
 
     @property
     def identity(self) -> str:
@@ -169,12 +169,15 @@ class BundleScorer(SentenceScorer):
         return torch.cat(out) if out else torch.zeros(0, self.bundle.model.cfg.embed_dim)
 
 
-def _bundle_files(root: Path) -> list[Path]:
-    files = [root / "model.safetensors", root / "vse_config.json"]
+def _bundle_sha(root: Path, doc: dict[str, Any]) -> str:
+    """16 hex digits of a sha256 over what decides a bundle's embeddings: the model config and
+    whether it has a head (not the run's paths or metrics), the weights, tokenizer and processor."""
+    files = [root / "model.safetensors"]
     for sub in ("tokenizer", "processor"):
         if (root / sub).is_dir():
             files += sorted(f for f in (root / sub).rglob("*") if f.is_file())
-    return [f for f in files if f.exists()]
+    arch = json.dumps({"model": doc.get("model"), "student_head": doc.get("student_head")}, sort_keys=True)
+    return hashlib.sha256(arch.encode() + _sha256_files(files, root).encode()).hexdigest()[:16]
 
 
 # ---- hf-dual-encoder ------------------------------------------------------------------------
@@ -241,6 +244,7 @@ class HFDualEncoderScorer(SentenceScorer):
         self._text_args = _argument_names(self.model.get_text_features)
         self._image_args = _argument_names(self.model.get_image_features)
         self._revision = _revision(p.model, self.model)
+        self.dim = self._probe_dim()
         self.truncated = 0  # sentences cut to max_length so far
         self.sentences = 0  # sentences embedded so far
 
@@ -267,7 +271,7 @@ class HFDualEncoderScorer(SentenceScorer):
             inputs = self.image_processor(images=pil, return_tensors="pt")
             inputs = self._to_device(inputs, self._image_args)
             out.append(self._finish(self.model.get_image_features(**inputs), "get_image_features"))
-        return torch.cat(out) if out else torch.zeros(0, 0)
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -282,7 +286,27 @@ class HFDualEncoderScorer(SentenceScorer):
             inputs = self._to_device(enc, self._text_args)
             out.append(self._finish(self.model.get_text_features(**inputs), "get_text_features"))
         self._note_truncated(truncated, len(texts))
-        return torch.cat(out) if out else torch.zeros(0, 0)
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+    @torch.inference_mode()
+    def _probe_dim(self) -> int:
+        """Embed one blank image and one word: both towers work and meet in one space of this size."""
+        from PIL import Image
+
+        pixels = self.image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+        img = self._finish(
+            self.model.get_image_features(**self._to_device(pixels, self._image_args)), "get_image_features"
+        )
+        enc = self.tokenizer(
+            ["a"], padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        txt = self._finish(self.model.get_text_features(**self._to_device(enc, self._text_args)), "get_text_features")
+        if img.shape[1] != txt.shape[1]:
+            raise ScorerError(
+                f"model: {self.params.model!r}: image features ({img.shape[1]}) and text features "
+                f"({txt.shape[1]}) differ in size; it is not a dual encoder"
+            )
+        return int(img.shape[1])
 
     def _to_device(self, batch: Any, allowed: set[str] | None) -> dict[str, torch.Tensor]:
         out = {}
