@@ -3,7 +3,7 @@
 A bundle has the checkpoint layout (see :mod:`vse.checkpoint`) with ``format: vse-bundle``.
 ``load_bundle(path)`` gives a :class:`Bundle` whose ``embed_images`` / ``embed_texts`` return
 L2-normalised CPU float32 tensors; texts take the sparse-caption path, through the student
-head when the model has one.
+head when the model has one (``use_student=False``: without it).
 """
 
 from __future__ import annotations
@@ -72,13 +72,16 @@ class Bundle:
         return torch.cat(out) if out else torch.zeros(0, self.model.cfg.embed_dim)
 
     @torch.no_grad()
-    def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    def embed_texts(self, texts: list[str], batch_size: int = 256, *, use_student: bool = True) -> torch.Tensor:
+        """Caption embeddings; ``use_student=False`` leaves out the student head (the caption
+        encoder alone, as for dense texts; a model without a head never uses one)."""
         out = []
         # long enough for dense texts too (long-text retrieval); a batch pads to its longest text only
         max_len = max(self.model.cfg.text.max_length, self.model.cfg.text.dense_max_length)
         for i in range(0, len(texts), batch_size):
             ids, mask = self.tokenizer(texts[i : i + batch_size], max_len)
-            out.append(self.model.embed_texts(ids.to(self.device), mask.to(self.device)).float().cpu())
+            emb = self.model.embed_texts(ids.to(self.device), mask.to(self.device), use_student=use_student)
+            out.append(emb.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.model.cfg.embed_dim)
 
 
