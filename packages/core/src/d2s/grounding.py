@@ -187,7 +187,7 @@ def score_batch(
     flat = [t for ts in sentences for t in ts]
     img = scorer.embed_images(images, keys)
     txt = scorer.embed_texts(flat)
-    rows = torch.tensor([owners[s.key] for (s, _), ts in zip(items, sentences) for _ in ts])
+    rows = torch.tensor([owners[s.key] for (s, _), ts in zip(items, sentences) for _ in ts], dtype=torch.long)
     row_keys = [s.key for (s, _), ts in zip(items, sentences) for _ in ts]
     score, sim = calibrate(txt, img[rows], bank, row_keys)
     out, i = [], 0
