@@ -149,11 +149,10 @@ def calibrate(
     sim = (text_emb * own_image).sum(1)
     ref = text_emb @ bank.embeddings.T  # (M, K)
     index = {k: j for j, k in enumerate(bank.keys)}
+    col = torch.tensor([index.get(k, -1) for k in own_keys], dtype=torch.long)
     keep = torch.ones_like(ref, dtype=torch.bool)
-    for i, k in enumerate(own_keys):
-        j = index.get(k)
-        if j is not None:
-            keep[i, j] = False
+    rows = (col >= 0).nonzero().squeeze(1)
+    keep[rows, col[rows]] = False
     n = keep.sum(1).clamp(min=2).to(ref.dtype)
     mean = (ref * keep).sum(1) / n
     var = (((ref - mean[:, None]) * keep) ** 2).sum(1) / (n - 1)
@@ -190,9 +189,10 @@ def score_batch(
     rows = torch.tensor([owners[s.key] for (s, _), ts in zip(items, sentences) for _ in ts], dtype=torch.long)
     row_keys = [s.key for (s, _), ts in zip(items, sentences) for _ in ts]
     score, sim = calibrate(txt, img[rows], bank, row_keys)
+    score, sim = score.tolist(), sim.tolist()
     out, i = [], 0
     for ts in sentences:
-        out.append([Sentence(t, round(float(score[i + j]), 4), round(float(sim[i + j]), 4)) for j, t in enumerate(ts)])
+        out.append([Sentence(t, round(score[i + j], 4), round(sim[i + j], 4)) for j, t in enumerate(ts)])
         i += len(ts)
     return out
 

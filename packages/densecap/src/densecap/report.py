@@ -4,6 +4,7 @@
 <report>/reasons.csv    captions per (source, verdict)
 <report>/shards.csv     one row of stats per shard
 <report>/lengths.png    word-length histogram of kept vs dropped captions
+<report>/grounding.png  histogram of sentence grounding scores, kept vs removed (when scored)
 <report>/rejects.jsonl  every rejected image and dropped / failed caption, with its reason
 <report>/report.md      all of the above in one readable page, with examples
 """
@@ -20,8 +21,9 @@ from d2s.shards import atomic_write_json, atomic_write_text, completed_shards, i
 log = logging.getLogger(__name__)
 
 
-def _dense_rows(out: Path) -> list[dict[str, Any]]:
-    rows = []
+def _dense_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One row per dense text, and one per scored sentence (grounding)."""
+    rows, sentences = [], []
     paths = sorted(completed_shards(out))
     for rec in iter_records(paths):
         doc = json.loads(rec["json"])
@@ -37,9 +39,12 @@ def _dense_rows(out: Path) -> list[dict[str, Any]]:
                     "error": d.get("error", ""),
                     "words": len(d["text"].split()),
                     "text": d["text"],
+                    "grounding_score": d.get("scores", {}).get("grounding_score"),
                 }
             )
-    return rows
+            for x in d.get("sentences") or []:
+                sentences.append({"key": rec["__key__"], "source": d["source"], **x})
+    return rows, sentences
 
 
 def write_report(out: str | Path, report_dir: str | Path, n_examples: int = 3) -> dict[str, Any]:
@@ -48,7 +53,9 @@ def write_report(out: str | Path, report_dir: str | Path, n_examples: int = 3) -
     out, report_dir = Path(out), Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     shard_stats = pd.DataFrame(list(completed_shards(out).values()))
-    dense = pd.DataFrame(_dense_rows(out), columns=DENSE_COLUMNS)
+    rows, sentence_rows = _dense_rows(out)
+    dense = pd.DataFrame(rows, columns=DENSE_COLUMNS)
+    sentences = pd.DataFrame(sentence_rows, columns=SENTENCE_COLUMNS)
     rejects = []
     for p in sorted((out / "rejects").glob("*.jsonl")):
         rejects += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
@@ -68,13 +75,70 @@ def write_report(out: str | Path, report_dir: str | Path, n_examples: int = 3) -
     bad = dense[dense.verdict != "keep"]["words"] if len(dense) else []
     _lengths_plot(report_dir / "lengths.png", list(ok), list(bad))
     summary = _summary(shard_stats, dense, rejects, list(ok))
+    if len(sentences):
+        summary["grounding"] = _grounding_summary(shard_stats, sentences)
+        _grounding_plot(report_dir / "grounding.png", sentences)
     atomic_write_json(report_dir / "summary.json", summary)
-    atomic_write_text(report_dir / "report.md", _markdown(out, summary, reasons, dense, n_examples))
+    md = _markdown(out, summary, reasons, dense, n_examples) + _grounding_markdown(sentences, rejects, n_examples)
+    atomic_write_text(report_dir / "report.md", md)
     log.info("report written to %s", report_dir)
     return summary
 
 
-DENSE_COLUMNS = ["key", "id", "split", "source", "model", "verdict", "error", "words", "text"]
+DENSE_COLUMNS = ["key", "id", "split", "source", "model", "verdict", "error", "words", "text", "grounding_score"]
+SENTENCE_COLUMNS = ["key", "source", "text", "score", "similarity", "removed"]
+GROUNDING_COUNTS = ("captions_scored", "captions_scores_reused", "sentences_scored", "captions_repaired")
+GROUNDING_COUNTS += ("sentences_removed", "dropped_unsupported", "restored_unsupported")
+
+
+def _grounding_summary(shard_stats, sentences) -> dict[str, Any]:
+    """Sentence-score quantiles and what grounding did (from the shards' stats)."""
+    q = sentences.score.quantile([0.05, 0.25, 0.5, 0.75, 0.95])
+    counts = {c: int(shard_stats[c].fillna(0).sum()) for c in GROUNDING_COUNTS if c in shard_stats}
+    return {
+        "sentences": int(len(sentences)),
+        "sentences_removed_now": int(sentences.removed.sum()),
+        "score_quantiles": {f"p{int(k * 100)}": round(float(v), 3) for k, v in q.items()},
+        **counts,
+    }
+
+
+def _grounding_plot(path: Path, sentences) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    parts = [sentences[~sentences.removed].score.tolist(), sentences[sentences.removed].score.tolist()]
+    ax.hist(parts, bins=40, label=["kept", "removed by repair"], stacked=True)
+    ax.set_xlabel("sentence grounding score (calibrated)")
+    ax.set_ylabel("sentences")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _grounding_markdown(sentences, rejects: list[dict], n_examples: int) -> str:
+    if not len(sentences):
+        return ""
+    lines = ["## Grounding", "", "![grounding](grounding.png)", ""]
+    for title, sel in (
+        ("lowest", sentences.nsmallest(n_examples, "score")),
+        ("highest", sentences.nlargest(n_examples, "score")),
+    ):
+        lines += [f"Sentences scoring {title}:", ""]
+        lines += [f"- `{r.key}` [{r.source}] {r.score:+.2f} {r.text[:200]}" for r in sel.itertuples()]
+        lines.append("")
+    repairs = [r for r in rejects if r.get("kind") == "repair"][:n_examples]
+    if repairs:
+        lines += ["Repairs (sentences removed):", ""]
+        for r in repairs:
+            removed = "; ".join(f"{x['text'][:120]} ({x['score']:+.2f})" for x in r["removed"])
+            lines.append(f"- `{r['key']}` [{r['source']}] {removed}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
 
 
 def _lengths_plot(path: Path, ok: list[int], bad: list[int]) -> None:
