@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from d2s.grounding import SCORERS, GroundingAction, ReferenceBank, score_batch, split_sentences
+from d2s.grounding import CALIBRATIONS, SCORERS, GroundingAction, ReferenceBank, score_batch, split_sentences
 from d2s.schema import Sample
 from d2s.shards import iter_samples, split_shards
 
@@ -61,16 +61,27 @@ def truth_rows(samples: list[Sample]) -> tuple[list, list[tuple[int, str, str]],
     return items, rows, mismatched
 
 
-def bundle_scores(path: str, samples: list[Sample], items: list, bank_size: int, batch: int):
-    """(calibrated score, raw cosine) of every sentence of ``items``, in order."""
+def bundle_scores(path: str, samples: list[Sample], items: list, bank_size: int, batch: int, calibration: str):
+    """The calibrated score of every sentence of ``items``, in order."""
     scorer = SCORERS.create("vse-bundle", {"path": path, "progress": False}, "scorer")
     bank = ReferenceBank.build(scorer, samples, bank_size)
-    score, raw = [], []
+    score = []
     for i in range(0, len(items), batch):
-        for sents in score_batch(scorer, bank, items[i : i + batch]):
+        for sents in score_batch(scorer, bank, items[i : i + batch], calibration):
             score += [x.score for x in sents]
-            raw += [x.similarity for x in sents]
-    return np.array(score), np.array(raw)
+    return np.array(score)
+
+
+def choose_calibration(corpus: Path, split: str, path: str, a) -> tuple[str, dict[str, float]]:
+    """The calibration with the highest all-kinds AUROC on a validation corpus (other images)."""
+    samples = load(corpus, split, a.images)
+    items, rows, _ = truth_rows(samples)
+    labels = np.array([r[2] for r in rows])
+    found = {}
+    for mode in CALIBRATIONS:
+        s = bundle_scores(path, samples, items, a.reference_images, a.batch_size, mode)
+        found[mode] = round(auroc(s[labels == "true"], s[labels != "true"]), 4)
+    return max(found, key=found.get), found
 
 
 def floor_scores(samples: list[Sample], rows: list[tuple[int, str, str]]) -> np.ndarray:
@@ -242,7 +253,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=4, help="throughput repeats (median; order alternates)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2: the project's CPU machines)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--raw", action="store_true", help="also rank by the raw cosine (the calibration's ablation)")
+    ap.add_argument("--calibration", action="append", choices=CALIBRATIONS, help="default: all of them")
+    ap.add_argument(
+        "--select-on", type=Path, help="validation corpus for the calibration (default RUN/planted_val/shards)"
+    )
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     import torch
@@ -255,17 +269,23 @@ def main(argv: list[str] | None = None) -> None:
         "scorer (other images)": str(a.run_dir / "scorer" / "bundle"),
         "memorised (same images)": str(a.run_dir / "memorised" / "bundle"),
     }
+    chosen = {}
+    if a.select_on or a.run_dir:
+        val = a.select_on or a.run_dir / "planted_val" / "shards"
+        for name, path in bundles.items():
+            chosen[name], found = choose_calibration(val, a.split, path, a)
+            print(f"calibration for {name}, all-kinds AUROC on {val}: {found} -> {chosen[name]}")
     samples = load(corpus, a.split, a.images)
     items, rows, mismatched = truth_rows(samples)
     print(f"{len(samples)} images, {len(rows)} sentences ({Counter(r[2] for r in rows)}), {mismatched} texts skipped")
     results = {}
     for name, path in bundles.items():
-        scores, raw = bundle_scores(path, samples, items, a.reference_images, a.batch_size)
-        results[name] = per_kind(scores, rows, DEFAULT_THRESHOLD, len(samples), a.bootstrap, a.seed)
-        if a.raw:  # the calibration's ablation: rank by the raw cosine (threshold: its median)
-            results[f"{name}, raw cosine"] = per_kind(
-                raw, rows, float(np.median(raw)), len(samples), a.bootstrap, a.seed
-            )
+        for mode in a.calibration or CALIBRATIONS:
+            scores = bundle_scores(path, samples, items, a.reference_images, a.batch_size, mode)
+            # 'none' is the raw cosine: its threshold is the median score (no fixed meaning)
+            threshold = DEFAULT_THRESHOLD if mode != "none" else float(np.median(scores))
+            mark = " (chosen)" if chosen.get(name) == mode else ""
+            results[f"{name}, {mode}{mark}"] = per_kind(scores, rows, threshold, len(samples), a.bootstrap, a.seed)
     floor = floor_scores(samples, rows)
     results["text-only floor"] = per_kind(floor, rows, FLOOR_THRESHOLD, len(samples), a.bootstrap, a.seed)
     print(table(results))

@@ -240,3 +240,24 @@ def test_a_caption_dropped_by_a_filter_is_only_scored():
     d = DenseText("Sentence 0. Sentence 1.", "src", verdict="repetition")
     assert apply_action(d, _scored([0.1, 2.0]), "s", GroundingAction("repair")) == "scored"
     assert d.verdict == "repetition" and d.text == "Sentence 0. Sentence 1." and len(d.sentences) == 2
+
+
+def test_pooled_calibration_shares_one_spread_and_none_is_the_cosine():
+    # bank cosines: sentence A {0.1, 0.3} (mean 0.2), sentence B {0.7, 0.9} (mean 0.8); pooled
+    # variance over both sentences' deviations: (4 * 0.1^2) / (1 + 1) = 0.02
+    bank = ReferenceBank(_unit(_at_cosine(0.1), _at_cosine(0.3)), ["a", "b"])
+    text = _unit([1, 0])
+    score, _ = calibrate(text, _unit(_at_cosine(0.5)), bank, ["x"], "pooled")
+    assert score.item() == pytest.approx(0.3 / math.sqrt(0.02), rel=1e-3)  # one sentence: its own spread
+    bank2 = ReferenceBank(_unit([1, 0, 0], [0, 1, 0]), ["a", "b"])
+    texts = _unit([1, 1, 0], [1, 0, 0])  # cosines with the bank: (.7071, .7071) and (1, 0)
+    own = _unit([1, 1, 1], [0, 0, 1])
+    pooled, sim = calibrate(texts, own, bank2, ["x", "y"], "pooled")
+    dev = [0.0, 0.0, 0.5, -0.5]  # deviations from each sentence's mean over the bank
+    spread = math.sqrt(sum(d * d for d in dev) / 2)
+    s0, s1 = sim.tolist()
+    assert pooled.tolist() == pytest.approx([(s0 - 0.7071) / spread, (s1 - 0.5) / spread], rel=1e-3)
+    raw, sim2 = calibrate(texts, own, bank2, ["x", "y"], "none")
+    assert raw.tolist() == pytest.approx(sim2.tolist()) and sim2[1].item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="calibration"):
+        calibrate(texts, own, bank2, ["x", "y"], "bogus")

@@ -141,12 +141,29 @@ class ReferenceBank:
         return cls(scorer.embed_images(images, keys), keys)
 
 
+CALIBRATIONS = ("sentence", "pooled", "none")
+
+
 def calibrate(
-    text_emb: torch.Tensor, own_image: torch.Tensor, bank: ReferenceBank, own_keys: Sequence[str], eps: float = 1e-6
+    text_emb: torch.Tensor,
+    own_image: torch.Tensor,
+    bank: ReferenceBank,
+    own_keys: Sequence[str],
+    mode: str = "sentence",
+    eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(score, similarity) per row: ``text_emb[i]`` against ``own_image[i]``, calibrated against
-    the bank with the row's own image (``own_keys[i]``) left out."""
+    the bank with the row's own image (``own_keys[i]``) left out.
+
+    ``sentence``: (similarity - the sentence's mean over the bank) / its standard deviation over
+    the bank. ``pooled``: the same difference over one standard deviation pooled over every
+    sentence of the call (the sentence's own spread no longer scales its score). ``none``: the
+    raw cosine."""
+    if mode not in CALIBRATIONS:
+        raise ValueError(f"calibration: {mode!r} is not one of {list(CALIBRATIONS)}")
     sim = (text_emb * own_image).sum(1)
+    if mode == "none":
+        return sim.clone(), sim
     ref = text_emb @ bank.embeddings.T  # (M, K)
     index = {k: j for j, k in enumerate(bank.keys)}
     col = torch.tensor([index.get(k, -1) for k in own_keys], dtype=torch.long)
@@ -155,8 +172,10 @@ def calibrate(
     keep[rows, col[rows]] = False
     n = keep.sum(1).clamp(min=2).to(ref.dtype)
     mean = (ref * keep).sum(1) / n
-    var = (((ref - mean[:, None]) * keep) ** 2).sum(1) / (n - 1)
-    return (sim - mean) / (var.sqrt() + eps), sim
+    sq = (((ref - mean[:, None]) * keep) ** 2).sum(1)
+    if mode == "pooled":
+        return (sim - mean) / ((sq.sum() / (n - 1).sum()).sqrt() + eps), sim
+    return (sim - mean) / ((sq / (n - 1)).sqrt() + eps), sim
 
 
 # ---- scoring samples -------------------------------------------------------------------
@@ -168,7 +187,7 @@ def to_score(dense: DenseText) -> str:
 
 
 def score_batch(
-    scorer: SentenceScorer, bank: ReferenceBank, items: list[tuple[Sample, DenseText]]
+    scorer: SentenceScorer, bank: ReferenceBank, items: list[tuple[Sample, DenseText]], calibration: str = "sentence"
 ) -> list[list[Sentence]]:
     """Score the sentences of each (sample, dense text) pair: one image forward per distinct
     sample and one text forward for all sentences of the batch."""
@@ -188,7 +207,7 @@ def score_batch(
     txt = scorer.embed_texts(flat)
     rows = torch.tensor([owners[s.key] for (s, _), ts in zip(items, sentences) for _ in ts], dtype=torch.long)
     row_keys = [s.key for (s, _), ts in zip(items, sentences) for _ in ts]
-    score, sim = calibrate(txt, img[rows], bank, row_keys)
+    score, sim = calibrate(txt, img[rows], bank, row_keys, calibration)
     score, sim = score.tolist(), sim.tolist()
     out, i = [], 0
     for ts in sentences:

@@ -41,7 +41,8 @@ class GroundingConfig:
     ``action``: ``score`` stores the scores; ``drop`` also drops a caption whose mean sentence
     score is below ``min_caption_score``; ``repair`` removes the sentences scoring below
     ``threshold`` (kept in the record with their scores). ``reference_images``: the first N
-    images of the job's image source, against which every score is calibrated.
+    images of the job's image source, against which every score is calibrated
+    (``calibration``: see ``d2s.grounding.calibrate``).
     ``sources``: the caption-source labels whose texts are scored (empty: all).
     """
 
@@ -50,6 +51,7 @@ class GroundingConfig:
     threshold: float = 1.0
     min_caption_score: float = 1.0
     reference_images: int = 256
+    calibration: Literal["sentence", "pooled", "none"] = "sentence"
     batch_size: int = 64
     sources: list[str] = field(default_factory=list)
 
@@ -95,9 +97,9 @@ class Grounder:
 
     @property
     def scorer_id(self) -> str:
-        """Recorded as DenseText.scorer: the scorer's identity and the bank size."""
+        """Recorded as DenseText.scorer: the scorer's identity, the bank size and the calibration."""
         if self._id is None:
-            self._id = f"{self.scorer.identity} ref={self.cfg.reference_images}"
+            self._id = f"{self.scorer.identity} ref={self.cfg.reference_images} calibration={self.cfg.calibration}"
         return self._id
 
     def bank(self) -> ReferenceBank:
@@ -122,7 +124,7 @@ class Grounder:
         scored: dict[int, list] = {}
         for i in range(0, len(fresh), self.cfg.batch_size):
             chunk = fresh[i : i + self.cfg.batch_size]
-            for (_, d), sents in zip(chunk, score_batch(self.scorer, self.bank(), chunk)):
+            for (_, d), sents in zip(chunk, score_batch(self.scorer, self.bank(), chunk, self.cfg.calibration)):
                 scored[id(d)] = sents
         counts["captions_scored"] += len(fresh)
         counts["captions_scores_reused"] += len(items) - len(fresh)
