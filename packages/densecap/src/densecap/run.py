@@ -37,9 +37,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from d2s.atomic import atomic_write_text
 from d2s.config import ConfigError, to_dict
 from d2s.schema import Sample
-from d2s.shards import ShardWriter, atomic_write_text, completed_shards, iter_samples, shard_name, stats_path
+from d2s.shards import ShardWriter, completed_shards, iter_samples, shard_name, stats_path
 
 from .caption_sources import CAPTION_SOURCES, CaptionSource
 from .config import DensecapConfig, RunConfig, StageConfig
