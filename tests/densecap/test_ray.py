@@ -1,6 +1,6 @@
 """Issue 13: densecap with Ray as the executor, on a REAL local Ray cluster.
 
-Real `ray start --head` clusters on 127.0.0.1 (densecap.testing.ray_cluster), real `densecap run`
+Real `ray start --head` clusters on 127.0.0.1 (densecap.executors.ray_cluster), real `densecap run`
 processes, real SIGKILLs of Ray worker processes and of the driver, the fault-injecting HTTP server
 of test_reliability (tests/densecap/fake_openai.py) for the kill tests, and the real vLLM CPU server
 for the tests marked vllm. After each cluster is stopped, no process of it may be left.
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One real Ray head node (2 CPUs) for the module; stopped at the end, and nothing of it may survive."""
-    from densecap.testing.ray_cluster import RayCluster
+    from densecap.executors.ray_cluster import RayCluster
 
     rc = RayCluster(num_cpus=2, num_gpus=0, object_store_memory=200_000_000)
     try:
@@ -406,8 +406,8 @@ def test_executor_is_an_execution_setting(world_dir):
     """Switching executors never makes finished shards stale, in densecap run and in the pipeline stage."""
     from d2s.config import from_dict
     from densecap.config import RunConfig
-    from densecap.run import config_fingerprint
-    from densecap.stage import DensecapStage
+    from densecap.stages import DensecapStage
+    from densecap.worker import config_fingerprint
 
     a = from_dict(RunConfig, {"out": "x", "source": {"type": "shards", "params": {"path": str(world_dir)}}}, "config")
     b = from_dict(
