@@ -27,6 +27,7 @@ from d2s.registry import describe_params, doc_line
 
 from .caption_sources import CAPTION_SOURCES, CaptionSourceError
 from .config import RunConfig
+from .executors.base import EXECUTORS
 from .filters import DEFAULT_FILTERS, FILTERS
 from .images import IMAGE_SOURCES
 
@@ -222,14 +223,15 @@ def _add_how_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--num-workers", dest="num_workers", type=int)
     r.add_argument(
         "--executor",
-        choices=("local", "ray"),
-        help="who runs the units: local (default: this process and --num-workers processes) or ray (a Ray cluster)",
+        help=f"who runs the units (executor.type): {', '.join(EXECUTORS.names())}; default local (this process "
+        "and --num-workers processes), ray: a Ray cluster",
     )
     r.add_argument(
         "--ray-address",
         dest="ray_address",
-        metavar="auto|HOST:PORT",
-        help="the Ray cluster to join (implies --executor ray); without it a local one is started",
+        metavar="auto|HOST:PORT|ray://HOST[:PORT]",
+        help="the Ray cluster to join (implies --executor ray; checked before Ray starts, executor.connect_timeout); "
+        "without it a local one is started",
     )
     r.add_argument("--rank", type=int)
     r.add_argument("--world-size", dest="world_size", type=int)
