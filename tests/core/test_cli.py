@@ -40,9 +40,6 @@ def test_log_level_after_the_subcommand_in_every_cli(prog):
         from vse_train.cli import _parser as build
     args, _ = build().parse_known_args(["filters" if prog == "densecap" else "models", "--log-level", "debug"])
     assert args.log_level == "DEBUG"
-    # the deprecated alias of a subcommand shares its parser and accepts it too
-    if prog == "densecap":
-        assert build().parse_known_args(["captioners", "--log-level", "error"])[0].log_level == "ERROR"
 
 
 def test_stages_lists_the_fields_of_wrapped_configs(capsys):

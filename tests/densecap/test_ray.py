@@ -1,6 +1,6 @@
 """Issue 13: densecap with Ray as the executor, on a REAL local Ray cluster.
 
-Real `ray start --head` clusters on 127.0.0.1 (densecap.testing.ray_cluster), real `densecap run`
+Real `ray start --head` clusters on 127.0.0.1 (densecap.executors.ray_cluster), real `densecap run`
 processes, real SIGKILLs of Ray worker processes and of the driver, the fault-injecting HTTP server
 of test_reliability (tests/densecap/fake_openai.py) for the kill tests, and the real vLLM CPU server
 for the tests marked vllm. After each cluster is stopped, no process of it may be left.
@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One real Ray head node (2 CPUs) for the module; stopped at the end, and nothing of it may survive."""
-    from densecap.testing.ray_cluster import RayCluster
+    from densecap.executors.ray_cluster import RayCluster
 
     rc = RayCluster(num_cpus=2, num_gpus=0, object_store_memory=200_000_000)
     try:
@@ -406,8 +407,8 @@ def test_executor_is_an_execution_setting(world_dir):
     """Switching executors never makes finished shards stale, in densecap run and in the pipeline stage."""
     from d2s.config import from_dict
     from densecap.config import RunConfig
-    from densecap.run import config_fingerprint
-    from densecap.stage import DensecapStage
+    from densecap.stages import DensecapStage
+    from densecap.worker import config_fingerprint
 
     a = from_dict(RunConfig, {"out": "x", "source": {"type": "shards", "params": {"path": str(world_dir)}}}, "config")
     b = from_dict(
@@ -633,3 +634,137 @@ def test_pipeline_stage_runs_on_ray_and_keeps_its_cache_when_switched_back(world
     assert r.returncode == 0, r.stderr[-3000:]
     assert before == {p: Path(p).stat().st_mtime_ns for p in completed_shards(out)}
     assert "skip" in (r.stdout + r.stderr)
+
+
+# ---- issue 17: the entry (addresses, checks before the cluster) and interrupts ----------------
+@pytest.fixture
+def no_ray_found(tmp_path, monkeypatch) -> Path:
+    """An environment in which Ray's own search finds no cluster: no $RAY_ADDRESS, and a Ray temp
+    directory ($RAY_TMPDIR) of this test without the address file `ray start` writes (returned)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))
+    return tmp_path / "raytmp" / "ray" / "ray_current_cluster"
+
+
+def densecap_main(args: list) -> int:
+    from densecap.cli import main
+
+    return main(["run", "--no-progress", *map(str, args)])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "address, says",
+    [
+        ("127.0.0.1:1", "nothing accepted a connection at 127.0.0.1:1"),  # unreachable
+        ("auto", "found no running Ray cluster ($RAY_ADDRESS is not set and "),  # no cluster
+        ("127.0.0.1", "no port; expected ''"),  # malformed
+        ("127.0.0.1:99999", "port 99999 is not in 1..65535"),  # malformed
+    ],
+)
+def test_bad_ray_address_exits_2_naming_the_field(address, says, world_dir, tmp_path, no_ray_found, caplog):
+    ray_before = "ray" in sys.modules
+    assert densecap_main(["--input", world_dir, "--out", tmp_path / "o", "--ray-address", address]) == 2
+    assert f"executor.address: {address!r}" in caplog.text and says in caplog.text, caplog.text
+    # Ray was never imported (nor a cluster joined) and nothing was written
+    assert ("ray" in sys.modules) == ray_before and not list((tmp_path / "o").glob("*.tar*"))
+
+
+@pytest.mark.timeout(60)
+def test_auto_reads_the_address_file_ray_writes_and_names_it_when_stale(world_dir, tmp_path, no_ray_found, caplog):
+    """'auto' follows Ray's address file (<Ray temp dir>/ray_current_cluster) or $RAY_ADDRESS; a file
+    left by a cluster that is gone exits 2 naming the address, where it came from and the field."""
+    no_ray_found.parent.mkdir(parents=True)
+    no_ray_found.write_text("127.0.0.1:1\n")
+    args = ["--input", world_dir, "--out", tmp_path / "o", "--ray-address", "auto"]
+    assert densecap_main(args) == 2
+    assert (
+        f"executor.address: 'auto' ('127.0.0.1:1', from {no_ray_found}): nothing accepted a connection" in caplog.text
+    )
+    os.environ["RAY_ADDRESS"] = "nohost"  # monkeypatch restores it (deleted)
+    assert densecap_main(args) == 2
+    assert "executor.address: 'auto' ('nohost', from $RAY_ADDRESS): no port" in caplog.text
+
+
+@pytest.mark.timeout(120)
+def test_caption_server_is_checked_before_a_cluster_is_started(world_dir, tmp_path):
+    """A wrong base_url fails as with the local executor (exit 2, the server named), and no local
+    Ray cluster is ever started: the driver starts no process at all."""
+    args = [
+        *("--input", world_dir, "--out", tmp_path / "o", "--executor", "ray"),
+        *("--caption-source", "vllm-server", "-C", "base_url=http://127.0.0.1:1", "-C", "model=m"),
+    ]
+    proc = start_cli(args, tmp_path / "driver.log")
+    seen: set[int] = set()
+    watch_tree(proc, seen, lambda: proc.poll() is not None)
+    log = (tmp_path / "driver.log").read_text()
+    assert proc.returncode == 2, log[-3000:]
+    assert "vllm-server: cannot reach http://127.0.0.1:1/v1/models" in log
+    assert not seen and "Ray cluster" not in log and not cluster_dirs(proc.pid)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_auto_joins_the_cluster_in_the_address_file(world_dir, tmp_path, ray_cluster):
+    f = tmp_path / "raytmp" / "ray" / "ray_current_cluster"
+    f.parent.mkdir(parents=True)
+    f.write_text(ray_cluster.address + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(HF_HUB_OFFLINE="1", RAY_TMPDIR=str(tmp_path / "raytmp"), **ray_env(ray_cluster))
+    args = ["--input", world_dir, "--out", tmp_path / "o", "--ray-address", "auto", "--set", "executor.replicas=2"]
+    cmd = densecap_cmd() + ["run", "--no-progress", *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["complete"] and f"Ray cluster {ray_cluster.address} with" in r.stderr
+    assert len({st["worker"] for st in stats_of(tmp_path / "o").values()}) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_ray_run_is_one_line_leaves_nothing_and_a_rerun_finishes(sig, tmp_path):
+    """SIGINT / SIGTERM to a driver with its own local cluster, mid-run: exit 130 / 143, one line
+    saying how many shards are finished, no traceback; every process it started has ended and its
+    cluster directory is gone when it exits; the rerun writes every image exactly once."""
+    files = image_folder(tmp_path / "photos", 16)
+    out = tmp_path / "out"
+    with FakeOpenAI(delay=0.2) as srv:
+        args = [
+            *("--source", "folder", "--input", tmp_path / "photos", "-S", "chunk_size=2", "--batch-size", 1),
+            *("--filters", "length", "--out", out, "--caption-source", "vllm-server"),
+            *("-C", f"base_url={srv.base_url}", "-C", "model=fake-vlm", "-C", "concurrency=1"),
+            *("--executor", "ray", "--set", "executor.replicas=2"),
+            *("--set", "executor.init={num_cpus: 2, object_store_memory: 100000000}"),
+        ]
+        proc = start_cli(args, tmp_path / "first.log")
+        seen: set[int] = set()
+        try:
+            watch_tree(proc, seen, lambda: len(completed_shards(out)) >= 2 or proc.poll() is not None)
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            proc.send_signal(sig)
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        log = (tmp_path / "first.log").read_text()
+        done = len(completed_shards(out))
+        assert rc == 128 + sig, log[-3000:]
+        said = [line for line in log.splitlines() if "interrupted" in line]
+        assert said == [
+            f"densecap: interrupted ({sig.name}): {done} of 8 shard(s) finished in {out}; "
+            "rerun the same command to continue"
+        ], log[-3000:]
+        assert "Traceback" not in log and 2 <= done < 8
+        assert len(seen) >= 3 and not [p for p in seen if alive(p)], [cmdline(p)[:60] for p in seen if alive(p)]
+        assert not cluster_dirs(proc.pid)
+        r = subprocess.run(
+            densecap_cmd() + ["run", "--no-progress", *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["units_run"] == 8 - done
+    assert Counter(s.id for s in samples_of(out)) == Counter({n: 1 for n in files})
+    assert not list(out.glob("*.tmp"))

@@ -208,7 +208,7 @@ def test_server_on_another_address_fills_failures_and_keeps_finished_shards(tmp_
 def test_fingerprint_counts_what_decides_content_only(field, value, stale):
     from d2s.config import from_dict
     from densecap.config import DensecapConfig
-    from densecap.run import config_fingerprint
+    from densecap.worker import config_fingerprint
 
     def cfg(params):
         return from_dict(
@@ -707,7 +707,7 @@ def test_second_run_on_the_same_output_and_rank_stops_at_once(tmp_path):
 def test_lock_names_the_holder_in_process():
     import tempfile
 
-    from densecap.run import RunLock, RunLocked
+    from densecap.locks import RunLock, RunLocked
 
     with tempfile.TemporaryDirectory() as d:
         with RunLock(Path(d), 3):

@@ -146,7 +146,7 @@ def test_help_documents_every_source_and_filter(capsys):
 def test_densecap_pipeline_stage(world_dir, tmp_path, monkeypatch):
     from d2s.pipeline import Runner, load_pipeline, stage_types
 
-    assert stage_types()["densecap"] == "densecap.stage:DensecapStage"
+    assert stage_types()["densecap"] == "densecap.stages:DensecapStage"
     monkeypatch.chdir(tmp_path)
     doc = {
         "name": "dc",

@@ -15,6 +15,7 @@ from typing import Protocol as TypingProtocol
 import numpy as np
 import torch
 
+from d2s.atomic import atomic_write_json, atomic_write_text
 from d2s.retrieval import (
     DEFAULT_CHUNK_SIZE,
     ProtocolResult,
@@ -23,7 +24,6 @@ from d2s.retrieval import (
     evaluate_protocol,
     get_protocol,
 )
-from d2s.shards import atomic_write_json, atomic_write_text
 
 from .data import EvalSet
 

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from d2s.shards import atomic_write_text
+from d2s.atomic import atomic_write_text
 
 from .api import COLUMNS, BenchResults
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from d2s.atomic import atomic_write_text
 from d2s.pipeline import Stage, StageContext
-from d2s.shards import atomic_write_text
 
 from .api import COLUMNS, load_embeddings, read_results
 from .data import load_shards

@@ -34,7 +34,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_stages(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .config import flat_fields
     from .pipeline import load_stage_type, stage_types
 
     for name, target in sorted(stage_types().items()):
@@ -44,7 +43,7 @@ def _cmd_stages(args: argparse.Namespace) -> int:
         if doc:
             print(f"    {doc[0]}")
         if dataclasses.is_dataclass(cls.Params):
-            for f in flat_fields(cls.Params):
+            for f in dataclasses.fields(cls.Params):
                 default = (
                     f.default
                     if f.default is not dataclasses.MISSING

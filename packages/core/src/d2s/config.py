@@ -8,19 +8,13 @@ a wrong field fails at that moment with a message naming the field's full path::
 Supported field types: bool, int, float, str, Path, Literal[...], Optional/``X | None``,
 list[X], tuple[X, ...], dict[str, X], and nested dataclasses.
 
-Two things let configurations be composed and renamed without changing what users write:
-
-- ``field(metadata=FLATTEN)`` on a nested-dataclass field: its fields sit at the same level as
-  the outer class's in the plain data (``from_dict`` gathers them, ``to_dict`` writes them
-  there), so a class can wrap another one instead of repeating its fields;
-- a class attribute ``config_aliases = {"old_name": "new_name"}``: ``old_name`` is still read
-  (with a deprecation warning in the log) as ``new_name``.
+Configurations compose by inheritance (a dataclass extends another with more fields, e.g.
+vse_train's ``TrainConfig(TrainSpec)``); each field has one name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import types
 import typing
 from pathlib import Path
@@ -29,11 +23,6 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
-
-log = logging.getLogger(__name__)
-
-#: field metadata: a nested dataclass whose fields are written at the level of the outer class
-FLATTEN = {"flatten": True}
 
 
 class ConfigError(ValueError):
@@ -137,42 +126,6 @@ def _to_path(value: Any, where: str) -> Path:
 _SCALARS: dict[Any, Any] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str, Path: _to_path}
 
 
-def _flattened(cls: type) -> dict[str, type]:
-    """name -> dataclass of the ``FLATTEN`` fields of ``cls``."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.metadata.get("flatten")}
-
-
-def flat_fields(cls: type) -> list[dataclasses.Field]:
-    """The dataclass fields of ``cls`` as plain data sees them: a ``FLATTEN`` field is replaced by
-    the fields of its class (recursively), in order. For listings such as ``d2s stages``."""
-    flat = _flattened(cls)
-    out: list[dataclasses.Field] = []
-    for f in dataclasses.fields(cls):
-        out.extend(flat_fields(flat[f.name]) if f.name in flat else [f])
-    return out
-
-
-def known_fields(cls: type) -> list[str]:
-    """The field names ``cls`` reads from plain data (flattened fields replaced by theirs)."""
-    return [f.name for f in flat_fields(cls) if f.init]
-
-
-def _apply_aliases(cls: type, data: dict, where: str) -> dict:
-    aliases: dict[str, str] = getattr(cls, "config_aliases", {}) or {}
-    if not any(old in data for old in aliases):
-        return data
-    data = dict(data)
-    for old, new in aliases.items():
-        if old not in data:
-            continue
-        if new in data:
-            raise ConfigError(f"{where}: {old!r} is the deprecated name of {new!r}; give only {new!r}")
-        log.warning("%s: %r is deprecated, write %r (read as %r)", where, old, new, new)
-        data[new] = data.pop(old)
-    return data
-
-
 def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data``; unknown, missing or ill-typed fields raise ConfigError."""
     if data is None:
@@ -181,21 +134,13 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
         raise ConfigError(f"{where}: expected a mapping of fields, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    flat = _flattened(cls)
-    for inner in flat.values():
-        data = _apply_aliases(inner, data, where)
-    data = _apply_aliases(cls, data, where)
-    own = set(fields) - set(flat)
-    unknown = sorted(set(data) - own - {n for inner in flat.values() for n in known_fields(inner)})
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known_fields(cls))}")
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(fields)}")
     kwargs = {}
     for name, f in fields.items():
         sub = f"{where}.{name}"
-        if name in flat:
-            inner_names = set(known_fields(flat[name])) | set(getattr(flat[name], "config_aliases", {}) or {})
-            kwargs[name] = from_dict(flat[name], {k: v for k, v in data.items() if k in inner_names}, where)
-        elif name in data:
+        if name in data:
             kwargs[name] = _convert(data[name], hints[name], sub)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{sub}: required field is missing")
@@ -213,11 +158,7 @@ def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out: dict[str, Any] = {}
         for f in dataclasses.fields(obj):
-            value = to_dict(getattr(obj, f.name))
-            if f.metadata.get("flatten"):
-                out.update(value)
-            else:
-                out[f.name] = value
+            out[f.name] = to_dict(getattr(obj, f.name))
         return out
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]

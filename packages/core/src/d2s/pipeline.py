@@ -33,9 +33,9 @@ from typing import Any, ClassVar
 
 import yaml
 
+from .atomic import atomic_write_json
 from .config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from .registry import Registry
-from .shards import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_json
 from .schema import SCHEMA_VERSION, Sample, SampleError, convert_image, normalise_ext
 
 log = logging.getLogger(__name__)
@@ -42,21 +43,6 @@ def shard_name(split: str, index: int) -> str:
 def stats_path(tar_path: str | os.PathLike) -> Path:
     p = Path(tar_path)
     return p.with_name(p.name[: -len(".tar")] + ".stats.json")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 class ShardWriter:

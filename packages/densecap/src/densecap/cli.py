@@ -8,7 +8,9 @@
 
 Exit status: 0 done; 2 bad configuration; 3 finished but some captions failed (recorded
 with their error: rerun to fill them); 4 stopped because a caption source died; 5 another
-densecap process is writing the same output directory and rank (the message names it).
+densecap process is writing the same output directory and rank (the message names it);
+130 / 143 interrupted by SIGINT / SIGTERM (one line says how many shards are finished; a rerun
+continues).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from d2s.registry import describe_params, doc_line
 
 from .caption_sources import CAPTION_SOURCES, CaptionSourceError
 from .config import RunConfig
+from .executors.base import EXECUTORS
 from .filters import DEFAULT_FILTERS, FILTERS
 from .images import IMAGE_SOURCES
 
@@ -87,10 +90,7 @@ def _source_doc(doc: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def _caption_sources_doc(doc: dict[str, Any], args: argparse.Namespace) -> None:
-    """--caption-source (--captioner) and -C into ``doc['caption_sources']``."""
-    if "captioners" in doc and "caption_sources" not in doc:  # the deprecated key of a config file
-        log.warning("%s: 'captioners' is deprecated, write 'caption_sources'", args.config)
-        doc["caption_sources"] = doc.pop("captioners")
+    """--caption-source and -C into ``doc['caption_sources']``."""
     if args.caption_source:
         doc["caption_sources"] = []
         for c in args.caption_source:
@@ -150,12 +150,10 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     _execution_doc(doc, args)
     for o in args.set:
         k, v = parse_override(o)
-        if k[0] == "captioners":  # the deprecated name of the key
-            k = ["caption_sources", *k[1:]]
         _set(doc, k, v, f"--set {o}")
     cfg = from_dict(RunConfig, doc, "config")
     # validate every plug-in's params now, before any work
-    c = cfg.config
+    c = cfg
     IMAGE_SOURCES.parse_params(c.source.type, c.source.params, "source.params")
     for i, cs in enumerate(c.caption_sources):
         CAPTION_SOURCES.parse_params(cs.type, cs.params, f"caption_sources[{i}].params")
@@ -180,12 +178,8 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _add_what_args(r)
     _add_how_args(r)
-    for name, aliases, what in (
-        ("sources", [], "image sources"),
-        ("caption-sources", ["captioners"], "caption sources"),  # 'captioners': the deprecated name
-        ("filters", [], "filters"),
-    ):
-        sub.add_parser(name, aliases=aliases, help=f"list registered {what} and their parameters")
+    for name, what in (("sources", "image sources"), ("caption-sources", "caption sources"), ("filters", "filters")):
+        sub.add_parser(name, help=f"list registered {what} and their parameters")
     rep = sub.add_parser("report", help="(re)write the summary report of an output directory")
     rep.add_argument("out")
     rep.add_argument("--report", default=None)
@@ -204,7 +198,6 @@ def _add_what_args(r: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--caption-source",
-        "--captioner",  # the deprecated name
         dest="caption_source",
         action="append",
         metavar="TYPE[=LABEL]",
@@ -213,7 +206,6 @@ def _add_what_args(r: argparse.ArgumentParser) -> None:
     r.add_argument(
         "-C",
         "--caption-source-opt",
-        "--captioner-opt",
         dest="caption_source_opt",
         action="append",
         default=[],
@@ -231,14 +223,15 @@ def _add_how_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--num-workers", dest="num_workers", type=int)
     r.add_argument(
         "--executor",
-        choices=("local", "ray"),
-        help="who runs the units: local (default: this process and --num-workers processes) or ray (a Ray cluster)",
+        help=f"who runs the units (executor.type): {', '.join(EXECUTORS.names())}; default local (this process "
+        "and --num-workers processes), ray: a Ray cluster",
     )
     r.add_argument(
         "--ray-address",
         dest="ray_address",
-        metavar="auto|HOST:PORT",
-        help="the Ray cluster to join (implies --executor ray); without it a local one is started",
+        metavar="auto|HOST:PORT|ray://HOST[:PORT]",
+        help="the Ray cluster to join (implies --executor ray; checked before Ray starts, executor.connect_timeout); "
+        "without it a local one is started",
     )
     r.add_argument("--rank", type=int)
     r.add_argument("--world-size", dest="world_size", type=int)
@@ -263,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = make_parser()
     args = ap.parse_args(argv)
     setup_logging(args.log_level)
-    listings = {"sources": IMAGE_SOURCES, "caption-sources": CAPTION_SOURCES, "captioners": CAPTION_SOURCES}
+    listings = {"sources": IMAGE_SOURCES, "caption-sources": CAPTION_SOURCES}
     if args.cmd in (*listings, "filters"):
         print(catalogue(listings.get(args.cmd, FILTERS), indent=""))
         return 0
@@ -274,7 +267,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(write_report(args.out, args.report or Path(args.out) / "report"), indent=2))
         return 0
-    from .run import RunAborted, RunLocked, run
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``densecap run``: the exit status the module docstring lists."""
+    from .locks import RunLocked, signals_interrupt
+    from .run import RunInterrupted, run
+    from .worker import RunAborted
 
     try:
         cfg = build_config(args)
@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
-        summary = run(cfg)
+        with signals_interrupt():  # SIGTERM too ends the run through its clean-up
+            summary = run(cfg)
     except (ConfigError, FileNotFoundError, CaptionSourceError) as exc:
         log.error("%s", exc)
         return 2
@@ -293,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunLocked as exc:
         log.error("%s", exc)
         return 5
+    except RunInterrupted as exc:
+        print(exc, file=sys.stderr, flush=True)  # one line, no traceback
+        return 128 + exc.signum
     print(json.dumps(summary, indent=2))
     if summary.get("caption_errors"):
         log.error(

@@ -1,16 +1,18 @@
 """The densecap configuration: one dataclass tree, parsed with d2s.config.from_dict.
 
 :class:`DensecapConfig` is the one configuration of a densecap job. The ``densecap`` pipeline
-stage's ``params`` (:class:`StageConfig`) wrap it and add this machine's share of the work
-(``rank`` / ``world_size``); what ``densecap run --config`` reads (:class:`RunConfig`) wraps
-the stage's and adds where to write (``out`` / ``report``). Wrapped configs are flattened
-(``d2s.config.FLATTEN``): their fields sit at the top level of the YAML, as before.
+stage's ``params`` (:class:`StageConfig`) extend it with this machine's share of the work
+(``rank`` / ``world_size``); what ``densecap run --config`` reads (:class:`RunConfig`) extends
+the stage's with where to write (``out`` / ``report``). They compose by inheritance, as
+vse_train's ``TrainSpec`` / ``TrainConfig`` do: every field sits at the top level of the YAML.
+
+Fields marked ``metadata=EXECUTION`` decide how a job runs, not what it writes (workers, batch
+size, progress bar, executor, rank): they stay out of the shard fingerprint and of the pipeline
+stage's cache key (:func:`execution_fields`).
 
 Parsing it also parses every plug-in's ``params`` through the plug-in's registry, so a wrong
 plug-in name or parameter fails when the configuration is read (``d2s run --dry-run``
 included), naming the field, e.g. ``caption_sources[0].params: unknown field(s) ['temperatur']``.
-
-``captioners`` is the deprecated name of ``caption_sources``: still read, with a warning.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from d2s.config import FLATTEN, ConfigError
+from d2s.config import ConfigError
 
+from .executors.base import ExecutorConfig
 from .filters import DEFAULT_FILTERS
 
 # Placeholder used only while validating a source whose 'path' the pipeline stage fills in
@@ -35,6 +38,14 @@ _SOURCE_PATHS: dict[str, dict[str, str]] = {
     "folder": {"path": "dir", "captions": "file"},
     "karpathy": {"path": "file", "image_root": "dir"},
 }
+
+#: field metadata: the field decides how a job runs, not what it writes
+EXECUTION = {"execution": True}
+
+
+def execution_fields(cls: type) -> tuple[str, ...]:
+    """The fields of config class ``cls`` marked ``EXECUTION``, in order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("execution"))
 
 
 @dataclass
@@ -68,53 +79,22 @@ def _check_source_paths(source: PluginConfig) -> None:
 
 
 @dataclass
-class ExecutorConfig:
-    """Who runs the units. ``local``: this process and ``num_workers`` processes it starts.
-    ``ray``: a Ray cluster (``densecap[ray]``); each replica is a Ray actor holding the caption
-    sources, a unit whose worker or node dies is retried by Ray, and this process (the driver)
-    plans, shows progress and writes the manifest and report."""
-
-    type: Literal["local", "ray"] = "local"
-    # ray: '' = start a local Ray cluster that ends with this process (densecap.ray_cluster);
-    # 'auto' = the cluster this machine belongs to ($RAY_ADDRESS or `ray start`); or HOST:PORT
-    address: str = ""
-    replicas: int = 0  # ray: worker actors (0 = num_workers)
-    num_cpus: float = 1.0  # ray: CPUs each replica reserves
-    num_gpus: float = 0.0  # ray: GPUs each replica reserves (vllm-offline: 1 = one engine per GPU)
-    max_retries: int = 3  # ray: times a unit is retried after its worker process or node died
-    # ray: num_cpus / num_gpus / object_store_memory size the local cluster (no address); anything
-    # else goes to ray.init() (e.g. runtime_env, namespace)
-    init: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.replicas < 0:
-            raise ValueError("replicas must be >= 0")
-        if self.max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
-        if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ValueError("num_cpus and num_gpus must be >= 0")
-
-
-@dataclass
 class DensecapConfig:
     """What a densecap job does (and with how many workers); see docs/pipeline-format.md."""
-
-    # the key before caption sources had one name everywhere: still read, with a warning
-    config_aliases: ClassVar[dict[str, str]] = {"captioners": "caption_sources"}
 
     source: PluginConfig = field(default_factory=lambda: PluginConfig("shards"))
     caption_sources: list[PluginConfig] = field(default_factory=lambda: [PluginConfig("synthetic-oracle")])
     filters: list[PluginConfig] = field(default_factory=lambda: [PluginConfig(n) for n in DEFAULT_FILTERS])
-    num_workers: int = 1
-    batch_size: int = 64
+    num_workers: int = field(default=1, metadata=EXECUTION)
+    batch_size: int = field(default=64, metadata=EXECUTION)
     recaption: bool = False  # caption again even when a sample already has a good text from this source
-    progress: bool = True
+    progress: bool = field(default=True, metadata=EXECUTION)
     # one image extension per split, so that Arrow readers (Hugging Face datasets) see every image:
     # 'auto' = the split's most common format (its first image's for shard / dataset sources), other
     # formats re-encoded (PNG losslessly, JPEG at quality 95; meta.original_format records theirs);
     # 'jpg' / 'png' / 'webp' = that one; 'keep' = every image as it comes (mixed extensions)
     image_ext: Literal["auto", "keep", "jpg", "png", "webp"] = "auto"
-    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig, metadata=EXECUTION)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -155,8 +135,8 @@ class DensecapConfig:
             _parse_plugin(FILTERS, f, f"filters[{i}]")
 
 
-@dataclass
-class StageConfig:
+@dataclass(kw_only=True)
+class StageConfig(DensecapConfig):
     """``params`` of the ``densecap`` pipeline stage: the config plus this machine's share.
 
     With ``world_size`` N > 1, units go round-robin to ranks 0..N-1 (as ``densecap run
@@ -164,24 +144,18 @@ class StageConfig:
     the stage with their own ``rank``.
     """
 
-    config: DensecapConfig = field(default_factory=DensecapConfig, metadata=FLATTEN)
-    rank: int = 0
-    world_size: int = 1
-
-    def __getattr__(self, name: str) -> Any:
-        # read access to the wrapped config's fields (``params.source``), as when they were copied here
-        if name.startswith("__") or name == "config" or name not in DensecapConfig.__dataclass_fields__:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(self.config, name)
+    rank: int = field(default=0, metadata=EXECUTION)
+    world_size: int = field(default=1, metadata=EXECUTION)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={self.rank} world_size={self.world_size}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunConfig(StageConfig):
     """What ``densecap run`` reads: the stage's params plus where to write."""
 

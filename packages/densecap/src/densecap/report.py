@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from d2s.shards import atomic_write_json, atomic_write_text, completed_shards, iter_records
+from d2s.atomic import atomic_write_json, atomic_write_text
+from d2s.shards import completed_shards, iter_records
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from d2s.shards import atomic_write_json, iter_samples, split_shards
+from d2s.atomic import atomic_write_json
+from d2s.shards import iter_samples, split_shards
 
 from .models import ModelConfig, asset_paths, get_model_config, list_models
 

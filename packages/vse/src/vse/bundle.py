@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from d2s.shards import atomic_write_json
+from d2s.atomic import atomic_write_json
 
 from .checkpoint import load_checkpoint, load_processor, load_tokenizer, read_config
 from .transforms import ImageTransform, TextTokenizer

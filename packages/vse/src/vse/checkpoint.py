@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from d2s.shards import atomic_write_json
+from d2s.atomic import atomic_write_json
 
 from .models import ModelConfig, VSEModel, backbone_from_config, get_model_config
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from d2s.atomic import atomic_write_text
 from d2s.config import to_dict
 from d2s.pipeline import Stage, StageContext
-from d2s.shards import atomic_write_text
 
 from .config import TrainConfig, TrainSpec, parse_config
 from .train import train

@@ -129,7 +129,7 @@ def _dec(x: Any) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from d2s.shards import atomic_write_json
+    from d2s.atomic import atomic_write_json
 
     atomic_write_json(path, _enc(obj, path.name))
 

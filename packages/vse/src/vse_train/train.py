@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from d2s.atomic import atomic_write_json, atomic_write_text
 from d2s.config import ConfigError, to_dict
-from d2s.shards import atomic_write_json, atomic_write_text, split_shards, split_size, split_sparse_count
+from d2s.shards import split_shards, split_size, split_sparse_count
 from vse.checkpoint import load_checkpoint, load_processor, load_tokenizer, save_checkpoint
 from vse.models import VSEModel, create_model, get_model_config, l2norm, processor_source, tokenizer_source
 from vse.transforms import ImageTransform, TextTokenizer

@@ -57,8 +57,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from d2s.atomic import atomic_write_json
 from d2s.config import to_dict
-from d2s.shards import atomic_write_json, iter_samples, read_manifest, split_shards
+from d2s.shards import iter_samples, read_manifest, split_shards
 from vse.assets import SPECIAL, words_of
 from vse.models import asset_paths, backbone_from_config, get_model_config, load_backbone
 

@@ -9,8 +9,8 @@ group and then:
 
 - stdin reaches end of file (the starter exited, was SIGKILLed, or closed the pipe): it
   SIGKILLs the whole group, the server and every process the server started included;
-- SIGTERM / SIGINT: it passes SIGTERM on to the server, waits up to 20 s for it, then
-  SIGKILLs the group;
+- SIGTERM / SIGINT: it passes SIGTERM on to the server and returns as soon as the server has
+  exited; a server still running 20 s later is SIGKILLed with the whole group;
 - the server exits by itself: it SIGTERMs whatever the server left in the group and exits
   with the server's status.
 
@@ -26,6 +26,8 @@ import subprocess
 import sys
 import threading
 
+GRACE_S = 20.0  # how long a SIGTERMed server may take to shut down before the group is SIGKILLed
+
 
 def _kill_group() -> None:
     os.killpg(os.getpgrp(), signal.SIGKILL)  # ourselves included
@@ -39,12 +41,16 @@ def main(argv: list[str]) -> int:
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
     def on_term(signum, frame) -> None:
+        # No wait here: the handler runs inside the main thread's child.wait(), which holds Popen's
+        # wait lock, so a wait(timeout) from here could not reap the server and slept its whole
+        # timeout (a 20 s stop). The main thread's wait returns once the server is gone.
         try:
             child.send_signal(signal.SIGTERM)
-            child.wait(timeout=20)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
+        except ProcessLookupError:
             pass
-        _kill_group()
+        timer = threading.Timer(GRACE_S, _kill_group)
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)

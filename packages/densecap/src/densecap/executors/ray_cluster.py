@@ -1,35 +1,43 @@
-"""A local Ray cluster that dies with the process that started it.
+"""Where the Ray executor's cluster is: a local one that dies with its starter, or an address
+checked before Ray is touched.
 
-``ray start --head --block`` in its own session, on 127.0.0.1, with its own temporary directory,
-run under ``densecap/testing/server_guard.py``: the whole cluster (GCS, raylet, agents, workers)
-ends when :meth:`RayCluster.stop` is called or when the starting process ends in any way, SIGKILL
-included. The Ray executor starts one like this when it is given no address, because a cluster
-started by ``ray.init()`` leaves its dashboard and runtime-env agents running when the driver is
-SIGKILLed (seen with Ray 2.60). The tests and the benchmark use it too. Only the processes of
-this session are ever signalled, never other Ray clusters on the machine.
+:class:`RayCluster`: ``ray start --head --block`` in its own session, on 127.0.0.1, with its own
+temporary directory, run under ``densecap/testing/server_guard.py``: the whole cluster (GCS,
+raylet, agents, workers) ends when :meth:`RayCluster.stop` is called or when the starting process
+ends in any way, SIGKILL included. The Ray executor starts one like this when it is given no
+address, because a cluster started by ``ray.init()`` leaves its dashboard and runtime-env agents
+running when the driver is SIGKILLed (seen with Ray 2.60). The tests and the benchmark use it too.
+Only the processes of this session are ever signalled, never other Ray clusters on the machine.
 
     with RayCluster(num_cpus=2) as rc:
         densecap run ... --ray-address rc.address
+
+:func:`resolve_address`: ``executor.address`` parsed and checked without Ray (a malformed
+address, ``auto`` with no cluster, a host:port where nothing answers each fail in seconds with
+a :class:`~d2s.config.ConfigError` naming the field and the value given).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-GUARD = Path(__file__).with_name("testing") / "server_guard.py"
+from d2s.config import ConfigError
+
+GUARD = Path(__file__).parents[1] / "testing" / "server_guard.py"
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -147,12 +155,15 @@ class RayCluster:
             env=ray_env(self.token),
             start_new_session=True,
         )
-        while "Ray runtime started" not in self.log_path.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.time() - t0 > timeout:
-                tail = self.log_path.read_text(errors="replace")[-3000:]
-                self.stop()
-                raise RuntimeError(f"ray start failed or timed out; log tail:\n{tail}")
-            time.sleep(0.2)
+        try:
+            while "Ray runtime started" not in self.log_path.read_text(errors="replace"):
+                if self.proc.poll() is not None or time.time() - t0 > timeout:
+                    tail = self.log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"ray start failed or timed out; log tail:\n{tail}")
+                time.sleep(0.2)
+        except BaseException:  # failed, or interrupted while starting: nothing of it may stay
+            self.stop(graceful=False)
+            raise
         self.start_seconds = time.time() - t0
         return self
 
@@ -196,3 +207,104 @@ class RayCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ---- executor.address ------------------------------------------------------------------
+ADDRESS_FORMS = "'' (start a local cluster), 'auto', 'HOST:PORT' or 'ray://HOST[:PORT]'"
+CLIENT_PORT = 10001  # Ray Client's default port
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
+
+
+def parse_address(value: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of a Ray address: ``HOST:PORT`` (scheme '') or
+    ``ray://HOST[:PORT]`` (Ray Client, port 10001 by default); IPv6 hosts in brackets.
+    ValueError saying what is wrong otherwise."""
+    scheme = "ray://" if value.startswith("ray://") else ""
+    rest = value[len(scheme) :]
+    if rest.startswith("["):
+        host, sep, tail = rest[1:].partition("]")
+        if not sep or (tail and not tail.startswith(":")) or not re.fullmatch(r"[0-9A-Fa-f:.]+", host):
+            raise ValueError("not a Ray address")
+        port_s = tail[1:]
+    else:
+        host, sep, port_s = rest.rpartition(":")
+        if not sep:
+            host, port_s = rest, ""
+        if not _HOST.fullmatch(host):
+            raise ValueError("not a Ray address")
+    if not port_s and not scheme:
+        raise ValueError("no port")
+    if port_s and not port_s.isdigit():
+        raise ValueError(f"port {port_s!r} is not a number")
+    port = int(port_s) if port_s else CLIENT_PORT
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is not in 1..65535")
+    return scheme, host, port
+
+
+def ray_temp_dir() -> Path:
+    """Where Ray keeps the address of the cluster ``ray start`` last started (as Ray finds it)."""
+    base = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else "")
+    return Path(base or "/tmp") / "ray"
+
+
+def find_auto_address() -> tuple[str, str]:
+    """(address, where it came from) for ``auto``: $RAY_ADDRESS, else the address file ``ray
+    start`` writes (``<ray temp dir>/ray_current_cluster``); ConfigError when there is neither."""
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env:
+        return env, "$RAY_ADDRESS"
+    f = ray_temp_dir() / "ray_current_cluster"
+    try:
+        found = f.read_text().strip()
+    except OSError:
+        found = ""
+    if found:
+        return found, str(f)
+    raise ConfigError(
+        f"executor.address: 'auto' found no running Ray cluster ($RAY_ADDRESS is not set and {f} does not "
+        "exist): start one with `ray start --head`, give its HOST:PORT, or leave executor.address empty "
+        "to start a local cluster"
+    )
+
+
+def _tcp_error(host: str, port: int, timeout: float) -> str:
+    """'' when ``host:port`` accepts a TCP connection within ``timeout`` seconds (name lookup
+    included), else why not."""
+    outcome: list[str] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append("")
+        except OSError as exc:
+            outcome.append(str(exc) or type(exc).__name__)
+
+    t = threading.Thread(target=attempt, name="densecap-ray-address-check", daemon=True)
+    t.start()
+    t.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g}s"
+
+
+def resolve_address(value: str, timeout: float) -> str:
+    """``executor.address`` checked without Ray: '' stays '' (a local cluster), anything else
+    becomes the address to give ``ray.init`` once something accepts a TCP connection there
+    within ``timeout`` seconds. Raises ConfigError naming the field and the value given."""
+    if not value:
+        return ""
+    given = f"executor.address: {value!r}"
+    if value == "auto":
+        found, origin = find_auto_address()
+        given = f"executor.address: 'auto' ({found!r}, from {origin})"
+        value = found
+    try:
+        scheme, host, port = parse_address(value)
+    except ValueError as exc:
+        raise ConfigError(f"{given}: {exc}; expected {ADDRESS_FORMS}") from None
+    why = _tcp_error(host, port, timeout)
+    if why:
+        raise ConfigError(
+            f"{given}: nothing accepted a connection at {host}:{port} within {timeout:g}s ({why}); "
+            "is the Ray head node running there? (executor.connect_timeout sets the wait)"
+        )
+    return f"{scheme}[{host}]:{port}" if ":" in host else f"{scheme}{host}:{port}"

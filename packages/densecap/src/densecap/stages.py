@@ -6,8 +6,9 @@ import dataclasses
 
 from d2s.pipeline import Stage, StageContext
 
-from .config import PluginConfig, RunConfig, StageConfig
+from .config import PluginConfig, RunConfig, StageConfig, execution_fields
 from .run import run
+from .worker import strip_transport
 
 
 class DensecapStage(Stage):
@@ -32,36 +33,26 @@ class DensecapStage(Stage):
     Params = StageConfig
     inputs = {"shards?": "directory of shards (source type 'shards' unless params.source says otherwise)"}
     outputs = {"shards": "shards with dense texts, manifest.json and rejects/", "report": "summary report directory"}
-    version = "1"
+    # 2: the caption sources are hashed under their own name, ``caption_sources`` (were ``captioners``)
+    version = "2"
     # How this process takes part, not what the dataset is: several ranks share one output.
-    execution_params = ("rank", "world_size", "num_workers", "batch_size", "progress", "executor")
+    execution_params = execution_fields(StageConfig)
 
     @classmethod
     def cache_params(cls, params: dict) -> dict:
         """Also without the caption sources' transport params (server address, key source,
-        concurrency, timeouts, retries): moving the server keeps the stage and its shards.
-
-        The caption sources go into the key under ``captioners``, their name before the rename
-        to ``caption_sources``, so that the cache key of an existing pipeline stays the same."""
-        from .run import HASH_KEYS, strip_transport
-
+        concurrency, timeouts, retries): moving the server keeps the stage and its shards."""
         doc = super().cache_params(params)
-        for new, old in HASH_KEYS.items():
-            if new in doc:
-                doc[old] = doc.pop(new)
-        doc["captioners"] = strip_transport(doc.get("captioners") or [])
+        doc["caption_sources"] = strip_transport(doc.get("caption_sources") or [])
         return doc
 
     def run(self, ctx: StageContext) -> dict:
         p: StageConfig = ctx.params
-        config = p.config
+        fields = {f.name: getattr(p, f.name) for f in dataclasses.fields(StageConfig)}
         if ctx.inputs.get("shards"):
-            source = config.source
-            path = str(ctx.inputs["shards"])
-            config = dataclasses.replace(
-                config, source=PluginConfig(source.type, {**source.params, "path": path}, source.label)
-            )
-        cfg = RunConfig(config, p.rank, p.world_size, str(ctx.outputs["shards"]), str(ctx.outputs["report"]))
+            src = p.source
+            fields["source"] = PluginConfig(src.type, {**src.params, "path": str(ctx.inputs["shards"])}, src.label)
+        cfg = RunConfig(**fields, out=str(ctx.outputs["shards"]), report=str(ctx.outputs["report"]))
         summary = run(cfg)
         if not summary.get("complete"):
             if p.world_size > 1:
