@@ -107,6 +107,11 @@ class SentenceScorer:
             doc.pop(k, None)
         return f"{self.name}:{json.dumps(doc, sort_keys=True, default=str)}"
 
+    @classmethod
+    def check(cls, params: Any) -> None:
+        """Cheap checks of parsed ``params`` that load nothing (a path that must exist), run when
+        a configuration is read; raise :class:`ScorerError` naming the field."""
+
     def embed_images(self, images: Sequence[bytes], keys: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -266,3 +271,14 @@ def apply_action(dense: DenseText, sentences: list[Sentence], scorer_id: str, cf
     dense.original_text = dense.text
     dense.text = " ".join(s.text for s in sentences if not s.removed)
     return "repaired"
+
+
+def clear_grounding(dense: DenseText) -> None:
+    """Undo grounding: the text as captioned, no sentence scores, no grounding verdict."""
+    if dense.original_text:
+        dense.text, dense.original_text = dense.original_text, ""
+    if dense.verdict == "unsupported":
+        dense.verdict = "keep"
+    dense.sentences, dense.scorer = [], ""
+    for k in ("grounding_score", "unsupported_sentences"):
+        dense.scores.pop(k, None)

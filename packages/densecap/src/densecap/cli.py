@@ -5,8 +5,11 @@
     densecap run ... --executor ray --ray-address auto --set executor.replicas=8   # a Ray cluster runs the units
     densecap sources | caption-sources | filters  # what is registered, with parameters
     densecap report OUT_DIR                       # rebuild the summary report
+    densecap ground --input corpus/ --out grounded/ --scorer vse-bundle -P path=runs/q/stage1/bundle --action repair
+                                                  # score the sentences of finished shards (resumable)
 
-Exit status: 0 done; 2 bad configuration; 3 finished but some captions failed (recorded
+Exit status: 0 done; 2 bad configuration or bad input (a scorer that cannot be built, an image
+it cannot decode, an empty caption: the message names it); 3 finished but some captions failed (recorded
 with their error: rerun to fill them); 4 stopped because a caption source died; 5 another
 densecap process is writing the same output directory and rank (the message names it);
 130 / 143 interrupted by SIGINT / SIGTERM (one line says how many shards are finished; a rerun
@@ -180,6 +183,15 @@ def make_parser() -> argparse.ArgumentParser:
     _add_how_args(r)
     for name, what in (("sources", "image sources"), ("caption-sources", "caption sources"), ("filters", "filters")):
         sub.add_parser(name, help=f"list registered {what} and their parameters")
+    g = sub.add_parser(
+        "ground",
+        help="score every sentence of finished shards against its image; drop or repair by the scores (resumable)",
+        description="A densecap job over finished shards (source 'shards', no caption source, no filter) with "
+        "grounding (docs/grounding.md). Stored scores of the same scorer are reused: a new --threshold or "
+        "--action over shards scored before embeds nothing.",
+    )
+    _add_ground_args(g)
+    _add_how_args(g)
     rep = sub.add_parser("report", help="(re)write the summary report of an output directory")
     rep.add_argument("out")
     rep.add_argument("--report", default=None)
@@ -214,6 +226,49 @@ def _add_what_args(r: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--filters", help=f"comma-separated filter list or 'none' (default {','.join(DEFAULT_FILTERS)})")
     r.add_argument("-F", "--filter-opt", action="append", default=[], metavar="FILTER.KEY=VALUE")
+
+
+def _add_ground_args(g: argparse.ArgumentParser) -> None:
+    """What to score and with what: input shards, scorer, action."""
+    from d2s.grounding import CALIBRATIONS, SCORERS
+
+    g.add_argument("--config", help="YAML file with the config (fields of densecap.config.RunConfig)")
+    g.add_argument("--input", help="the finished shards to score (source 'shards')")
+    g.add_argument("--scorer", help=f"sentence scorer (grounding.scorer.type): {', '.join(SCORERS.names())}")
+    g.add_argument("-P", "--scorer-opt", action="append", default=[], metavar="KEY=VALUE", help="scorer parameter")
+    g.add_argument("--action", choices=["score", "drop", "repair"], help="default score")
+    g.add_argument("--threshold", type=float, help="a sentence scoring below it is unsupported (default 1.0)")
+    g.add_argument("--min-caption-score", dest="min_caption_score", type=float, help="drop: caption mean below it")
+    g.add_argument("--reference-images", dest="reference_images", type=int, help="calibration bank size (256)")
+    g.add_argument("--calibration", choices=CALIBRATIONS, help="default sentence")
+    g.add_argument("--sources", help="comma-separated caption-source labels to score (default: all)")
+
+
+def build_ground_config(args: argparse.Namespace) -> RunConfig:
+    """``densecap ground``: the config file, then the flags, then ``--set``."""
+    doc: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    if args.input:
+        doc["source"] = {"type": "shards", "params": {"path": args.input}}
+    doc.setdefault("caption_sources", [])
+    doc.setdefault("filters", [])
+    g = doc.setdefault("grounding", {})
+    if args.scorer:
+        g.setdefault("scorer", {})["type"] = args.scorer
+    for o in args.scorer_opt:
+        k, v = parse_override(o)
+        _set(g.setdefault("scorer", {}).setdefault("params", {}), k, v, f"-P {o}")
+    for name in ("action", "threshold", "min_caption_score", "reference_images", "calibration"):
+        if getattr(args, name) is not None:
+            g[name] = getattr(args, name)
+    if args.sources:
+        g["sources"] = [x for x in args.sources.split(",") if x]
+    if "scorer" not in g:
+        raise ConfigError("grounding.scorer: required (--scorer NAME and -P KEY=VALUE, or a config file)")
+    _execution_doc(doc, args)
+    for o in args.set:
+        k, v = parse_override(o)
+        _set(doc, k, v, f"--set {o}")
+    return from_dict(RunConfig, doc, "config")
 
 
 def _add_how_args(r: argparse.ArgumentParser) -> None:
@@ -267,17 +322,20 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(write_report(args.out, args.report or Path(args.out) / "report"), indent=2))
         return 0
-    return _run(args)
+    return _run(args, build_ground_config if args.cmd == "ground" else build_config)
 
 
-def _run(args: argparse.Namespace) -> int:
-    """``densecap run``: the exit status the module docstring lists."""
+def _run(args: argparse.Namespace, build) -> int:
+    """``densecap run`` / ``ground``: the exit status the module docstring lists."""
+    from d2s.grounding import ScorerError
+    from d2s.schema import SampleError
+
     from .locks import RunLocked, signals_interrupt
     from .run import RunInterrupted, run
     from .worker import RunAborted
 
     try:
-        cfg = build_config(args)
+        cfg = build(args)
         if args.print_config:
             from d2s.config import to_dict
 
@@ -285,7 +343,7 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         with signals_interrupt():  # SIGTERM too ends the run through its clean-up
             summary = run(cfg)
-    except (ConfigError, FileNotFoundError, CaptionSourceError) as exc:
+    except (ConfigError, FileNotFoundError, CaptionSourceError, ScorerError, SampleError) as exc:
         log.error("%s", exc)
         return 2
     except RunAborted as exc:

@@ -26,6 +26,7 @@ from d2s.config import ConfigError
 
 from .executors.base import ExecutorConfig
 from .filters import DEFAULT_FILTERS
+from .grounding import GroundingConfig
 
 # Placeholder used only while validating a source whose 'path' the pipeline stage fills in
 # from its 'shards' input at run time.
@@ -95,6 +96,9 @@ class DensecapConfig:
     # 'jpg' / 'png' / 'webp' = that one; 'keep' = every image as it comes (mixed extensions)
     image_ext: Literal["auto", "keep", "jpg", "png", "webp"] = "auto"
     executor: ExecutorConfig = field(default_factory=ExecutorConfig, metadata=EXECUTION)
+    # score every sentence of the kept dense texts against the image, after the filters; and
+    # optionally drop or repair captions by those scores (densecap.grounding, docs/grounding.md)
+    grounding: GroundingConfig | None = None
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -133,6 +137,8 @@ class DensecapConfig:
             _parse_plugin(CAPTION_SOURCES, c, f"caption_sources[{i}]")
         for i, f in enumerate(self.filters):
             _parse_plugin(FILTERS, f, f"filters[{i}]")
+        if self.grounding is not None:
+            self.grounding.validate()
 
 
 @dataclass(kw_only=True)

@@ -9,18 +9,28 @@ come from the vse package's entry points.
 Scores are stored once: a dense text that already carries sentences scored by the same
 scorer (``DenseText.scorer``: the scorer's identity and the calibration bank's size) is not
 scored again, so a new threshold or action over an already scored corpus (``densecap ground``
-with the scored shards as input) loads no model at all.
+with the scored shards as input) scores nothing: the scorer is built only to read its identity,
+and the calibration bank is never embedded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from d2s.grounding import SCORERS, GroundingAction, ReferenceBank, SentenceScorer, apply_action, score_batch
+from d2s.grounding import (
+    SCORERS,
+    GroundingAction,
+    ReferenceBank,
+    ScorerError,
+    SentenceScorer,
+    apply_action,
+    score_batch,
+)
 from d2s.schema import DenseText, Sample
 
 log = logging.getLogger(__name__)
@@ -66,10 +76,14 @@ class GroundingConfig:
         from d2s.config import ConfigError
 
         try:
-            SCORERS.get(self.scorer.type)
+            cls = SCORERS.get(self.scorer.type)
         except ConfigError as exc:
             raise ConfigError(f"grounding.scorer.type: {exc}") from None
-        SCORERS.parse_params(self.scorer.type, self.scorer.params, "grounding.scorer.params")
+        params = SCORERS.parse_params(self.scorer.type, self.scorer.params, "grounding.scorer.params")
+        try:
+            cls.check(params)
+        except ScorerError as exc:
+            raise ConfigError(f"grounding.scorer.params.{exc}") from None
 
     def action_config(self) -> GroundingAction:
         return GroundingAction(self.action, self.threshold, self.min_caption_score)
@@ -79,7 +93,7 @@ class Grounder:
     """Scores, drops or repairs the dense texts of sample batches, counting what it did.
 
     The scorer and its reference bank are built on first need (``reference`` yields the
-    job's samples in order), so a run whose texts are all scored already loads no model."""
+    job's samples in order), so a run whose texts are all scored already embeds nothing."""
 
     def __init__(self, cfg: GroundingConfig, reference: Callable[[], Iterable[Sample]]):
         self.cfg = cfg
@@ -88,11 +102,17 @@ class Grounder:
         self._scorer: SentenceScorer | None = None
         self._bank: ReferenceBank | None = None
         self._id: str | None = None
+        #: whether some text was scored (not only re-thresholded from stored scores)
+        self.scored = False
 
     @property
     def scorer(self) -> SentenceScorer:
         if self._scorer is None:
-            self._scorer = SCORERS.create(self.cfg.scorer.type, self.cfg.scorer.params, "grounding.scorer.params")
+            params = dict(self.cfg.scorer.params)
+            P = getattr(SCORERS.get(self.cfg.scorer.type), "Params", None)
+            if P is not None and "progress" in {f.name for f in dataclasses.fields(P)}:
+                params.setdefault("progress", False)  # densecap's own bar counts the images
+            self._scorer = SCORERS.create(self.cfg.scorer.type, params, "grounding.scorer.params")
         return self._scorer
 
     @property
@@ -109,7 +129,9 @@ class Grounder:
         return self._bank
 
     def wants(self, d: DenseText) -> bool:
-        if d.error or not (d.original_text or d.text).strip():
+        """Kept texts (and earlier 'unsupported' ones) of the configured sources; a kept text
+        that is empty is wanted too, so that scoring fails naming it."""
+        if d.error:
             return False
         if self.cfg.sources and d.source not in self.cfg.sources:
             return False
@@ -126,6 +148,7 @@ class Grounder:
             chunk = fresh[i : i + self.cfg.batch_size]
             for (_, d), sents in zip(chunk, score_batch(self.scorer, self.bank(), chunk, self.cfg.calibration)):
                 scored[id(d)] = sents
+        self.scored = self.scored or bool(fresh)
         counts["captions_scored"] += len(fresh)
         counts["captions_scores_reused"] += len(items) - len(fresh)
         for s, d in items:
@@ -153,8 +176,7 @@ class Grounder:
                 }
             )
         now_kept = d.verdict == "keep"
-        if was_kept and not now_kept:
-            counts["dropped_unsupported"] += 1
+        if was_kept and not now_kept:  # counted as dropped_unsupported by the caller's tally
             rejects.append(
                 {
                     "kind": "caption",

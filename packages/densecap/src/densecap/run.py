@@ -38,7 +38,7 @@ from .config import DensecapConfig, RunConfig
 from .executors.base import EXECUTORS, WorkerSpec
 from .images import IMAGE_SOURCES, Unit
 from .locks import RunLock
-from .worker import RunAborted, config_fingerprint, plan_units, resolve_image_exts
+from .worker import RunAborted, config_fingerprint, grounding_fingerprint, plan_units, resolve_image_exts
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def worker_spec(cfg: DensecapConfig, out: Path, image_exts: dict[str, str | None
         out=str(out),
         fingerprint=config_fingerprint(cfg),
         check="densecap.worker:check_servers",
+        expect={"grounding_hash": grounding_fingerprint(cfg)},
     )
 
 
@@ -78,7 +79,10 @@ def _run_locked(cfg: RunConfig, out: Path) -> dict[str, Any]:
     source = IMAGE_SOURCES.create(cfg.source.type, cfg.source.params, "source.params")
     units = source.units()
     on_ray = cfg.executor.type == "ray"
-    todo, mine = plan_units(units, out, cfg.rank, cfg.world_size, config_fingerprint(cfg), clean=not on_ray)
+    expect = {"grounding_hash": grounding_fingerprint(cfg)}
+    todo, mine = plan_units(
+        units, out, cfg.rank, cfg.world_size, config_fingerprint(cfg), clean=not on_ray, expect=expect
+    )
     image_exts = resolve_image_exts(source, units, cfg.image_ext) if todo else {}
     log.info(
         "densecap: %d unit(s) for rank %d/%d, %d already complete",

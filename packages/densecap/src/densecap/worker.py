@@ -20,18 +20,21 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 from d2s.atomic import atomic_write_text
 from d2s.config import ConfigError, from_dict, to_dict
+from d2s.grounding import ScorerError, clear_grounding
 from d2s.schema import Sample
 from d2s.shards import ShardWriter, completed_shards, iter_samples, shard_name, stats_path
 
 from .caption_sources import CAPTION_SOURCES, CaptionSource
 from .config import DensecapConfig, execution_fields
 from .filters import FILTERS, FilterChain
+from .grounding import Grounder
 from .images import IMAGE_SOURCES, ImageSource, Rejected, Unit, check_image
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,7 @@ class Worker:
         self.chain = FilterChain(
             [FILTERS.create(f.type, f.params, f"filters[{i}].params") for i, f in enumerate(cfg.filters)]
         )
+        self.grounder = Grounder(cfg.grounding, self._reference_samples) if cfg.grounding else None
         self.loop = asyncio.new_event_loop()
         self.started = False
         #: more entries for every shard's stats file (the Ray executor: which process wrote it)
@@ -90,6 +94,39 @@ class Worker:
         return "; ".join(f"{c.label}: {c.fatal}" for c in self.caption_sources if c.fatal)
 
     # -------------------------------------------------------------------------------
+    def _reference_samples(self) -> Iterator[Sample]:
+        """The image source's readable images in unit order: grounding's calibration bank."""
+        for unit in self.source.units():
+            for item in self.source.iter_unit(unit):
+                if not isinstance(item, Rejected) and check_image(item.image)[0] is not None:
+                    yield item
+
+    def _ground(self, batch: list[Sample], counts: Counter, rejects: list[dict], shard: str) -> None:
+        """Grounding when configured; without it, undo what an earlier grounding did."""
+        if self.grounder is not None:
+            try:
+                self.grounder.ground(batch, counts, rejects)
+            except ScorerError as exc:  # name the shard too
+                raise ScorerError(f"shard {shard}: {exc}") from None
+            return
+        for s in batch:
+            for d in s.dense:
+                if d.scorer:
+                    clear_grounding(d)
+
+    @staticmethod
+    def _tally(batch: list[Sample], counts: Counter) -> None:
+        """Kept and dropped captions by their final verdict (after filters and grounding)."""
+        for s in batch:
+            for d in s.dense:
+                if d.error:
+                    continue
+                if d.verdict == "keep":
+                    counts["captions_kept"] += 1
+                else:
+                    counts["captions_dropped"] += 1
+                    counts[f"dropped_{d.verdict}"] += 1
+
     def _inputs(self, unit: Unit, refill: bool, rejects: list[dict]):
         """Samples of the unit (from the source, or from our own shard when filling)."""
         if refill:
@@ -174,11 +211,7 @@ class Worker:
             rejects.append(
                 {"kind": "caption", "key": s.key, "id": s.id, "source": d.source, "reason": "error", "error": d.error}
             )
-        elif verdict == "keep":
-            counts["captions_kept"] += 1
-        else:
-            counts["captions_dropped"] += 1
-            counts[f"dropped_{verdict}"] += 1
+        elif verdict != "keep":  # kept / dropped are tallied after grounding (_tally)
             rejects.append(
                 {
                     "kind": "caption",
@@ -230,6 +263,8 @@ class Worker:
 
             def flush() -> None:
                 self._caption_batch(batch, counts, rejects)
+                self._ground(batch, counts, rejects, out_tar.name)
+                self._tally(batch, counts)
                 for s in batch:
                     w.write(s)
                 if progress is not None:
@@ -260,7 +295,10 @@ class Worker:
                 filters=[f.name for f in self.chain.filters],
                 image_ext=image_ext or "mixed",
                 config_hash=config_fingerprint(self.cfg),
+                grounding_hash=grounding_fingerprint(self.cfg),
             )
+            if self.grounder is not None and self.grounder.scored:
+                w.stats["scorer"] = self.grounder.scorer_id
             endpoints = self._endpoint_stats(since=endpoints0)
             w.stats.update(self.stats_extra)
             if endpoints:  # several servers: what each answered and failed for this shard, and which are out
@@ -320,10 +358,26 @@ def content_config(cfg: DensecapConfig) -> dict[str, Any]:
     ``EXECUTION`` (so not workers, batch size, progress bars, the executor, nor a
     :class:`~densecap.config.StageConfig`'s rank or a RunConfig's paths), with the caption
     sources' transport params (server address, key, concurrency, timeouts, retries) left out."""
-    skip = set(execution_fields(DensecapConfig))
+    skip = set(execution_fields(DensecapConfig)) | {"grounding"}
     doc = {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(DensecapConfig) if f.name not in skip}
     doc["caption_sources"] = strip_transport(doc["caption_sources"])
     return doc
+
+
+def grounding_fingerprint(cfg: DensecapConfig) -> str:
+    """Hash of the grounding settings that decide a shard's content ('' without grounding). A
+    shard written under another one is redone from its own samples: captions are kept, and so
+    are stored sentence scores of the same scorer (a new threshold or action scores nothing)."""
+    if cfg.grounding is None:
+        return ""
+    doc = to_dict(cfg.grounding)
+    doc.pop("batch_size", None)
+    doc["scorer"]["params"] = {k: v for k, v in doc["scorer"]["params"].items() if k not in HOW_TO_SCORE}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+#: scorer params that decide how fast, not what (left out of grounding_fingerprint)
+HOW_TO_SCORE = ("batch_size", "device", "progress")
 
 
 def config_fingerprint(cfg: DensecapConfig) -> str:
@@ -333,19 +387,25 @@ def config_fingerprint(cfg: DensecapConfig) -> str:
 
 # ---- the staleness rule and planning -------------------------------------------------------
 def shard_state(
-    stats: dict[str, Any] | None, fingerprint: str | None, retry_key: str = RETRY_KEY
+    stats: dict[str, Any] | None,
+    fingerprint: str | None,
+    retry_key: str = RETRY_KEY,
+    expect: dict[str, Any] | None = None,
 ) -> Literal["done", "fill", "redo"]:
     """The one rule for a unit's output shard, given its stats (None: not complete).
 
     ``done``: complete, written under ``fingerprint`` (or with no fingerprint to compare), nothing
-    failed; ``fill``: complete and current, but ``stats[retry_key]`` says something failed: redo it
-    from its own samples; ``redo``: missing, or written under another configuration: clear what is
-    there and write it from the input."""
+    failed; ``fill``: complete and current, but ``stats[retry_key]`` says something failed, or a
+    stats value differs from ``expect`` (a missing key reads ""; densecap's ``grounding_hash``):
+    redo it from its own samples; ``redo``: missing, or written under another configuration:
+    clear what is there and write it from the input."""
     if stats is None:
         return "redo"
     if fingerprint is not None and stats.get("config_hash") not in (None, fingerprint):
         return "redo"
-    return "fill" if stats.get(retry_key) else "done"
+    if stats.get(retry_key) or any(stats.get(k, "") != v for k, v in (expect or {}).items()):
+        return "fill"
+    return "done"
 
 
 def clear_unit(out: Path, name: str) -> None:
@@ -376,6 +436,7 @@ def plan_units(
     *,
     clean: bool = True,
     retry_key: str = RETRY_KEY,
+    expect: dict[str, Any] | None = None,
 ) -> tuple[list[Unit], list[Unit]]:
     """(this rank's units still to do, all of this rank's units), by :func:`shard_state`.
 
@@ -391,7 +452,7 @@ def plan_units(
     for u in mine:
         p = Path(out) / shard_name(u.split, u.index)
         st = done.get(str(p))
-        state = shard_state(st, fingerprint, retry_key)
+        state = shard_state(st, fingerprint, retry_key, expect)
         if state == "done":
             continue
         if state == "redo" and st is not None:

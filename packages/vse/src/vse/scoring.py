@@ -127,6 +127,14 @@ class BundleScorer(SentenceScorer):
     name = "vse-bundle"
     Params = BundleScorerParams
 
+    @classmethod
+    def check(cls, params: BundleScorerParams) -> None:
+        root = Path(params.path)
+        if not root.is_dir():
+            raise ScorerError(f"path: {params.path}: no such bundle directory")
+        if not (root / "vse_config.json").is_file():
+            raise ScorerError(f"path: {params.path}: not a vse bundle (no vse_config.json)")
+
     def __init__(self, params: BundleScorerParams | dict | None = None):
         super().__init__(_parse(type(self), params))
         p = self.params
@@ -226,6 +234,12 @@ class HFDualEncoderScorer(SentenceScorer):
 
     name = "hf-dual-encoder"
     Params = HFDualEncoderParams
+
+    @classmethod
+    def check(cls, params: HFDualEncoderParams) -> None:
+        looks_local = params.model.startswith(("/", "./", "../", "~")) or Path(params.model).exists()
+        if looks_local and not Path(params.model).expanduser().is_dir():
+            raise ScorerError(f"model: {params.model}: no such model directory")
 
     def __init__(self, params: HFDualEncoderParams | dict | None = None):
         super().__init__(_parse(type(self), params))

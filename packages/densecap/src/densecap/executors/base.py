@@ -64,6 +64,9 @@ class WorkerSpec:
     fingerprint: str  # the config_hash of a shard that counts as done
     check: str = ""  # "module:attr": check(config, out), run in the driver before a cluster is joined
     retry_key: str = "caption_errors"  # stats key: true = redo this complete shard from its own samples
+    # stats keys whose values must be these (a missing key reads ""), else the complete shard is
+    # redone from its own samples: densecap's grounding_hash (a new threshold keeps the captions)
+    expect: dict[str, Any] = field(default_factory=dict)
 
 
 class UnitWorker(Protocol):

@@ -59,7 +59,7 @@ def write_exclusively(worker: UnitWorker, unit: Unit, spec: WorkerSpec) -> dict[
     name = shard_name(unit.split, unit.index)
     with unit_lock(Path(spec.out), name):
         st = read_stats(Path(spec.out), name)
-        state = shard_state(st, spec.fingerprint, spec.retry_key)
+        state = shard_state(st, spec.fingerprint, spec.retry_key, spec.expect)
         if state == "done":
             return {**st, "shard": name, "count": st.get("count", 0), "skipped": True}
         if state == "redo":
