@@ -179,17 +179,6 @@ def test_every_state_file_refuses_a_pickle(world, assets, tmp_path):
         assert not (out / "last").exists()
 
 
-def test_old_pickle_state_is_not_loaded(tmp_path):
-    # the layout accelerate.save_state wrote before: refused by name, not loaded, not ignored
-    state = tmp_path / "run" / "state"
-    state.mkdir(parents=True)
-    (state / "progress.json").write_text(json.dumps({"step": 3}))
-    _plant(state / "custom_checkpoint_0.pkl", tmp_path / "PAYLOAD_RAN", keep_size=False)
-    with pytest.raises(StateError, match="old format"):
-        find_state(state)
-    assert not (tmp_path / "PAYLOAD_RAN").exists()
-
-
 # ---- item 6: SIGKILL at every point of a save --------------------------------------------
 
 

@@ -363,7 +363,6 @@ def find_state(root: str | os.PathLike) -> Path | None:
         return None
     if not root.is_dir():
         raise StateError(f"{root}: expected the resumable state directory, found a file")
-    legacy = [p.name for p in root.iterdir() if p.name == "progress.json" or p.suffix in (".pkl", ".bin", ".pt")]
     pointer = root / POINTER
     if pointer.exists():
         doc = read_json(pointer)
@@ -383,11 +382,6 @@ def find_state(root: str | os.PathLike) -> Path | None:
         raise StateError(
             f"{pointer} names a state but no complete state is left under {root}; "
             "refusing to start again from step 0 (move the directory away to start over)"
-        )
-    if legacy:
-        raise StateError(
-            f"{root}: a resumable state in the old format ({', '.join(sorted(legacy))}), whose files are "
-            "pickles; it is not loaded. Move it away to start over, or set resume=false"
         )
     return None
 
