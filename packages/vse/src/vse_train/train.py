@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -42,6 +41,7 @@ from .config import DataConfig, OptimConfig, TrainConfig, TrainSpec
 from .data import Collate, ShardStream, TextField, check_split_usable, iter_eval_batches
 from .losses import build_loss
 from .recipes import Recipe, get_recipe, with_align_loss, with_warmup
+from .schedule import lr_scheduler
 from .state import find_state, load_state
 from .state import save_state as write_state
 
@@ -49,19 +49,6 @@ log = logging.getLogger(__name__)
 
 
 # ---- pieces ------------------------------------------------------------------------------
-
-
-def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> float:
-    """Multiplier of the base lr at optimizer step ``step`` (0-based)."""
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    if cfg.schedule == "constant":
-        return warm
-    if cfg.schedule == "step":
-        epoch = step / max(1, steps_per_epoch)
-        return warm * cfg.decay_factor ** sum(epoch >= e for e in cfg.decay_epochs)
-    span = max(1, total_steps - cfg.warmup_steps)
-    t = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
-    return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
@@ -431,9 +418,7 @@ def build_optimizer(t: Trainer) -> None:
         weight_decay=cfg.optim.weight_decay,
         betas=tuple(cfg.optim.betas),
     )
-    t.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.optim, plan.steps_per_epoch, plan.total_steps)
-    )
+    t.scheduler = lr_scheduler(optimizer, cfg.optim, plan.steps_per_epoch, plan.total_steps)
     t.objective, t.optimizer = t.accelerator.prepare(objective, optimizer)
 
 

@@ -62,6 +62,9 @@ from d2s.shards import atomic_write_json, iter_samples, read_manifest, split_sha
 from vse.assets import SPECIAL, words_of
 from vse.models import asset_paths, backbone_from_config, get_model_config, load_backbone
 
+from .config import OptimConfig
+from .schedule import lr_scheduler
+
 log = logging.getLogger(__name__)
 
 _ALNUM = re.compile(r"[a-z0-9]+")
@@ -158,15 +161,11 @@ def label_vocab(tag_sets: list[set[str]], min_count: int, max_fraction: float) -
 
 
 def _schedule(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = min(warmup, max(steps - 1, 0))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    """Linear warm-up over ``warmup`` steps (at most ``steps - 1``), then cosine to 0 at ``steps``."""
+    cosine = OptimConfig(
+        lr=opt.defaults["lr"], schedule="cosine", warmup_steps=min(warmup, max(steps - 1, 0)), min_lr_ratio=0.0
+    )
+    return lr_scheduler(opt, cosine, steps_per_epoch=1, total_steps=steps)
 
 
 def _optimizer(model: torch.nn.Module, p: WarmStartParams, lr: float) -> torch.optim.Optimizer:
