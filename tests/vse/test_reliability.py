@@ -24,7 +24,8 @@ from d2s.schema import DenseText, SampleError
 from d2s.shards import ShardWriter, write_manifest
 from d2s.synthetic import SplitSpec, WorldConfig, describe, iter_world
 from vse_train.config import parse_config
-from vse_train.state import KILL_ENV, KILL_POINTS, StateError, find_state
+from vse_train.failpoints import KILL_ENV, SAVE_POINTS
+from vse_train.state import StateError, find_state
 from vse_train.train import train
 
 
@@ -125,7 +126,7 @@ def _plant(path: Path, marker: Path, keep_size: bool) -> None:
 @pytest.mark.slow
 def test_resume_refuses_a_planted_pickle_in_the_state(world, assets, tmp_path):
     run = tmp_path / "run"
-    killed = _cli(_common(world, assets) + ["--out", str(run), "kill_at_step=5"], tmp_path)
+    killed = _cli(_common(world, assets) + ["--out", str(run)], tmp_path, **{KILL_ENV: "step@5"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     marker = tmp_path / "PAYLOAD_RAN"
     planted = []
@@ -206,9 +207,9 @@ EXPECTED_RESUME = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", KILL_POINTS)
+@pytest.mark.parametrize("point", SAVE_POINTS)
 def test_sigkill_during_a_save_resumes_from_the_newest_complete_state(world, assets, reference_run, tmp_path, point):
-    assert set(EXPECTED_RESUME) == set(KILL_POINTS)
+    assert set(EXPECTED_RESUME) == set(SAVE_POINTS)
     run = tmp_path / "run"
     killed = _cli(_common(world, assets) + ["--out", str(run)], tmp_path, **{KILL_ENV: f"{point}@6"})
     assert killed.returncode == -9, killed.stderr[-3000:]

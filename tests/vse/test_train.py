@@ -16,6 +16,7 @@ from vse.bundle import load_bundle
 from vse.checkpoint import load_checkpoint
 from vse.models import get_model_config, load_backbone
 from vse_train.config import parse_config
+from vse_train.failpoints import KILL_ENV
 from vse_train.recipes import get_recipe
 from vse_train.train import state_fingerprint, train
 
@@ -146,8 +147,8 @@ def test_bad_model_and_recipe_fields(tmp_path):
             raise ConfigError("stage 2 needs init") from None
 
 
-def _cli(args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def _cli(args, cwd, **extra_env):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra_env}
     return subprocess.run(
         [sys.executable, "-m", "vse_train.cli", "train", *args], cwd=cwd, env=env, capture_output=True, text=True
     )
@@ -179,7 +180,8 @@ def test_kill_and_resume_equals_uninterrupted(world, assets, tmp_path):
     ]
     ref = _cli(common + ["--out", str(tmp_path / "ref")], tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    killed = _cli(common + ["--out", str(tmp_path / "run"), "kill_at_step=5"], tmp_path)
+    # the failpoint after optimizer step 5: its state of step 3 is the newest
+    killed = _cli(common + ["--out", str(tmp_path / "run")], tmp_path, **{KILL_ENV: "step@5"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     pointer = json.loads((tmp_path / "run" / "state" / "latest.json").read_text())
     assert pointer["step"] == 3

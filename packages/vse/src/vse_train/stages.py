@@ -124,11 +124,6 @@ class VseTrainParams(TrainSpec):
         return parse_config(doc, where)
 
 
-# keys added to the stage's params by making them a TrainSpec: left out of the cache key while at
-# their default, so that the runs cached before keep their hash
-_NEW_SPEC_KEYS = {"cpu": False, "resume": True, "kill_at_step": None}
-
-
 class VseTrainStage(Stage):
     """Train a recipe (baseline | stage1 | stage2 | a recipe file) on the shards."""
 
@@ -144,12 +139,9 @@ class VseTrainStage(Stage):
         "bundle": "inference bundle dir (vse.bundle)",
         "run": "training run dir (metrics.jsonl, summary.json, resumable state, tensorboard)",
     }
-    version = "1"
-
-    @classmethod
-    def cache_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        params = {k: v for k, v in params.items() if not (k in _NEW_SPEC_KEYS and v == _NEW_SPEC_KEYS[k])}
-        return super().cache_params(params)
+    # 2: every param in the cache key (``cpu`` was left out at its default), but ``resume``
+    version = "2"
+    execution_params = ("resume",)  # resuming or starting again trains the same weights
 
     def run(self, ctx: StageContext) -> dict:
         p: VseTrainParams = ctx.params

@@ -22,8 +22,8 @@ run never silently starts again at step 0. Loading uses ``safetensors`` and ``js
 so a tampered run folder can make a resume fail but cannot run code.
 
 Only the main process writes the shared files; each process writes its own RNG files.
-``VSE_TEST_KILL_AT=<point>[@<step>]`` (tests only) SIGKILLs the process at that point of the
-save (points: :data:`KILL_POINTS`).
+The failpoint ``VSE_TEST_KILL_AT`` (tests only) can kill the process at each point of a save
+(:mod:`vse_train.failpoints`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .failpoints import kill_point
 
 if TYPE_CHECKING:
     import torch
@@ -47,9 +48,6 @@ FORMAT = "vse-train-state"
 VERSION = 1
 POINTER = "latest.json"
 MARKER = "complete.json"
-KILL_ENV = "VSE_TEST_KILL_AT"
-# Points of a save where VSE_TEST_KILL_AT can kill the process, in order.
-KILL_POINTS = ("begin", "model", "optimizer", "scheduler", "rng", "files", "marker", "pointer", "cleanup", "end")
 _STEP_DIR = re.compile(r"^step-(\d+)(?:\.(\d+))?$")
 
 
@@ -79,16 +77,6 @@ def _new_dir_name(root: Path, step: int) -> str:
     while (root / step_dir_name(step, again) / MARKER).exists():
         again += 1
     return step_dir_name(step, again)  # new, or left incomplete by an interrupted save (replaced)
-
-
-def _kill_point(point: str, step: int) -> None:
-    spec = os.environ.get(KILL_ENV)
-    if not spec:
-        return
-    name, _, at = spec.partition("@")
-    if name == point and (not at or int(at) == step):
-        log.warning("%s=%s: killing this process at save point %r of step %d (test)", KILL_ENV, spec, point, step)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---- JSON with tuples ----------------------------------------------------------------------
@@ -272,7 +260,7 @@ def save_state(
         if target.exists():  # left by a save of this step that did not complete
             shutil.rmtree(target)
         target.mkdir()
-        _kill_point("begin", step)
+        kill_point("begin", step)
     accelerator.wait_for_everyone()
     if main:
         _write_training_state(target, step, accelerator, model, optimizer, scheduler, progress)
@@ -280,7 +268,7 @@ def save_state(
     tensors, doc = rng_state()
     _write_tensors(target / f"rng-{rank}.safetensors", tensors)
     _write_json(target / f"rng-{rank}.json", doc)
-    _kill_point("rng", step)
+    kill_point("rng", step)
     accelerator.wait_for_everyone()
     if main:
         _commit(root, target, step, accelerator.num_processes)
@@ -296,18 +284,18 @@ def _write_training_state(
 
     save_model(model, str(target / "model.safetensors"))
     _fsync(target / "model.safetensors")
-    _kill_point("model", step)
+    kill_point("model", step)
     tensors, meta = optimizer_parts(optimizer.state_dict())
     _write_tensors(target / "optimizer.safetensors", tensors)
     _write_json(target / "optimizer.json", meta)
-    _kill_point("optimizer", step)
+    kill_point("optimizer", step)
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     _write_json(target / "scheduler.json", sched)
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None:
         _write_json(target / "scaler.json", scaler.state_dict())
     _write_json(target / "progress.json", {**progress, "accelerator_step": int(getattr(accelerator, "step", 0))})
-    _kill_point("scheduler", step)
+    kill_point("scheduler", step)
 
 
 def _commit(root: Path, target: Path, step: int, num_processes: int) -> None:
@@ -315,19 +303,19 @@ def _commit(root: Path, target: Path, step: int, num_processes: int) -> None:
     marker listing the files, the pointer moved atomically, then the older states removed."""
     files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file() and p.name != MARKER}
     _fsync(target)
-    _kill_point("files", step)
+    kill_point("files", step)
     marker = {"format": FORMAT, "version": VERSION, "step": step, "num_processes": num_processes, "files": files}
     _write_json(target / MARKER, marker)
     _fsync(target)
-    _kill_point("marker", step)
+    kill_point("marker", step)
     _write_json(root / POINTER, {"format": FORMAT, "dir": target.name, "step": step})
     _fsync(root)
-    _kill_point("pointer", step)
+    kill_point("pointer", step)
     for old in sorted(root.iterdir()):
         if old != target and old.is_dir() and _STEP_DIR.match(old.name):
             shutil.rmtree(old)
-            _kill_point("cleanup", step)
-    _kill_point("end", step)
+            kill_point("cleanup", step)
+    kill_point("end", step)
 
 
 # ---- find and load -----------------------------------------------------------------------

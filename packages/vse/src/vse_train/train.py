@@ -21,8 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from vse.transforms import ImageTransform, TextTokenizer
 
 from .config import DataConfig, OptimConfig, TrainConfig, TrainSpec
 from .data import Collate, ShardStream, TextField, check_split_usable, iter_eval_batches
+from .failpoints import kill_point
 from .losses import build_loss
 from .recipes import Recipe, get_recipe, with_align_loss, with_warmup
 from .schedule import lr_scheduler
@@ -568,7 +567,7 @@ def train_step(t: Trainer, batch: dict[str, torch.Tensor]) -> bool:
 
 def after_step(t: Trainer, bar) -> None:
     """What follows an optimizer step: the loss record, a validation, a resumable state (each
-    every so many steps; the last step's are the run's end), the test kill."""
+    every so many steps; the last step's are the run's end), the test failpoint ``step``."""
     cfg, step, total = t.cfg, t.progress.step, t.plan.total_steps
     if step % cfg.log_every == 0 or step == total:
         record(t, bar)
@@ -576,9 +575,7 @@ def after_step(t: Trainer, bar) -> None:
         validate(t)
     if step % cfg.save_every == 0 and step < total:
         save_state(t)
-    if cfg.kill_at_step is not None and step == cfg.kill_at_step:
-        log.warning("kill_at_step=%d: killing this process (test of resumption)", step)
-        os.kill(os.getpid(), signal.SIGKILL)
+    kill_point("step", step)
 
 
 def samples_per_s(t: Trainer, seconds: float) -> float:
