@@ -131,9 +131,9 @@ def test_resume_refuses_a_planted_pickle_in_the_state(world, assets, tmp_path):
     marker = tmp_path / "PAYLOAD_RAN"
     planted = []
     for p in sorted((run / "state").rglob("*")):
-        # the files holding the LR scheduler and the progress record: before this change Accelerate's
-        # custom_checkpoint_*.pkl, which its load_state reads with torch.load(weights_only=False)
-        if p.is_file() and any(w in p.name for w in ("custom_checkpoint", "scheduler", "progress")):
+        # the files holding the LR scheduler and the counters: what Accelerate's save_state once kept
+        # in custom_checkpoint_*.pkl, which its load_state reads with torch.load(weights_only=False)
+        if p.is_file() and any(w in p.name for w in ("scheduler", "counters")):
             _plant(p, marker, keep_size=False)
             planted.append(p)
     assert planted
@@ -158,7 +158,7 @@ def test_every_state_file_refuses_a_pickle(world, assets, tmp_path):
         "optimizer.safetensors",
         "optimizer.json",
         "scheduler.json",
-        "progress.json",
+        "counters.json",
         "rng-0.safetensors",
         "rng-0.json",
         "complete.json",

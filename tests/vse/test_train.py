@@ -18,7 +18,8 @@ from vse.models import get_model_config, load_backbone
 from vse_train.config import parse_config
 from vse_train.failpoints import KILL_ENV
 from vse_train.recipes import get_recipe
-from vse_train.train import state_fingerprint, train
+from vse_train.teacher import state_fingerprint
+from vse_train.train import train
 
 
 def get_recipe_path(name):
@@ -185,7 +186,7 @@ def test_kill_and_resume_equals_uninterrupted(world, assets, tmp_path):
     assert killed.returncode == -9, killed.stderr[-3000:]
     pointer = json.loads((tmp_path / "run" / "state" / "latest.json").read_text())
     assert pointer["step"] == 3
-    assert json.loads((tmp_path / "run" / "state" / pointer["dir"] / "progress.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "run" / "state" / pointer["dir"] / "counters.json").read_text())["step"] == 3
     resumed = _cli(common + ["--out", str(tmp_path / "run")], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
@@ -265,7 +266,7 @@ def test_validation_selects_best_on_val(world, assets, tmp_path):
 
 def test_teacher_cache_matches_the_teacher_and_reuses_texts(world, assets, tmp_path):
     from vse.models import create_model
-    from vse_train.train import TeacherCache
+    from vse_train.teacher import TeacherCache
 
     torch.manual_seed(0)
     text = create_model("tiny-vit", assets_dir=assets).text.eval()

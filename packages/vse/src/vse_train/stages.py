@@ -247,13 +247,13 @@ def _prebuild_assets(cfg: TrainConfig) -> Path | None:
 
     Building them inside the launched processes would read the shards while torch.distributed
     is up, which webdataset refuses without a node splitter."""
+    from .build import needs_assets
     from .recipes import get_recipe
-    from .train import _needs_assets
 
     if (
         cfg.assets is not None
         or get_recipe(cfg.recipe).init == "checkpoint"
-        or not _needs_assets(cfg.model, cfg.model_overrides)
+        or not needs_assets(cfg.model, cfg.model_overrides)
     ):
         return None
     from vse.assets import build_assets

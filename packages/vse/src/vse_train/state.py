@@ -9,7 +9,7 @@ Layout under ``<run>/state/``::
         optimizer.json          param groups and any non-tensor optimizer state
         scheduler.json          the LR scheduler's state dict (its lambdas left out: code, rebuilt from the config)
         scaler.json             the fp16 loss scaler's state (only with a scaler)
-        progress.json           step, data position, best val, skip counts, accelerator step
+        counters.json           the run's Counters (step, data position, best val, skipped samples), accelerator step
         rng-<rank>.safetensors  torch CPU (and CUDA) generator states of process <rank>, uint8
         rng-<rank>.json         numpy and python ``random`` states of process <rank>
         complete.json           written last: the marker, with every file's size
@@ -34,6 +34,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,14 +46,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "vse-train-state"
-VERSION = 1
+VERSION = 2  # 2: counters.json (was progress.json)
 POINTER = "latest.json"
 MARKER = "complete.json"
+COUNTERS = "counters.json"
 _STEP_DIR = re.compile(r"^step-(\d+)(?:\.(\d+))?$")
 
 
 class StateError(RuntimeError):
     """A resumable state that cannot be written or read; the message names the file."""
+
+
+@dataclass
+class Counters:
+    """What changes while a run trains and is saved with its state (``counters.json``)."""
+
+    step: int = 0  # optimizer steps done
+    batches: int = 0  # micro-batches consumed (the data position)
+    best_rsum: float = -1.0
+    best_step: int = -1
+    skipped_samples: int = 0  # training samples dropped as unreadable (on_bad_sample: skip), all processes
 
 
 def step_dir_name(step: int, again: int = 0) -> str:
@@ -247,7 +260,7 @@ def save_state(
     model: torch.nn.Module,
     optimizer: Any,
     scheduler: Any,
-    progress: dict[str, Any],
+    counters: Counters,
 ) -> Path:
     """Write the state of ``step`` under ``root`` (every process calls this; see module doc)."""
     root = Path(root)
@@ -263,7 +276,7 @@ def save_state(
         kill_point("begin", step)
     accelerator.wait_for_everyone()
     if main:
-        _write_training_state(target, step, accelerator, model, optimizer, scheduler, progress)
+        _write_training_state(target, step, accelerator, model, optimizer, scheduler, counters)
     rank = accelerator.process_index
     tensors, doc = rng_state()
     _write_tensors(target / f"rng-{rank}.safetensors", tensors)
@@ -277,9 +290,15 @@ def save_state(
 
 
 def _write_training_state(
-    target: Path, step: int, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any, progress: dict
+    target: Path,
+    step: int,
+    accelerator: Any,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    counters: Counters,
 ) -> None:
-    """The main process's files: model, optimizer, scheduler, loss scaler, progress."""
+    """The main process's files: model, optimizer, scheduler, loss scaler, counters."""
     from safetensors.torch import save_model
 
     save_model(model, str(target / "model.safetensors"))
@@ -294,7 +313,7 @@ def _write_training_state(
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None:
         _write_json(target / "scaler.json", scaler.state_dict())
-    _write_json(target / "progress.json", {**progress, "accelerator_step": int(getattr(accelerator, "step", 0))})
+    _write_json(target / COUNTERS, {**asdict(counters), "accelerator_step": int(getattr(accelerator, "step", 0))})
     kill_point("scheduler", step)
 
 
@@ -381,8 +400,8 @@ def load_state(
     model: torch.nn.Module,
     optimizer: Any,
     scheduler: Any,
-) -> dict[str, Any]:
-    """Restore a state written by :func:`save_state` into the given objects; returns progress."""
+) -> Counters:
+    """Restore a state written by :func:`save_state` into the given objects; returns its counters."""
     from safetensors.torch import load_model
 
     d = Path(d)
@@ -413,11 +432,10 @@ def load_state(
             scaler.load_state_dict(read_json(d / "scaler.json"))
         else:
             log.warning("%s: no loss scaler state (saved without fp16); the scaler starts fresh", d)
-    progress = read_json(d / "progress.json")
-    if not isinstance(progress, dict):
-        raise StateError(f"{d / 'progress.json'}: not a progress record")
-    if "accelerator_step" in progress and hasattr(accelerator, "step"):
-        accelerator.step = int(progress["accelerator_step"])
+    counters = _read_counters(d / COUNTERS)
+    accelerator_step = int(counters.pop("accelerator_step"))
+    if hasattr(accelerator, "step"):
+        accelerator.step = accelerator_step
     rank = accelerator.process_index
     rpath = d / f"rng-{rank}.safetensors"
     if rpath.exists():
@@ -429,4 +447,13 @@ def load_state(
             rank,
             marker.get("num_processes"),
         )
-    return {k: v for k, v in progress.items() if k != "accelerator_step"}
+    return Counters(**counters)
+
+
+def _read_counters(path: Path) -> dict[str, Any]:
+    """The fields of :class:`Counters` and ``accelerator_step`` from ``counters.json``."""
+    doc = read_json(path)
+    want = {f.name for f in fields(Counters)} | {"accelerator_step"}
+    if not isinstance(doc, dict) or set(doc) != want or not all(isinstance(v, (int, float)) for v in doc.values()):
+        raise StateError(f"{path}: not a counters record (expected the numbers {sorted(want)}, got {doc!r})")
+    return doc
