@@ -1,5 +1,5 @@
 """The one learning-rate schedule (vse_train.schedule), as the trainer and the backbone
-warm start use it, against values worked out by hand."""
+pre-training use it, against values worked out by hand."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from vse_train.backbone_pretrain import _schedule
 from vse_train.config import OptimConfig
 from vse_train.schedule import lr_scheduler
-from vse_train.warmstart import _schedule
 
 R2 = math.sqrt(2) / 2  # cos(pi / 4)
 
@@ -65,6 +65,6 @@ def test_trainer_schedule_hand_values(optim, steps_per_epoch, total, want):
         (3, 10, [0.5, 1.0, 1.0]),
     ],
 )
-def test_warmstart_schedule_hand_values(steps, warmup, want):
+def test_backbone_pretrain_schedule_hand_values(steps, warmup, want):
     got = _factors(lambda opt: _schedule(opt, steps, warmup), len(want))
     assert got == pytest.approx(want, abs=1e-12)
