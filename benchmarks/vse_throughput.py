@@ -84,8 +84,8 @@ class Setup:
         from vse.models import create_model, processor_source, tokenizer_source
         from vse.transforms import ImageTransform, TextTokenizer
         from vse_train.data import Collate, ShardStream
+        from vse_train.objective import text_fields
         from vse_train.recipes import get_recipe
-        from vse_train.train import text_fields
 
         self.args, self.assets = args, assets
         self.recipe = recipe = get_recipe(args.recipe)
@@ -109,7 +109,8 @@ class Setup:
     def fresh(self):
         """A new model (same initial weights every time), its objective, optimizer and teacher cache."""
         from vse.models import create_model
-        from vse_train.train import Objective, TeacherCache
+        from vse_train.objective import Objective
+        from vse_train.teacher import TeacherCache
 
         torch.manual_seed(0)
         model = create_model(self.args.model, assets_dir=self.assets, student_head=self.recipe.student_head)

@@ -1,7 +1,7 @@
 """The CPU-regime experiment of docs/experiments.md: seeds x 3 arms, paired differences, mechanism.
 
 Runs ``pipelines/cpu_regime.yaml`` once per seed (``runs/cpu_regime/seed-<S>``; the world,
-captions and warm-started assets of the first seed are reused by the others, so every arm of
+captions and pre-trained assets of the first seed are reused by the others, so every arm of
 every seed starts from the same backbones), then reports, on val (the checkpoint-selection
 split) and test, for sparse-caption retrieval and long-text (image <-> dense text) retrieval:
 
@@ -44,7 +44,7 @@ def run_seed(seed: int, runs: Path, first: Path, pipeline: Path, log: Path) -> i
     run_dir = runs / f"seed-{seed}"
     if run_dir != first:
         # the first seed's data stages (same params, so the runner finds them cached): every
-        # arm of every seed starts from the same world, captions and warm-started backbones
+        # arm of every seed starts from the same world, captions and pre-trained backbones
         run_dir.mkdir(parents=True, exist_ok=True)
         for stage in SHARED:
             link = run_dir / stage

@@ -18,8 +18,8 @@ from d2s.shards import split_shards
 from vse.models import create_model, get_model_config, processor_source, tokenizer_source
 from vse.transforms import ImageTransform, TextTokenizer
 from vse_train.data import Collate, ShardStream
+from vse_train.objective import text_fields
 from vse_train.recipes import get_recipe
-from vse_train.train import text_fields
 
 
 def _png(a: np.ndarray) -> bytes:

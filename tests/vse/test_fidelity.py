@@ -26,8 +26,10 @@ from vse.models import (
 from vse.transforms import ImageTransform, TextTokenizer
 from vse_train.config import parse_config
 from vse_train.data import ShardStream
+from vse_train.objective import Objective, ramp_factor, text_fields
 from vse_train.recipes import get_recipe
-from vse_train.train import Objective, freeze_teacher, ramp_factor, state_fingerprint, text_fields, train
+from vse_train.teacher import freeze_teacher, state_fingerprint
+from vse_train.train import train
 
 from .test_train import cfg_doc
 
@@ -360,7 +362,7 @@ def test_clip_scaled_grads_option_clips_before_unscaling():
     from types import SimpleNamespace
 
     from vse_train.config import OptimConfig
-    from vse_train.train import clip_gradients
+    from vse_train.objective import clip_gradients
 
     def clipped_norm(option: bool) -> float:
         p = torch.nn.Parameter(torch.zeros(4))

@@ -148,3 +148,22 @@ def test_failed_launch_raises_with_its_output(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "stage 'train': accelerate launch exited with status" in msg and "--no_such_flag" in msg, msg
     assert "--no_such_flag" in (tmp_path / "work" / "launch.log").read_text()
+
+
+def test_cache_key_has_every_param_but_resume(tmp_path):
+    """``resume`` decides how the stage runs (continue or start again), not what it trains: out
+    of the key. Every other param is in it, ``cpu`` included, at its default or not."""
+
+    def train_hash(**params) -> str:
+        doc = pipeline_doc()
+        doc["stages"]["train"]["params"].update(params)
+        plan = Runner(load_pipeline(doc=doc, run_dir=tmp_path / "run")).run(dry_run=True)
+        return next(e["hash"] for e in plan if e["stage"] == "train")
+
+    from vse_train.stages import VseTrainStage
+
+    assert VseTrainStage.cache_params({"cpu": False, "resume": True, "seed": 0}) == {"cpu": False, "seed": 0}
+    base = train_hash()
+    assert train_hash(resume=False) == base
+    assert train_hash(cpu=True) != base
+    assert train_hash(seed=1) != base

@@ -24,7 +24,8 @@ from d2s.schema import DenseText, SampleError
 from d2s.shards import ShardWriter, write_manifest
 from d2s.synthetic import SplitSpec, WorldConfig, describe, iter_world
 from vse_train.config import parse_config
-from vse_train.state import KILL_ENV, KILL_POINTS, StateError, find_state
+from vse_train.failpoints import KILL_ENV, SAVE_POINTS
+from vse_train.state import StateError, find_state
 from vse_train.train import train
 
 
@@ -125,14 +126,14 @@ def _plant(path: Path, marker: Path, keep_size: bool) -> None:
 @pytest.mark.slow
 def test_resume_refuses_a_planted_pickle_in_the_state(world, assets, tmp_path):
     run = tmp_path / "run"
-    killed = _cli(_common(world, assets) + ["--out", str(run), "kill_at_step=5"], tmp_path)
+    killed = _cli(_common(world, assets) + ["--out", str(run)], tmp_path, **{KILL_ENV: "step@5"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     marker = tmp_path / "PAYLOAD_RAN"
     planted = []
     for p in sorted((run / "state").rglob("*")):
-        # the files holding the LR scheduler and the progress record: before this change Accelerate's
-        # custom_checkpoint_*.pkl, which its load_state reads with torch.load(weights_only=False)
-        if p.is_file() and any(w in p.name for w in ("custom_checkpoint", "scheduler", "progress")):
+        # the files holding the LR scheduler and the counters: what Accelerate's save_state once kept
+        # in custom_checkpoint_*.pkl, which its load_state reads with torch.load(weights_only=False)
+        if p.is_file() and any(w in p.name for w in ("scheduler", "counters")):
             _plant(p, marker, keep_size=False)
             planted.append(p)
     assert planted
@@ -157,7 +158,7 @@ def test_every_state_file_refuses_a_pickle(world, assets, tmp_path):
         "optimizer.safetensors",
         "optimizer.json",
         "scheduler.json",
-        "progress.json",
+        "counters.json",
         "rng-0.safetensors",
         "rng-0.json",
         "complete.json",
@@ -177,17 +178,6 @@ def test_every_state_file_refuses_a_pickle(world, assets, tmp_path):
         assert str(target) in str(e.value), (f.name, str(e.value))
         assert not marker.exists(), f"a pickle planted in {f.name} ran"
         assert not (out / "last").exists()
-
-
-def test_old_pickle_state_is_not_loaded(tmp_path):
-    # the layout accelerate.save_state wrote before: refused by name, not loaded, not ignored
-    state = tmp_path / "run" / "state"
-    state.mkdir(parents=True)
-    (state / "progress.json").write_text(json.dumps({"step": 3}))
-    _plant(state / "custom_checkpoint_0.pkl", tmp_path / "PAYLOAD_RAN", keep_size=False)
-    with pytest.raises(StateError, match="old format"):
-        find_state(state)
-    assert not (tmp_path / "PAYLOAD_RAN").exists()
 
 
 # ---- item 6: SIGKILL at every point of a save --------------------------------------------
@@ -217,9 +207,9 @@ EXPECTED_RESUME = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", KILL_POINTS)
+@pytest.mark.parametrize("point", SAVE_POINTS)
 def test_sigkill_during_a_save_resumes_from_the_newest_complete_state(world, assets, reference_run, tmp_path, point):
-    assert set(EXPECTED_RESUME) == set(KILL_POINTS)
+    assert set(EXPECTED_RESUME) == set(SAVE_POINTS)
     run = tmp_path / "run"
     killed = _cli(_common(world, assets) + ["--out", str(run)], tmp_path, **{KILL_ENV: f"{point}@6"})
     assert killed.returncode == -9, killed.stderr[-3000:]

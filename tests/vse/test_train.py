@@ -16,8 +16,10 @@ from vse.bundle import load_bundle
 from vse.checkpoint import load_checkpoint
 from vse.models import get_model_config, load_backbone
 from vse_train.config import parse_config
+from vse_train.failpoints import KILL_ENV
 from vse_train.recipes import get_recipe
-from vse_train.train import state_fingerprint, train
+from vse_train.teacher import state_fingerprint
+from vse_train.train import train
 
 
 def get_recipe_path(name):
@@ -146,8 +148,8 @@ def test_bad_model_and_recipe_fields(tmp_path):
             raise ConfigError("stage 2 needs init") from None
 
 
-def _cli(args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def _cli(args, cwd, **extra_env):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra_env}
     return subprocess.run(
         [sys.executable, "-m", "vse_train.cli", "train", *args], cwd=cwd, env=env, capture_output=True, text=True
     )
@@ -179,11 +181,12 @@ def test_kill_and_resume_equals_uninterrupted(world, assets, tmp_path):
     ]
     ref = _cli(common + ["--out", str(tmp_path / "ref")], tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    killed = _cli(common + ["--out", str(tmp_path / "run"), "kill_at_step=5"], tmp_path)
+    # the failpoint after optimizer step 5: its state of step 3 is the newest
+    killed = _cli(common + ["--out", str(tmp_path / "run")], tmp_path, **{KILL_ENV: "step@5"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     pointer = json.loads((tmp_path / "run" / "state" / "latest.json").read_text())
     assert pointer["step"] == 3
-    assert json.loads((tmp_path / "run" / "state" / pointer["dir"] / "progress.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "run" / "state" / pointer["dir"] / "counters.json").read_text())["step"] == 3
     resumed = _cli(common + ["--out", str(tmp_path / "run")], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
@@ -263,7 +266,7 @@ def test_validation_selects_best_on_val(world, assets, tmp_path):
 
 def test_teacher_cache_matches_the_teacher_and_reuses_texts(world, assets, tmp_path):
     from vse.models import create_model
-    from vse_train.train import TeacherCache
+    from vse_train.teacher import TeacherCache
 
     torch.manual_seed(0)
     text = create_model("tiny-vit", assets_dir=assets).text.eval()

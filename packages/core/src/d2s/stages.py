@@ -14,7 +14,7 @@ class SyntheticWorldParams:
     train: int = 4000
     val: int = 1000
     test: int = 1000
-    pretrain: int = 0  # >0: a fourth split "pretrain" (disjoint images, same world) for vse's warm start
+    pretrain: int = 0  # >0: a fourth split "pretrain" (disjoint images, same world) for vse's backbone pre-training (vse-assets' pretrain_backbones)
     seed: int = 0
     val_group_size: int = 1  # >1: val images come in groups of near-duplicates
     test_group_size: int = 1
@@ -33,7 +33,7 @@ class SyntheticWorldStage(Stage):
     """Render train/val/test splits of the synthetic world as shards (sparse captions, no dense yet).
 
     ``pretrain: N`` adds a fourth split of N images of the same world (its own split id, so no
-    image is shared with the others): the data of ``vse-assets``' warm start."""
+    image is shared with the others): the data of ``vse-assets``' backbone pre-training."""
 
     Params = SyntheticWorldParams
     version = "2"  # 2: shard schema version 2 (grounding fields)

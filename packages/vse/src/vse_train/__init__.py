@@ -1,5 +1,5 @@
 """D2S-VSE trainer: recipes (baseline, stage 1, stage 2), losses, the WebDataset loader, the
-Accelerate training loop with resumable state, the warm start, the pipeline stages and the
+Accelerate training loop with resumable state, the backbone pre-training, the pipeline stages and the
 ``vse`` command. Needs the ``train`` extra of d2s-vse (accelerate, tensorboard, webdataset).
 
 Public entry points: :func:`vse_train.recipes.list_recipes`, :func:`vse_train.train.train`,

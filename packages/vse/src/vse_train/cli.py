@@ -3,7 +3,7 @@
 Examples::
 
     vse build-assets --shards data/world --out runs/assets
-    vse build-assets --shards data/world --out runs/assets --warmstart-split pretrain   # + warm start
+    vse build-assets --shards data/world --out runs/assets --pretrain-split pretrain   # + backbone pre-training
     vse train --recipe stage1 --model tiny-vit --shards data/world --out runs/s1 --steps 300
     vse train --recipe stage2 --shards data/world --out runs/s2 --steps 300 init=runs/s1/best
     vse train --config my_run.yaml optim.lr=1e-3 data.batch_size=64
@@ -49,22 +49,23 @@ def _build_assets(args: argparse.Namespace) -> dict:
     from d2s.config import from_dict
     from vse.assets import build_assets
 
-    from .warmstart import WarmStartParams, check_split, summary, warm_start
+    from .backbone_pretrain import RECORD, BackbonePretrainParams, check_split, pretrain_backbones, summary
 
-    warm = None
-    steps = {"image_steps": args.warmstart_image_steps, "text_steps": args.warmstart_text_steps}
-    if args.warmstart_split is not None:
-        doc = {"split": args.warmstart_split, "seed": args.seed, **{k: v for k, v in steps.items() if v is not None}}
-        warm = from_dict(WarmStartParams, doc, "build-assets --warmstart")  # a bad value fails before any work
-        check_split(args.shards, warm.split)  # and so does a missing split
+    pretrain = None
+    steps = {"image_steps": args.pretrain_image_steps, "text_steps": args.pretrain_text_steps}
+    if args.pretrain_split is not None:
+        doc = {"split": args.pretrain_split, "seed": args.seed, **{k: v for k, v in steps.items() if v is not None}}
+        # a bad value fails before any work, and so does a missing split
+        pretrain = from_dict(BackbonePretrainParams, doc, "build-assets --pretrain")
+        check_split(args.shards, pretrain.split)
     elif any(v is not None for v in steps.values()):
-        raise ConfigError("build-assets: --warmstart-image-steps / --warmstart-text-steps need --warmstart-split")
+        raise ConfigError("build-assets: --pretrain-image-steps / --pretrain-text-steps need --pretrain-split")
     result = build_assets(args.shards, args.out, args.model, seed=args.seed)
     for name in result["models"]:
-        record = Path(args.out) / name / "warmstart.json"
-        record.unlink(missing_ok=True)  # the backbones were just rebuilt at random
-        if warm is not None:
-            result.setdefault("warmstart", {})[name] = summary(warm_start(args.out, args.shards, name, warm))
+        (Path(args.out) / name / RECORD).unlink(missing_ok=True)  # the backbones were just rebuilt at random
+        if pretrain is not None:
+            done = pretrain_backbones(args.out, args.shards, name, pretrain)
+            result.setdefault("pretrain_backbones", {})[name] = summary(done)
     return result
 
 
@@ -108,12 +109,15 @@ def _add_build_assets(sub) -> None:
     )
     a.add_argument("--seed", type=int, default=0)
     a.add_argument(
-        "--warmstart-split", help="then warm-start the backbones on this split (vse_train.warmstart; e.g. pretrain)"
+        "--pretrain-split",
+        help="then pre-train the backbones on this split (vse_train.backbone_pretrain; e.g. pretrain)",
     )
     a.add_argument(
-        "--warmstart-image-steps", type=int, help="image tagging steps (default: WarmStartParams.image_steps)"
+        "--pretrain-image-steps", type=int, help="image tagging steps (default: BackbonePretrainParams.image_steps)"
     )
-    a.add_argument("--warmstart-text-steps", type=int, help="masked-LM steps (default: WarmStartParams.text_steps)")
+    a.add_argument(
+        "--pretrain-text-steps", type=int, help="masked-LM steps (default: BackbonePretrainParams.text_steps)"
+    )
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -99,7 +99,6 @@ class TrainSpec:
     tracker: Literal["tensorboard", "none"] = "tensorboard"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    kill_at_step: int | None = None  # testing only: SIGKILL this process after that step
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):

@@ -7,8 +7,9 @@ training runs as ``accelerate launch ... -m vse_train.cli train --config <work>/
 in child processes (several GPUs, several machines, or gloo processes on CPU).
 
 ``vse-assets``: the tokenizer + tiny backbones of the CPU configs, built from the shards; with
-``params.warmstart`` the backbones are then warm-started (``vse_train.warmstart``: image tagging and
-masked language modelling on a split of their own, e.g. the synthetic world's ``pretrain``).
+``params.pretrain_backbones`` the backbones are then pre-trained (``vse_train.backbone_pretrain``:
+image tagging and masked language modelling on a split of their own, e.g. the synthetic world's
+``pretrain``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from d2s.atomic import atomic_write_text
 from d2s.config import to_dict
 from d2s.pipeline import Stage, StageContext
 
+from .backbone_pretrain import BackbonePretrainParams
 from .config import TrainConfig, TrainSpec, parse_config
 from .train import train
-from .warmstart import WarmStartParams
 
 
 @dataclass
@@ -124,11 +125,6 @@ class VseTrainParams(TrainSpec):
         return parse_config(doc, where)
 
 
-# keys added to the stage's params by making them a TrainSpec: left out of the cache key while at
-# their default, so that the runs cached before keep their hash
-_NEW_SPEC_KEYS = {"cpu": False, "resume": True, "kill_at_step": None}
-
-
 class VseTrainStage(Stage):
     """Train a recipe (baseline | stage1 | stage2 | a recipe file) on the shards."""
 
@@ -144,12 +140,9 @@ class VseTrainStage(Stage):
         "bundle": "inference bundle dir (vse.bundle)",
         "run": "training run dir (metrics.jsonl, summary.json, resumable state, tensorboard)",
     }
-    version = "1"
-
-    @classmethod
-    def cache_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        params = {k: v for k, v in params.items() if not (k in _NEW_SPEC_KEYS and v == _NEW_SPEC_KEYS[k])}
-        return super().cache_params(params)
+    # 2: every param in the cache key (``cpu`` was left out at its default), but ``resume``
+    version = "2"
+    execution_params = ("resume",)  # resuming or starting again trains the same weights
 
     def run(self, ctx: StageContext) -> dict:
         p: VseTrainParams = ctx.params
@@ -255,13 +248,13 @@ def _prebuild_assets(cfg: TrainConfig) -> Path | None:
 
     Building them inside the launched processes would read the shards while torch.distributed
     is up, which webdataset refuses without a node splitter."""
+    from .build import needs_assets
     from .recipes import get_recipe
-    from .train import _needs_assets
 
     if (
         cfg.assets is not None
         or get_recipe(cfg.recipe).init == "checkpoint"
-        or not _needs_assets(cfg.model, cfg.model_overrides)
+        or not needs_assets(cfg.model, cfg.model_overrides)
     ):
         return None
     from vse.assets import build_assets
@@ -277,18 +270,20 @@ def _prebuild_assets(cfg: TrainConfig) -> Path | None:
 class VseAssetsParams:
     models: list[str] = field(default_factory=list)  # empty: every locally built config
     seed: int = 0
-    warmstart: WarmStartParams | None = None  # set: warm-start every model's backbones (vse_train.warmstart)
+    # set: pre-train every model's backbones (vse_train.backbone_pretrain)
+    pretrain_backbones: BackbonePretrainParams | None = None
 
 
 class VseAssetsStage(Stage):
     """Build the tokenizer (from the shards' texts) and the tiny random backbones, then, with
-    ``warmstart`` set, warm-start the backbones on ``warmstart.split`` of the same shards."""
+    ``pretrain_backbones`` set, pre-train the backbones on its ``split`` of the same shards."""
 
     Params = VseAssetsParams
     inputs = {
-        "shards": "dataset dir (texts of the train split feed the tokenizer; warmstart.split feeds the warm start)"
+        "shards": "dataset dir (texts of the train split feed the tokenizer; pretrain_backbones.split the pre-training)"
     }
     outputs = {"assets": "assets dir for vse-train's assets input"}
+    version = "2"  # 2: the param warmstart is now pretrain_backbones
 
     def run(self, ctx: StageContext) -> dict:
         from vse.assets import build_assets
@@ -297,20 +292,20 @@ class VseAssetsStage(Stage):
         dst = ctx.outputs["assets"]
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        if p.warmstart is not None:
-            from .warmstart import check_split
+        if p.pretrain_backbones is not None:
+            from .backbone_pretrain import check_split
 
-            check_split(ctx.inputs["shards"], p.warmstart.split)  # fail before building anything
+            check_split(ctx.inputs["shards"], p.pretrain_backbones.split)  # fail before building anything
         summary = build_assets(ctx.inputs["shards"], tmp, p.models or None, seed=p.seed)
         result: dict[str, Any] = {"vocab_size": summary["vocab_size"], "models": sorted(summary["models"])}
-        if p.warmstart is not None:
-            from .warmstart import summary as warm_summary
-            from .warmstart import warm_start
+        if p.pretrain_backbones is not None:
+            from .backbone_pretrain import pretrain_backbones
+            from .backbone_pretrain import summary as pretrain_summary
 
-            result["warmstart"] = {}
+            result["pretrain_backbones"] = {}
             for name in sorted(summary["models"]):
-                warm = warm_start(tmp, ctx.inputs["shards"], name, p.warmstart)
-                result["warmstart"][name] = warm_summary(warm)
+                done = pretrain_backbones(tmp, ctx.inputs["shards"], name, p.pretrain_backbones)
+                result["pretrain_backbones"][name] = pretrain_summary(done)
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
         return result

@@ -9,7 +9,7 @@ Layout under ``<run>/state/``::
         optimizer.json          param groups and any non-tensor optimizer state
         scheduler.json          the LR scheduler's state dict (its lambdas left out: code, rebuilt from the config)
         scaler.json             the fp16 loss scaler's state (only with a scaler)
-        progress.json           step, data position, best val, skip counts, accelerator step
+        counters.json           the run's Counters (step, data position, best val, skipped samples), accelerator step
         rng-<rank>.safetensors  torch CPU (and CUDA) generator states of process <rank>, uint8
         rng-<rank>.json         numpy and python ``random`` states of process <rank>
         complete.json           written last: the marker, with every file's size
@@ -22,8 +22,8 @@ run never silently starts again at step 0. Loading uses ``safetensors`` and ``js
 so a tampered run folder can make a resume fail but cannot run code.
 
 Only the main process writes the shared files; each process writes its own RNG files.
-``VSE_TEST_KILL_AT=<point>[@<step>]`` (tests only) SIGKILLs the process at that point of the
-save (points: :data:`KILL_POINTS`).
+The failpoint ``VSE_TEST_KILL_AT`` (tests only) can kill the process at each point of a save
+(:mod:`vse_train.failpoints`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ import os
 import random
 import re
 import shutil
-import signal
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .failpoints import kill_point
 
 if TYPE_CHECKING:
     import torch
@@ -44,17 +46,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "vse-train-state"
-VERSION = 1
+VERSION = 2  # 2: counters.json (was progress.json)
 POINTER = "latest.json"
 MARKER = "complete.json"
-KILL_ENV = "VSE_TEST_KILL_AT"
-# Points of a save where VSE_TEST_KILL_AT can kill the process, in order.
-KILL_POINTS = ("begin", "model", "optimizer", "scheduler", "rng", "files", "marker", "pointer", "cleanup", "end")
+COUNTERS = "counters.json"
 _STEP_DIR = re.compile(r"^step-(\d+)(?:\.(\d+))?$")
 
 
 class StateError(RuntimeError):
     """A resumable state that cannot be written or read; the message names the file."""
+
+
+@dataclass
+class Counters:
+    """What changes while a run trains and is saved with its state (``counters.json``)."""
+
+    step: int = 0  # optimizer steps done
+    batches: int = 0  # micro-batches consumed (the data position)
+    best_rsum: float = -1.0
+    best_step: int = -1
+    skipped_samples: int = 0  # training samples dropped as unreadable (on_bad_sample: skip), all processes
 
 
 def step_dir_name(step: int, again: int = 0) -> str:
@@ -79,16 +90,6 @@ def _new_dir_name(root: Path, step: int) -> str:
     while (root / step_dir_name(step, again) / MARKER).exists():
         again += 1
     return step_dir_name(step, again)  # new, or left incomplete by an interrupted save (replaced)
-
-
-def _kill_point(point: str, step: int) -> None:
-    spec = os.environ.get(KILL_ENV)
-    if not spec:
-        return
-    name, _, at = spec.partition("@")
-    if name == point and (not at or int(at) == step):
-        log.warning("%s=%s: killing this process at save point %r of step %d (test)", KILL_ENV, spec, point, step)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---- JSON with tuples ----------------------------------------------------------------------
@@ -259,7 +260,7 @@ def save_state(
     model: torch.nn.Module,
     optimizer: Any,
     scheduler: Any,
-    progress: dict[str, Any],
+    counters: Counters,
 ) -> Path:
     """Write the state of ``step`` under ``root`` (every process calls this; see module doc)."""
     root = Path(root)
@@ -272,15 +273,15 @@ def save_state(
         if target.exists():  # left by a save of this step that did not complete
             shutil.rmtree(target)
         target.mkdir()
-        _kill_point("begin", step)
+        kill_point("begin", step)
     accelerator.wait_for_everyone()
     if main:
-        _write_training_state(target, step, accelerator, model, optimizer, scheduler, progress)
+        _write_training_state(target, step, accelerator, model, optimizer, scheduler, counters)
     rank = accelerator.process_index
     tensors, doc = rng_state()
     _write_tensors(target / f"rng-{rank}.safetensors", tensors)
     _write_json(target / f"rng-{rank}.json", doc)
-    _kill_point("rng", step)
+    kill_point("rng", step)
     accelerator.wait_for_everyone()
     if main:
         _commit(root, target, step, accelerator.num_processes)
@@ -289,25 +290,31 @@ def save_state(
 
 
 def _write_training_state(
-    target: Path, step: int, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any, progress: dict
+    target: Path,
+    step: int,
+    accelerator: Any,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    counters: Counters,
 ) -> None:
-    """The main process's files: model, optimizer, scheduler, loss scaler, progress."""
+    """The main process's files: model, optimizer, scheduler, loss scaler, counters."""
     from safetensors.torch import save_model
 
     save_model(model, str(target / "model.safetensors"))
     _fsync(target / "model.safetensors")
-    _kill_point("model", step)
+    kill_point("model", step)
     tensors, meta = optimizer_parts(optimizer.state_dict())
     _write_tensors(target / "optimizer.safetensors", tensors)
     _write_json(target / "optimizer.json", meta)
-    _kill_point("optimizer", step)
+    kill_point("optimizer", step)
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     _write_json(target / "scheduler.json", sched)
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None:
         _write_json(target / "scaler.json", scaler.state_dict())
-    _write_json(target / "progress.json", {**progress, "accelerator_step": int(getattr(accelerator, "step", 0))})
-    _kill_point("scheduler", step)
+    _write_json(target / COUNTERS, {**asdict(counters), "accelerator_step": int(getattr(accelerator, "step", 0))})
+    kill_point("scheduler", step)
 
 
 def _commit(root: Path, target: Path, step: int, num_processes: int) -> None:
@@ -315,19 +322,19 @@ def _commit(root: Path, target: Path, step: int, num_processes: int) -> None:
     marker listing the files, the pointer moved atomically, then the older states removed."""
     files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file() and p.name != MARKER}
     _fsync(target)
-    _kill_point("files", step)
+    kill_point("files", step)
     marker = {"format": FORMAT, "version": VERSION, "step": step, "num_processes": num_processes, "files": files}
     _write_json(target / MARKER, marker)
     _fsync(target)
-    _kill_point("marker", step)
+    kill_point("marker", step)
     _write_json(root / POINTER, {"format": FORMAT, "dir": target.name, "step": step})
     _fsync(root)
-    _kill_point("pointer", step)
+    kill_point("pointer", step)
     for old in sorted(root.iterdir()):
         if old != target and old.is_dir() and _STEP_DIR.match(old.name):
             shutil.rmtree(old)
-            _kill_point("cleanup", step)
-    _kill_point("end", step)
+            kill_point("cleanup", step)
+    kill_point("end", step)
 
 
 # ---- find and load -----------------------------------------------------------------------
@@ -363,7 +370,6 @@ def find_state(root: str | os.PathLike) -> Path | None:
         return None
     if not root.is_dir():
         raise StateError(f"{root}: expected the resumable state directory, found a file")
-    legacy = [p.name for p in root.iterdir() if p.name == "progress.json" or p.suffix in (".pkl", ".bin", ".pt")]
     pointer = root / POINTER
     if pointer.exists():
         doc = read_json(pointer)
@@ -384,11 +390,6 @@ def find_state(root: str | os.PathLike) -> Path | None:
             f"{pointer} names a state but no complete state is left under {root}; "
             "refusing to start again from step 0 (move the directory away to start over)"
         )
-    if legacy:
-        raise StateError(
-            f"{root}: a resumable state in the old format ({', '.join(sorted(legacy))}), whose files are "
-            "pickles; it is not loaded. Move it away to start over, or set resume=false"
-        )
     return None
 
 
@@ -399,8 +400,8 @@ def load_state(
     model: torch.nn.Module,
     optimizer: Any,
     scheduler: Any,
-) -> dict[str, Any]:
-    """Restore a state written by :func:`save_state` into the given objects; returns progress."""
+) -> Counters:
+    """Restore a state written by :func:`save_state` into the given objects; returns its counters."""
     from safetensors.torch import load_model
 
     d = Path(d)
@@ -431,11 +432,10 @@ def load_state(
             scaler.load_state_dict(read_json(d / "scaler.json"))
         else:
             log.warning("%s: no loss scaler state (saved without fp16); the scaler starts fresh", d)
-    progress = read_json(d / "progress.json")
-    if not isinstance(progress, dict):
-        raise StateError(f"{d / 'progress.json'}: not a progress record")
-    if "accelerator_step" in progress and hasattr(accelerator, "step"):
-        accelerator.step = int(progress["accelerator_step"])
+    counters = _read_counters(d / COUNTERS)
+    accelerator_step = int(counters.pop("accelerator_step"))
+    if hasattr(accelerator, "step"):
+        accelerator.step = accelerator_step
     rank = accelerator.process_index
     rpath = d / f"rng-{rank}.safetensors"
     if rpath.exists():
@@ -447,4 +447,13 @@ def load_state(
             rank,
             marker.get("num_processes"),
         )
-    return {k: v for k, v in progress.items() if k != "accelerator_step"}
+    return Counters(**counters)
+
+
+def _read_counters(path: Path) -> dict[str, Any]:
+    """The fields of :class:`Counters` and ``accelerator_step`` from ``counters.json``."""
+    doc = read_json(path)
+    want = {f.name for f in fields(Counters)} | {"accelerator_step"}
+    if not isinstance(doc, dict) or set(doc) != want or not all(isinstance(v, (int, float)) for v in doc.values()):
+        raise StateError(f"{path}: not a counters record (expected the numbers {sorted(want)}, got {doc!r})")
+    return doc

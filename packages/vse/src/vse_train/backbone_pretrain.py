@@ -1,10 +1,10 @@
-"""Warm start: pretrained stand-ins for the tiny backbones of the CPU configs.
+"""Backbone pre-training: pretrained stand-ins for the tiny backbones of the CPU configs.
 
 The paper starts every arm from pretrained backbones (ViT classified on ImageNet-21k, BERT
 trained by masked language modelling). The CPU configs build tiny random backbones locally
-(``vse.assets``); :func:`warm_start` gives them a comparable start, shared by every arm,
-trained on a split that no arm trains or is evaluated on, with objectives other than
-image-text retrieval:
+(``vse.assets``); :func:`pretrain_backbones` pre-trains them, once, for every arm alike, on
+a split that no arm trains or is evaluated on, with objectives other than image-text
+retrieval:
 
 - image backbone: multi-label *tagging*, the stand-in for ImageNet classification. Labels
   are the words of each image's sparse captions (alphanumeric words, special tokens left
@@ -17,25 +17,20 @@ image-text retrieval:
   configs; ``DataCollatorForLanguageModeling`` with the assets' tokenizer) on the split's
   sparse captions and kept dense texts, truncated to the model's ``text.dense_max_length``.
 
+Both phases: AdamW, linear warm-up then cosine to 0 (``vse_train.schedule``, the trainer's).
 Only the backbones (``model.base_model``: ``ViTModel`` / ``ResNetModel`` / ``BertModel``,
 no pooler, no task head) are saved, over the random ones in ``<assets>/<model>/image`` and
 ``<assets>/<model>/text``, with the same config, so ``vse.models.load_backbone`` loads them
 unchanged. Each file is written in a temporary dir and moved in with ``os.replace``.
-``<assets>/<model>/warmstart.json`` records the params, steps, seconds, first/last training
-losses and the held-out metrics before (the random init) and after: tagging mAP and micro-F1
-(threshold 0.5) and MLM accuracy / loss on a fixed masking of the held-out texts. The
-held-out part is ``holdout_fraction`` of the split's images (their captions and texts
+``<assets>/<model>/backbone_pretrain.json`` records the params, steps, seconds, first/last
+training losses and the held-out metrics before (the random init) and after: tagging mAP and
+micro-F1 (threshold 0.5) and MLM accuracy / loss on a fixed masking of the held-out texts.
+The held-out part is ``holdout_fraction`` of the split's images (their captions and texts
 included), drawn with the seed.
 
 Seeded: the same params, data and thread count give bit-identical weights; the caller's
 global torch RNG is left as it was. Training uses ``torch.get_num_threads()`` threads.
-
-Cost (2026-11-25, 2 CPU cores shared with another job, 1 torch thread, tiny-vit with
-text.dense_max_length 192, default params, the quickstart world with a 4000-image
-``pretrain`` split and oracle dense texts): 73 s for the warm start (image 400 steps 32 s,
-text 350 steps 40 s, reading the split ~1 s); ``vse build-assets ... --warmstart-split
-pretrain`` took 83 s in all. Held out (200 images): tagging mAP 0.233 -> 0.563, micro-F1
-0.274 -> 0.488; MLM accuracy 0.012 -> 0.407 (packages/vse/README.md).
+Measured cost and held-out figures: ``packages/vse/README.md`` ("Backbone pre-training").
 """
 
 from __future__ import annotations
@@ -63,14 +58,19 @@ from d2s.shards import iter_samples, read_manifest, split_shards
 from vse.assets import SPECIAL, words_of
 from vse.models import asset_paths, backbone_from_config, get_model_config, load_backbone
 
+from .config import OptimConfig
+from .schedule import lr_scheduler
+
 log = logging.getLogger(__name__)
+
+RECORD = "backbone_pretrain.json"  # in <assets>/<model>/
 
 _ALNUM = re.compile(r"[a-z0-9]+")
 _DECODE_ONCE_BYTES = 512 << 20  # decode the whole split up front when its uint8 pixels fit in this
 
 
 @dataclass
-class WarmStartParams:
+class BackbonePretrainParams:
     split: str = "pretrain"  # shards split to train on (disjoint from train/val/test)
     image_steps: int = 400  # tagging steps (0: keep the random image backbone)
     text_steps: int = 350  # MLM steps (0: keep the random text backbone)
@@ -120,10 +120,10 @@ def check_split(shards_dir: str | Path, split: str) -> list[str]:
     except KeyError:
         present = sorted(read_manifest(shards_dir)["splits"])
         raise FileNotFoundError(
-            f"warm start: {shards_dir} has no split {split!r} (splits present: {present}). The warm start trains on a "
+            f"backbone pre-training: {shards_dir} has no split {split!r} (splits present: {present}). It trains on a "
             f"split that no arm trains or is evaluated on: write one (synthetic world: `pretrain: N` in the "
-            f"synthetic-world params, e.g. pretrain: 4000) or choose an existing one with warmstart.split / "
-            f"--warmstart-split"
+            f"synthetic-world params, e.g. pretrain: 4000) or choose an existing one with pretrain_backbones.split / "
+            f"--pretrain-split"
         ) from None
 
 
@@ -131,12 +131,12 @@ def _read_split(shards_dir: str | Path, split: str) -> list:
     samples = list(iter_samples(check_split(shards_dir, split)))
     if len(samples) < 2:
         raise ValueError(
-            f"warm start: split {split!r} of {shards_dir} has {len(samples)} sample(s); it needs at least 2"
+            f"backbone pre-training: split {split!r} of {shards_dir} has {len(samples)} sample(s); it needs at least 2"
         )
     return samples
 
 
-def _holdout(n: int, p: WarmStartParams) -> tuple[np.ndarray, np.ndarray]:
+def _holdout(n: int, p: BackbonePretrainParams) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng([p.seed, 7]).permutation(n)
     n_hold = min(n - 1, max(1, round(p.holdout_fraction * n)))
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
@@ -159,18 +159,14 @@ def label_vocab(tag_sets: list[set[str]], min_count: int, max_fraction: float) -
 
 
 def _schedule(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = min(warmup, max(steps - 1, 0))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    """Linear warm-up over ``warmup`` steps (at most ``steps - 1``), then cosine to 0 at ``steps``."""
+    cosine = OptimConfig(
+        lr=opt.defaults["lr"], schedule="cosine", warmup_steps=min(warmup, max(steps - 1, 0)), min_lr_ratio=0.0
+    )
+    return lr_scheduler(opt, cosine, steps_per_epoch=1, total_steps=steps)
 
 
-def _optimizer(model: torch.nn.Module, p: WarmStartParams, lr: float) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, p: BackbonePretrainParams, lr: float) -> torch.optim.Optimizer:
     decay = [q for q in model.parameters() if q.requires_grad and q.ndim >= 2]
     rest = [q for q in model.parameters() if q.requires_grad and q.ndim < 2]
     return torch.optim.AdamW(
@@ -272,13 +268,13 @@ def _fit(bar, step_loss, opt, sched) -> list[float]:
     return losses
 
 
-def _tag_targets(samples, train_idx, p: WarmStartParams) -> tuple[list[str], torch.Tensor]:
+def _tag_targets(samples, train_idx, p: BackbonePretrainParams) -> tuple[list[str], torch.Tensor]:
     """The tag vocabulary (from the training images) and every image's multi-hot target."""
     tags = [image_tags(s) for s in samples]
     labels = label_vocab([tags[i] for i in train_idx], p.min_label_count, p.max_label_fraction)
     if not labels:
         raise ValueError(
-            f"warm start: no tag survives min_label_count={p.min_label_count} and max_label_fraction={p.max_label_fraction} "
+            f"backbone pre-training: no tag survives min_label_count={p.min_label_count} and max_label_fraction={p.max_label_fraction} "
             f"on the {len(train_idx)} training images of split {p.split!r}"
         )
     col = {w: j for j, w in enumerate(labels)}
@@ -315,7 +311,7 @@ def _eval_tagging(model, pixels: _Pixels, hold_idx, targets: torch.Tensor, batch
 
 
 def _train_image(
-    paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, progress: bool, tag: str
+    paths, cfg, samples, train_idx, hold_idx, p: BackbonePretrainParams, progress: bool, tag: str
 ) -> tuple[dict, torch.nn.Module | None]:
     from tqdm import tqdm
 
@@ -335,7 +331,7 @@ def _train_image(
     bar = tqdm(
         _batches(len(train_idx), p.batch_size, p.image_steps, gen),
         total=p.image_steps,
-        desc=f"warm start {tag} image (tagging)",
+        desc=f"pretrain {tag} image (tagging)",
         disable=not progress,
     )
 
@@ -378,7 +374,7 @@ def _mlm_model(paths, tok) -> torch.nn.Module:
     hf_cfg = AutoConfig.from_pretrained(str(paths["text"]))
     if len(tok) > hf_cfg.vocab_size:
         raise ValueError(
-            f"warm start: tokenizer of {paths['tokenizer']} has {len(tok)} tokens, text backbone only {hf_cfg.vocab_size}"
+            f"backbone pre-training: tokenizer of {paths['tokenizer']} has {len(tok)} tokens, text backbone only {hf_cfg.vocab_size}"
         )
     model = AutoModelForMaskedLM.from_config(copy.deepcopy(hf_cfg))
     model.base_model.load_state_dict(load_backbone(str(paths["text"])).state_dict())  # the random backbone, strict
@@ -403,7 +399,7 @@ def _eval_mlm(model, eval_batches: list[dict]) -> dict:
 
 
 def _train_text(
-    paths, cfg, samples, train_idx, hold_idx, p: WarmStartParams, progress: bool, tag: str
+    paths, cfg, samples, train_idx, hold_idx, p: BackbonePretrainParams, progress: bool, tag: str
 ) -> tuple[dict, torch.nn.Module | None]:
     from tqdm import tqdm
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling
@@ -428,7 +424,7 @@ def _train_text(
     bar = tqdm(
         _batches(len(train_ex), p.batch_size, p.text_steps, gen, lengths),
         total=p.text_steps,
-        desc=f"warm start {tag} text (MLM)",
+        desc=f"pretrain {tag} text (MLM)",
         disable=not progress,
     )
 
@@ -472,7 +468,7 @@ def save_backbone(base_model: torch.nn.Module, folder: Path) -> None:
     each file is moved in with ``os.replace``."""
     fresh = backbone_from_config(folder)
     fresh.load_state_dict(base_model.state_dict())
-    tmp = folder.with_name(folder.name + ".warmstart-tmp")
+    tmp = folder.with_name(folder.name + ".pretrain-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     fresh.save_pretrained(str(tmp))
     new = {f.name for f in tmp.iterdir()}
@@ -488,27 +484,27 @@ def save_backbone(base_model: torch.nn.Module, folder: Path) -> None:
     tmp.rmdir()
 
 
-def warm_start(
+def pretrain_backbones(
     assets_dir: str | Path,
     shards_dir: str | Path,
     model_name: str,
-    params: WarmStartParams | None = None,
+    params: BackbonePretrainParams | None = None,
     *,
     progress: bool = True,
 ) -> dict:
     """Train the image backbone (tagging) and the text backbone (MLM) of ``model_name``'s assets on
-    ``params.split`` of ``shards_dir``, save them over the random ones, write ``warmstart.json``;
+    ``params.split`` of ``shards_dir``, save them over the random ones, write ``backbone_pretrain.json``;
     returns its content."""
-    p = params or WarmStartParams()
+    p = params or BackbonePretrainParams()
     cfg = get_model_config(model_name)
     paths = asset_paths(assets_dir, cfg.name)
-    record = paths["image"].parent / "warmstart.json"
+    record = paths["image"].parent / RECORD
     start = _check_assets(cfg, paths, record)
     t0 = time.time()
     samples = _read_split(shards_dir, p.split)
     train_idx, hold_idx = _holdout(len(samples), p)
     log.info(
-        "warm start %s on split %r: %d images (%d held out), %d image steps, %d text steps, %d torch threads",
+        "backbone pre-training %s on split %r: %d images (%d held out), %d image steps, %d text steps, %d torch threads",
         cfg.name,
         p.split,
         len(samples),
@@ -543,15 +539,17 @@ def warm_start(
 
 
 def _check_assets(cfg, paths: dict[str, Path], record: Path) -> dict[str, str]:
-    """Fail unless ``cfg``'s backbones are locally built, present and not yet warm-started; returns
+    """Fail unless ``cfg``'s backbones are locally built, present and not yet pre-trained; returns
     the digests of their weights as they are."""
     if cfg.image.backbone.build is None or cfg.text.backbone.build is None:
         raise ValueError(
-            f"warm start: model {cfg.name!r} loads pretrained backbones; the warm start is for locally built (CPU) configs"
+            f"backbone pre-training: model {cfg.name!r} loads pretrained backbones; pre-training is for locally built (CPU) configs"
         )
     for k in ("image", "text", "tokenizer"):
         if not (paths[k] / ("tokenizer.json" if k == "tokenizer" else "config.json")).exists():
-            raise FileNotFoundError(f"warm start: {paths[k]} is missing; build the assets first (vse build-assets)")
+            raise FileNotFoundError(
+                f"backbone pre-training: {paths[k]} is missing; build the assets first (vse build-assets)"
+            )
     start = {k: _weights_digest(paths[k]) for k in ("image", "text")}
     if record.exists():
         doc = json.loads(record.read_text())
@@ -559,15 +557,15 @@ def _check_assets(cfg, paths: dict[str, Path], record: Path) -> dict[str, str]:
         again = [k for k in ("image", "text") if prev.get(k) == start[k] and k in doc.get("trained", [])]
         if again:
             raise ValueError(
-                f"warm start: the {' and '.join(again)} backbone(s) in {paths['image'].parent} are already "
-                "warm-started (warmstart.json); rebuild the assets (vse build-assets) to start again"
+                f"backbone pre-training: the {' and '.join(again)} backbone(s) in {paths['image'].parent} are already "
+                "pre-trained (backbone_pretrain.json); rebuild the assets (vse build-assets) to start again"
             )
     return start
 
 
 def _log_phase(name: str, what: str, steps: int, info: dict) -> None:
     log.info(
-        "warm start %s %s: %d steps in %.1f s, held-out %s -> %s",
+        "backbone pre-training %s %s: %d steps in %.1f s, held-out %s -> %s",
         name,
         what,
         steps,
@@ -583,7 +581,7 @@ def _brief(m: dict) -> str:
 
 
 def summary(result: dict) -> dict:
-    """The held-out before/after figures of a :func:`warm_start` result (for stage results and the CLI)."""
+    """The held-out before/after figures of a :func:`pretrain_backbones` result (for stage results and the CLI)."""
     out = {"seconds": result["seconds"]}
     for what in ("image", "text"):
         info = result.get(what)

@@ -1,6 +1,7 @@
-"""The warm start (vse_train.warmstart): real tiny HF models trained on a real ``pretrain`` split.
+"""Backbone pre-training (vse_train.backbone_pretrain): real tiny HF models trained on a real
+``pretrain`` split.
 
-One warm start of tiny-vit (module fixture) is measured and checked from several sides; a
+One pre-training of tiny-vit (module fixture) is measured and checked from several sides; a
 second run with the same params checks that it is bit-identical.
 """
 
@@ -14,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import vse_train.warmstart as ws
+import vse_train.backbone_pretrain as bp
 from d2s.config import ConfigError, from_dict
 from d2s.schema import DenseText
 from d2s.shards import ShardWriter, write_manifest
 from d2s.synthetic import SplitSpec, WorldConfig, describe, make_sample, write_world
 from vse.models import create_model
-from vse_train.warmstart import WarmStartParams, image_tags, label_vocab, warm_start
+from vse_train.backbone_pretrain import BackbonePretrainParams, image_tags, label_vocab, pretrain_backbones
 
 PRETRAIN = 480
 # Small enough for a test, enough for the held-out figures to move well clear of the random init.
@@ -45,7 +46,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def shards(tmp_path_factory) -> Path:
     """A train split (written by write_world) and a pretrain split with oracle dense texts; every
     seventh image also has a dropped dense text, which the MLM must not see."""
-    out = tmp_path_factory.mktemp("ws_world")
+    out = tmp_path_factory.mktemp("pretrain_world")
     cfg = WorldConfig()
     write_world(out, cfg, [SplitSpec("train", 40)], shard_size=40, progress=False)
     for index, start in enumerate(range(0, PRETRAIN, 160)):
@@ -62,25 +63,27 @@ def shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run(assets, shards, tmp_path_factory):
-    """Copies of the random assets, a warm start in one, and the backbones as they left training."""
+    """Copies of the random assets, a pre-training in one, and the backbones as they left training."""
     random_dir = tmp_path_factory.mktemp("random_assets")
-    warm_dir = tmp_path_factory.mktemp("warm_assets")
+    pretrained_dir = tmp_path_factory.mktemp("pretrained_assets")
     shutil.copytree(assets, random_dir, dirs_exist_ok=True)
-    shutil.copytree(assets, warm_dir, dirs_exist_ok=True)
+    shutil.copytree(assets, pretrained_dir, dirs_exist_ok=True)
     trained: dict[str, dict] = {}
-    original = ws.save_backbone
+    original = bp.save_backbone
 
     def capture(base_model, folder):
         trained[Path(folder).name] = _state(base_model)
         original(base_model, folder)
 
     torch.set_num_threads(1)
-    ws.save_backbone = capture
+    bp.save_backbone = capture
     try:
-        result = warm_start(warm_dir, shards, "tiny-vit", WarmStartParams(**PARAMS), progress=False)
+        result = pretrain_backbones(
+            pretrained_dir, shards, "tiny-vit", BackbonePretrainParams(**PARAMS), progress=False
+        )
     finally:
-        ws.save_backbone = original
-    return {"random": random_dir, "warm": warm_dir, "result": result, "trained": trained}
+        bp.save_backbone = original
+    return {"random": random_dir, "pretrained": pretrained_dir, "result": result, "trained": trained}
 
 
 @pytest.mark.slow
@@ -100,17 +103,17 @@ def test_heldout_metrics_improve_over_the_random_init(run):
     assert txt["train_dense_texts"] == n_train and txt["train_texts"] == n_train * (
         WorldConfig().captions_per_image + 1
     )
-    on_disk = json.loads((run["warm"] / "tiny-vit" / "warmstart.json").read_text())
-    assert on_disk["params"] == {**WarmStartParams().__dict__, **PARAMS}
+    on_disk = json.loads((run["pretrained"] / "tiny-vit" / "backbone_pretrain.json").read_text())
+    assert on_disk["params"] == {**BackbonePretrainParams().__dict__, **PARAMS}
     assert on_disk["image"]["steps"] == PARAMS["image_steps"] and on_disk["text"]["steps"] == PARAMS["text_steps"]
     assert on_disk["image"]["heldout_after"] == img["heldout_after"] and on_disk["trained"] == ["image", "text"]
 
 
 @pytest.mark.slow
 def test_saved_backbones_load_through_create_model_and_are_the_trained_ones(run):
-    warm = create_model("tiny-vit", assets_dir=run["warm"])
+    pretrained = create_model("tiny-vit", assets_dir=run["pretrained"])
     rand = create_model("tiny-vit", assets_dir=run["random"])
-    for what, enc_w, enc_r in (("image", warm.image, rand.image), ("text", warm.text, rand.text)):
+    for what, enc_w, enc_r in (("image", pretrained.image, rand.image), ("text", pretrained.text, rand.text)):
         loaded, random, trained = enc_w.backbone.state_dict(), enc_r.backbone.state_dict(), run["trained"][what]
         assert type(enc_w.backbone).__name__ == ("ViTModel" if what == "image" else "BertModel")
         assert set(loaded) == set(random) == set(trained)
@@ -119,10 +122,10 @@ def test_saved_backbones_load_through_create_model_and_are_the_trained_ones(run)
         assert len(changed) > 0.9 * len(loaded), (what, sorted(set(loaded) - set(changed)))
     # same architecture config as the random backbones (no task head, no label names)
     for what in ("image", "text"):
-        cfg_w = json.loads((run["warm"] / "tiny-vit" / what / "config.json").read_text())
+        cfg_w = json.loads((run["pretrained"] / "tiny-vit" / what / "config.json").read_text())
         cfg_r = json.loads((run["random"] / "tiny-vit" / what / "config.json").read_text())
         assert cfg_w == cfg_r
-    assert not list((run["warm"] / "tiny-vit").glob("*tmp*"))
+    assert not list((run["pretrained"] / "tiny-vit").glob("*tmp*"))
 
 
 @pytest.mark.slow
@@ -132,7 +135,7 @@ def test_same_seed_gives_bit_identical_weights(assets, shards, tmp_path):
         dirs[name] = tmp_path / name
         shutil.copytree(assets, dirs[name])
         torch.manual_seed(ord(name[0]))  # the caller's RNG state must not matter
-        warm_start(dirs[name], shards, "tiny-vit", WarmStartParams(**params), progress=False)
+        pretrain_backbones(dirs[name], shards, "tiny-vit", BackbonePretrainParams(**params), progress=False)
 
     def weights(name, what):
         return (dirs[name] / "tiny-vit" / what / "model.safetensors").read_bytes()
@@ -140,19 +143,19 @@ def test_same_seed_gives_bit_identical_weights(assets, shards, tmp_path):
     for what in ("image", "text"):
         assert weights("a", what) == weights("b", what), what
         assert weights("a", what) != weights("seed", what), what
-    first, second = (json.loads((dirs[n] / "tiny-vit" / "warmstart.json").read_text()) for n in ("a", "b"))
+    first, second = (json.loads((dirs[n] / "tiny-vit" / "backbone_pretrain.json").read_text()) for n in ("a", "b"))
     assert first["image"]["heldout_after"] == second["image"]["heldout_after"]
     assert first["text"]["loss"] == second["text"]["loss"]
-    # a second warm start on top of the first is refused
-    with pytest.raises(ValueError, match="already warm-started"):
-        warm_start(dirs["a"], shards, "tiny-vit", WarmStartParams(**SMALL), progress=False)
+    # a second pre-training on top of the first is refused
+    with pytest.raises(ValueError, match="already pre-trained"):
+        pretrain_backbones(dirs["a"], shards, "tiny-vit", BackbonePretrainParams(**SMALL), progress=False)
 
 
 def test_missing_split_is_named_with_the_shards_dir_and_the_remedy(assets, shards, tmp_path):
     copy = tmp_path / "assets"
     shutil.copytree(assets, copy)
     with pytest.raises(FileNotFoundError) as exc:
-        warm_start(copy, shards, "tiny-vit", WarmStartParams(split="pretrian"), progress=False)
+        pretrain_backbones(copy, shards, "tiny-vit", BackbonePretrainParams(split="pretrian"), progress=False)
     msg = str(exc.value)
     assert "'pretrian'" in msg and str(shards) in msg and "pretrain: N" in msg and "'pretrain'" in msg
     # the CLI checks it before building anything and exits 2
@@ -169,7 +172,7 @@ def test_missing_split_is_named_with_the_shards_dir_and_the_remedy(assets, shard
                 str(out),
                 "--model",
                 "tiny-vit",
-                "--warmstart-split",
+                "--pretrain-split",
                 "pretrian",
             ]
         )
@@ -191,13 +194,13 @@ def test_bad_params_name_the_field():
         ({"bogus": 1}, "bogus"),
     ):
         with pytest.raises(ConfigError, match=field):
-            from_dict(WarmStartParams, doc, "warmstart")
+            from_dict(BackbonePretrainParams, doc, "pretrain_backbones")
     from vse_train.stages import VseAssetsParams
 
-    with pytest.raises(ConfigError, match=r"params\.warmstart.*text_steps"):
-        from_dict(VseAssetsParams, {"warmstart": {"text_steps": "many"}}, "params")
+    with pytest.raises(ConfigError, match=r"params\.pretrain_backbones.*text_steps"):
+        from_dict(VseAssetsParams, {"pretrain_backbones": {"text_steps": "many"}}, "params")
     with pytest.raises(ConfigError, match="weight_decay"):
-        from_dict(VseAssetsParams, {"warmstart": {"weight_decay": -0.1}}, "params")
+        from_dict(VseAssetsParams, {"pretrain_backbones": {"weight_decay": -0.1}}, "params")
 
 
 def test_labels_are_caption_words_between_the_count_bounds():
@@ -215,7 +218,7 @@ def test_labels_are_caption_words_between_the_count_bounds():
     assert label_vocab(tags, 1, 1.0) == ["a", "blue", "circle", "mask", "red", "square", "star"]
 
 
-def test_vse_assets_stage_runs_the_warm_start(shards, tmp_path):
+def test_vse_assets_stage_pretrains_the_backbones(shards, tmp_path):
     from d2s.pipeline import StageContext
     from vse_train.stages import VseAssetsParams, VseAssetsStage
 
@@ -223,7 +226,7 @@ def test_vse_assets_stage_runs_the_warm_start(shards, tmp_path):
         VseAssetsParams,
         {
             "models": ["tiny-vit"],
-            "warmstart": {"image_steps": 3, "text_steps": 3, "batch_size": 8, "min_label_count": 2},
+            "pretrain_backbones": {"image_steps": 3, "text_steps": 3, "batch_size": 8, "min_label_count": 2},
         },
         "params",
     )
@@ -239,9 +242,9 @@ def test_vse_assets_stage_runs_the_warm_start(shards, tmp_path):
     )
     result = VseAssetsStage().run(ctx)
     assert result["models"] == ["tiny-vit"]
-    warm = result["warmstart"]["tiny-vit"]
-    assert warm["image"]["steps"] == 3 and set(warm["image"]["before"]) == {"map", "micro_f1"}
-    assert warm["text"]["steps"] == 3 and set(warm["text"]["after"]) == {"mlm_accuracy"}
-    assert json.loads((out / "tiny-vit" / "warmstart.json").read_text())["image"]["steps"] == 3
+    done = result["pretrain_backbones"]["tiny-vit"]
+    assert done["image"]["steps"] == 3 and set(done["image"]["before"]) == {"map", "micro_f1"}
+    assert done["text"]["steps"] == 3 and set(done["text"]["after"]) == {"mlm_accuracy"}
+    assert json.loads((out / "tiny-vit" / "backbone_pretrain.json").read_text())["image"]["steps"] == 3
     assert not (tmp_path / "assets.tmp").exists()
     create_model("tiny-vit", assets_dir=out)  # loads
