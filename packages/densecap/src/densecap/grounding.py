@@ -72,16 +72,24 @@ class GroundingConfig:
             raise ValueError("batch_size must be >= 1")
 
     def validate(self) -> None:
-        """Parse the scorer's params with its registry (errors name ``grounding.scorer``)."""
+        """Parse the scorer's params with its registry (errors name ``grounding.scorer``); when a
+        configuration is read, so a pipeline fails before any stage runs."""
         from d2s.config import ConfigError
 
         try:
-            cls = SCORERS.get(self.scorer.type)
+            SCORERS.get(self.scorer.type)
         except ConfigError as exc:
             raise ConfigError(f"grounding.scorer.type: {exc}") from None
+        SCORERS.parse_params(self.scorer.type, self.scorer.params, "grounding.scorer.params")
+
+    def check(self) -> None:
+        """The scorer's cheap checks (a model path that must exist), when the job starts: in a
+        pipeline the path may be an earlier stage's output, which exists only by then."""
+        from d2s.config import ConfigError
+
         params = SCORERS.parse_params(self.scorer.type, self.scorer.params, "grounding.scorer.params")
         try:
-            cls.check(params)
+            SCORERS.get(self.scorer.type).check(params)
         except ScorerError as exc:
             raise ConfigError(f"grounding.scorer.params.{exc}") from None
 

@@ -55,6 +55,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) a densecap job; returns a summary. Raises RunAborted when a source died,
     RunLocked when another process is writing the same rank of ``cfg.out``, RunInterrupted on
     SIGINT (and on SIGTERM when the caller turned it into an interrupt)."""
+    if cfg.grounding is not None:
+        cfg.grounding.check()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, cfg.rank):
