@@ -89,7 +89,7 @@ COMPARED_STATS = (
     "config_hash",
     "image_ext",
     "filters",
-    "captioners",
+    "caption_sources",
 )
 
 

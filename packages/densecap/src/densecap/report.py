@@ -70,7 +70,7 @@ def write_report(out: str | Path, report_dir: str | Path, n_examples: int = 3) -
     reasons.to_csv(report_dir / "reasons.csv", index=False)
     if len(shard_stats):
         shard_stats.drop(
-            columns=[c for c in ("world", "captioners", "filters") if c in shard_stats], errors="ignore"
+            columns=[c for c in ("world", "caption_sources", "filters") if c in shard_stats], errors="ignore"
         ).to_csv(report_dir / "shards.csv", index=False)
     ok = dense[(dense.verdict == "keep") & (dense.error == "")]["words"] if len(dense) else []
     bad = dense[dense.verdict != "keep"]["words"] if len(dense) else []

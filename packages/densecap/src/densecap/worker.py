@@ -289,7 +289,7 @@ class Worker:
                 completion_tokens_per_s=round(counts.get("completion_tokens", 0) / seconds, 1) if seconds else 0.0,
                 caption_seconds=round(cap_s, 3),
                 filled=refill,
-                captioners=[c.label for c in self.caption_sources],
+                caption_sources=[c.label for c in self.caption_sources],
                 max_in_flight={c.label: getattr(c, "max_in_flight", 1) for c in self.caption_sources},
                 retries=sum(getattr(c, "retries", 0) for c in self.caption_sources) - retries0,
                 filters=[f.name for f in self.chain.filters],
