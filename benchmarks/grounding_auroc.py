@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     bundles = dict(b.split("=", 1) for b in a.bundle) or {
         "scorer (other images)": str(a.run_dir / "scorer" / "bundle"),
         "memorised (same images)": str(a.run_dir / "memorised" / "bundle"),
+        "sentence scorer (other images)": str(a.run_dir / "sentence_scorer" / "bundle"),
     }
     chosen = {}
     if a.select_on or a.run_dir:
