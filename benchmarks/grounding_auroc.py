@@ -244,7 +244,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", type=Path, help="a run of pipelines/grounding.yaml")
     ap.add_argument("--corpus", type=Path, help="shards with planted-error truth (default RUN/planted/shards)")
-    ap.add_argument("--bundle", action="append", default=[], help="NAME=PATH (default: scorer and memorised)")
+    ap.add_argument(
+        "--bundle",
+        action="append",
+        default=[],
+        help="NAME=PATH (default: the run dir's scorer, memorised and sentence_scorer)",
+    )
     ap.add_argument("--split", default="train")
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--reference-images", type=int, default=256)
