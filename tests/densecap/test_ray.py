@@ -493,12 +493,8 @@ def test_ray_and_local_give_the_same_counts_and_verdicts_with_real_vllm(vllm_ser
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_two_vllm_endpoints_one_killed_mid_run(
-    vllm_server, tiny_vlm, vllm_world, tmp_path, ray_cluster, tmp_path_factory
-):
-    from densecap.testing.vllm_server import VLLMServer
-
-    second = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-second"), max_num_seqs=8)
+def test_two_vllm_endpoints_one_killed_mid_run(vllm_server, vllm_spare_server, vllm_world, tmp_path, ray_cluster):
+    second = vllm_spare_server  # a second real server (started with the session's), killed below
     out = tmp_path / "out"
     urls = (vllm_server.base_url, second.base_url)
     args = [
@@ -532,7 +528,6 @@ def test_two_vllm_endpoints_one_killed_mid_run(
         "executor.replicas=2",
     ]
     try:
-        second.start()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **ray_env(ray_cluster)}
         proc = subprocess.Popen(
             densecap_cmd() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
