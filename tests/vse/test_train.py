@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -179,10 +180,13 @@ def test_kill_and_resume_equals_uninterrupted(world, assets, tmp_path):
         "optim.lr=0.001",
         "optim.warmup_steps=2",
     ]
-    ref = _cli(common + ["--out", str(tmp_path / "ref")], tmp_path)
+    # the uninterrupted run and the killed one are independent: they run at the same time
+    with ThreadPoolExecutor(2) as pool:
+        ref_job = pool.submit(_cli, common + ["--out", str(tmp_path / "ref")], tmp_path)
+        # the failpoint after optimizer step 5: its state of step 3 is the newest
+        killed = _cli(common + ["--out", str(tmp_path / "run")], tmp_path, **{KILL_ENV: "step@5"})
+        ref = ref_job.result()
     assert ref.returncode == 0, ref.stderr[-3000:]
-    # the failpoint after optimizer step 5: its state of step 3 is the newest
-    killed = _cli(common + ["--out", str(tmp_path / "run")], tmp_path, **{KILL_ENV: "step@5"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     pointer = json.loads((tmp_path / "run" / "state" / "latest.json").read_text())
     assert pointer["step"] == 3

@@ -1,0 +1,152 @@
+"""Fixtures shared by every test package: the real vLLM CPU server, once per session.
+
+The tiny LLaVA is built once and one server is started for the whole session (tests/densecap
+and tests/pipelines share it), and always terminated: right after the last test that uses it
+(so that the tests after it do not share the machine with an idle 3 GB server), or at the end
+of the session. It starts in the background at the session's first test, so that it is up by
+the time the first test needs it. A test that needs a second server (``vllm_spare_server``,
+which it may kill) gets one that was started at the same time as the session's. The fixtures need ``.venv-vllm``
+(built by ``scripts/setup_vllm_cpu.sh``); without it the tests that use them FAIL, by design.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+_SERVERS: list = []  # the session's servers, stopped after the last test that uses them
+_LAST_USER: list = []  # the last collected test that uses vllm_server
+_MAIN: list = []  # (server, starting thread, error) of the session's server
+_SPARES: list = []  # (server, starting thread, error) of the spares started with the session's server
+_SPARES_WANTED = [0]  # how many collected tests take a spare (vllm_spare_server)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    from densecap.testing.tiny_vlm import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-vlm") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    from densecap.testing.vllm_server import vllm_python as find
+
+    try:
+        return find()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+def _launch(srv) -> tuple:
+    """Start ``srv`` in a background thread: (server, thread, error list)."""
+    error: list = []
+    thread = threading.Thread(target=_start_into, args=(srv, error), daemon=True)
+    thread.start()
+    return srv, thread, error
+
+
+def _launch_all(tiny_vlm: Path, tmp_path_factory) -> None:
+    """The session's server and the spares the collected tests will take, all starting at once: a
+    start is mostly imports in one process at a time, so three starts take little longer than one."""
+    from densecap.testing.vllm_server import VLLMServer
+
+    srv = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-scratch"), max_num_seqs=8)
+    _SERVERS.append(srv)
+    _MAIN.append(_launch(srv))
+    for _ in range(_SPARES_WANTED[0]):
+        spare = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-spare"))
+        _SERVERS.append(spare)
+        _SPARES.append(_launch(spare))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _vllm_servers_start_early(request, tmp_path_factory):
+    """When tests of this session use the vLLM server, it and its spares start in the background at
+    the session's first test: the tests before the first user mostly keep one core busy (this
+    process), and the starts take the other. Whatever is left running stops at the session's end."""
+    if _LAST_USER:
+        from densecap.testing.vllm_server import vllm_python as find
+
+        try:
+            find()
+        except FileNotFoundError:
+            pass  # no early start: the tests that use the server fail, naming the remedy
+        else:
+            _launch_all(request.getfixturevalue("tiny_vlm"), tmp_path_factory)
+    yield
+    for server in _SERVERS:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_vlm, vllm_python, tmp_path_factory):
+    """One real vLLM server for the session (restartable by tests that kill it)."""
+    if not _MAIN:
+        _launch_all(tiny_vlm, tmp_path_factory)
+    srv, thread, error = _MAIN[0]
+    try:
+        thread.join()
+        if error:
+            raise error[0]
+        print(f"\n[vllm] server healthy after {srv.start_seconds:.1f}s on {srv.base_url}", file=sys.stderr)
+        yield srv
+    finally:
+        for server in _SERVERS:
+            server.stop()
+
+
+def _start_into(srv, error: list) -> None:
+    try:
+        srv.start()
+    except BaseException as exc:  # raised in the test that takes this spare
+        error.append(exc)
+
+
+@pytest.fixture
+def vllm_spare_server(vllm_server, tiny_vlm, tmp_path_factory):
+    """Another real vLLM server of the same tiny model on its own port, for a test that needs two
+    (and may kill this one); stopped after the test. It was started with the session's server
+    (one for each collected test that takes one), or is started here when none is left."""
+    from densecap.testing.vllm_server import VLLMServer
+
+    if _SPARES:
+        srv, thread, error = _SPARES.pop(0)
+        thread.join()
+        if error:
+            raise error[0]
+    else:
+        srv = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-spare")).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def take_over(server, spare) -> None:
+    """``server`` (the session's, killed by a test) comes back on another port: it becomes ``spare``,
+    a server of the same model already running on its own port (its port, processes and log), for
+    the rest of the session; ``spare`` is left empty (its stop() then does nothing)."""
+    server.stop()
+    server.__dict__.update(spare.__dict__)
+    spare.proc = None
+    spare._log = None
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected what will not run
+def pytest_collection_modifyitems(session, config, items):
+    names = [getattr(it, "fixturenames", ()) for it in items]
+    users = [it for it, fixtures in zip(items, names) if "vllm_server" in fixtures]
+    _LAST_USER[:] = users[-1:]
+    _SPARES_WANTED[0] = sum("vllm_spare_server" in fixtures for fixtures in names)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    if _LAST_USER and item is _LAST_USER[0]:
+        for srv in _SERVERS:
+            srv.stop()  # idempotent: the fixture's own stop() at the end of the session is then a no-op
