@@ -229,3 +229,30 @@ def test_a_stage_whose_params_name_an_earlier_output_reruns_when_that_stage_does
     assert [r["action"] for r in report] == ["run", "run", "run"]
     _, report = run(tmp_path, doc=doc, overrides=["make.params.repeat=3"])
     assert [r["action"] for r in report] == ["skip", "skip", "skip"]
+
+
+def test_an_input_inside_an_earlier_stages_output_dir(tmp_path):
+    # e.g. a bench stage on ${d2s.run}/bundle-raw: a bundle inside a training stage's run dir
+    doc = {
+        "name": "toy",
+        "stages": {
+            "files": {"type": f"{TOY}:Files", "params": {"n": 2}},
+            "shout": {"type": f"{TOY}:Upper", "inputs": {"src": "${files.dir}/1.txt"}},
+        },
+    }
+    p, report = run(tmp_path, doc=doc)
+    assert [r["action"] for r in report] == ["run", "run"]
+    assert (
+        p.stage("shout").outputs["out"].read_text() == (p.stage("files").outputs["dir"] / "1.txt").read_text().upper()
+    )
+    _, report = run(tmp_path, doc=doc)
+    assert [r["action"] for r in report] == ["skip", "skip"]
+    # the producing stage reran: so does the stage reading inside its output
+    _, report = run(tmp_path, doc=doc, overrides=["files.params.n=3"])
+    assert [r["action"] for r in report] == ["run", "run"]
+    # a path inside no stage's output, that does not exist, is still refused at planning
+    doc["stages"]["shout"]["inputs"]["src"] = str(tmp_path / "nowhere" / "1.txt")
+    with pytest.raises(
+        PipelineError, match="inputs.src: .*nowhere/1.txt does not exist and no earlier stage produces it"
+    ):
+        run(tmp_path, doc=doc)

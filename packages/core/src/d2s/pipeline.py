@@ -281,8 +281,21 @@ def _check_inputs(cls: type[Stage], type_name: str, raw_inputs: Any, produced: d
         if k not in raw_inputs and not optional:
             raise PipelineError(f"{where} inputs.{k}: required input is missing")
     for k, v in raw_inputs.items():
-        if isinstance(v, str) and v not in produced and not Path(v).exists() and not _looks_remote(v):
+        if isinstance(v, str) and producer(v, produced) is None and not Path(v).exists() and not _looks_remote(v):
             raise PipelineError(f"{where} inputs.{k}: {v} does not exist and no earlier stage produces it")
+
+
+def producer(path: str, produced: dict[str, str]) -> tuple[str, str] | None:
+    """(stage, path relative to its output) of the earlier stage whose output ``path`` is or
+    lies in (e.g. ``${d2s.run}/bundle-raw``: a file inside a run dir); None: no stage's."""
+    if path in produced:
+        return produced[path], "."
+    p = Path(path)
+    inside = [out for out in produced if p.is_relative_to(out)]
+    if not inside:
+        return None
+    out = max(inside, key=len)  # the innermost output
+    return produced[out], str(p.relative_to(out))
 
 
 def _looks_remote(v: str) -> bool:
@@ -330,8 +343,12 @@ class Runner:
         produced = {str(p): st.name for st in self.p.stages for p in st.outputs.values()}
         inputs = {}
         for k, v in sorted(s.inputs.items()):
-            if isinstance(v, str) and v in produced:
-                inputs[k] = {"stage": produced[v], "hash": self.hashes.get(produced[v], "missing")}
+            made_by = producer(v, produced) if isinstance(v, str) else None
+            if made_by is not None:
+                stage, inside = made_by
+                inputs[k] = {"stage": stage, "hash": self.hashes.get(stage, "missing")}
+                if inside != ".":
+                    inputs[k]["inside"] = inside
             elif isinstance(v, str) and Path(v).exists():
                 inputs[k] = {"path": v, "fingerprint": fingerprint_path(Path(v))}
             else:
