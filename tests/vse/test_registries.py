@@ -14,7 +14,15 @@ from vse_train.recipes import RECIPES, get_recipe
 def test_registries_are_the_core_registry():
     assert all(isinstance(r, Registry) for r in (MODELS, RECIPES, LOSSES))
     assert {"tiny-vit", "vit-b16-224-bert-base"} <= set(list_models())
-    assert {"stage1", "stage2", "baseline", "pretrained-sparse"} <= set(RECIPES.names())
+    assert {
+        "stage1",
+        "stage2",
+        "baseline",
+        "pretrain-align",
+        "align-distill",
+        "stage2-head-only",
+        "stage2-distill-only",
+    } <= set(RECIPES.names())
     assert {"triplet", "infonce", "distill"} <= set(LOSSES)
 
 

@@ -311,3 +311,67 @@ def test_stage2_reuses_teacher_embeddings_across_epochs(world, assets, tmp_path)
     c = s2["teacher_cache"]
     assert c["hits"] + c["misses"] == 640
     assert c["misses"] <= 512  # at most one teacher pass per training text
+
+
+def test_compositions_choose_and_export_their_own_checkpoints(world, assets, tmp_path):
+    """A stage-2 run validated under both compositions of the student head keeps, for each, the
+    checkpoint with the best val rSum under it, and a bundle that embeds texts that way."""
+    from d2s.retrieval import retrieval_metrics
+    from vse.models import l2norm
+
+    s1 = train(parse_config(cfg_doc(world, assets, tmp_path / "s1", recipe="stage1", steps=2)))
+    doc = cfg_doc(
+        world,
+        assets,
+        tmp_path / "s2",
+        recipe="stage2",
+        steps=6,
+        init=s1["checkpoint"],
+        val_every=2,
+        compositions=["l2", "raw"],
+        data={"val_max_images": 40},
+    )
+    s2 = train(parse_config(doc))
+    out = tmp_path / "s2"
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = read_samples(world, "val")[:40]
+    caps = [c for x in val for c in x.sparse]
+    owner = torch.tensor([i for i, x in enumerate(val) for _ in x.sparse])
+    for comp in ("l2", "raw"):
+        got = s2["compositions"][comp]
+        rsums = {h["step"]: h[f"val_{comp}/rsum"] for h in history if f"val_{comp}/rsum" in h}
+        assert sorted(rsums) == [2, 4, 6]
+        assert got["best_rsum"] == max(rsums.values()) and rsums[got["best_step"]] == got["best_rsum"]
+        b = load_bundle(out / f"bundle-{comp}")
+        assert b.model.cfg.student.combine_eval == comp
+        # the bundle composes the head's output as its name says (rebuilt here from the parts)
+        ids, mask = b.tokenizer(caps[:6], b.model.cfg.text.max_length)
+        with torch.no_grad():
+            c = b.model.text(ids, mask, None, normalize=False)
+            h = b.model.student(b.model.text.word_features(ids, mask.bool()), mask.bool())
+        want = l2norm(c + (h if comp == "raw" else l2norm(h)))
+        assert torch.allclose(b.embed_texts(caps[:6]), want, atol=1e-5)
+        # and its val rSum, measured through the bundle, is the one it was chosen by
+        img = b.embed_images([x.image for x in val])
+        rsum = retrieval_metrics(img, b.embed_texts(caps), owner).to_dict()["rsum"]
+        assert rsum == pytest.approx(got["best_rsum"], abs=1e-6)
+    # the reference's own choice (best/, bundle/) is the l2 one
+    assert s2["best_step"] == s2["compositions"]["l2"]["best_step"]
+    assert load_bundle(out / "bundle").model.cfg.student.combine_eval == "l2"
+
+
+def test_compositions_need_a_student_head(world, assets, tmp_path):
+    with pytest.raises(ConfigError, match="compositions: recipe 'baseline' has no student head"):
+        train(parse_config(cfg_doc(world, assets, tmp_path / "run", compositions=["raw"])))
+
+
+def test_evaluation_composition_is_restored_after_an_error(assets):
+    from vse.models import create_model, evaluation_composition
+
+    model = create_model("tiny-vit", assets_dir=assets, student_head=True)
+    with pytest.raises(RuntimeError), evaluation_composition(model, "raw"):
+        assert model.student.cfg.combine_eval == "raw"
+        raise RuntimeError("inside")
+    assert model.student.cfg.combine_eval == "l2"
+    with pytest.raises(ValueError, match="composition must be 'raw' or 'l2'"), evaluation_composition(model, "sum"):
+        pass

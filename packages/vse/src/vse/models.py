@@ -19,10 +19,12 @@ randomly initialised model described by ``backbone.build`` (HF config kwargs) th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -562,3 +564,22 @@ def processor_source(cfg: ModelConfig, assets_dir: str | Path | None) -> str | N
     if assets_dir is not None and (asset_paths(assets_dir, cfg.name)["processor"]).exists():
         return str(asset_paths(assets_dir, cfg.name)["processor"])
     return None
+
+
+@contextlib.contextmanager
+def evaluation_composition(model: VSEModel, combine: str | None) -> Iterator[VSEModel]:
+    """Inside the block, the model's student head joins the caption embedding at evaluation as
+    ``combine`` says ("raw": c + h, "l2": c + h / |h|; ``StudentConfig.combine_eval``), and a
+    checkpoint saved there records it; None or a model without a head: unchanged."""
+    if combine is None or model.student is None:
+        yield model
+        return
+    if combine not in ("raw", "l2"):
+        raise ValueError(f"composition must be 'raw' or 'l2', got {combine!r}")
+    cfg = model.student.cfg
+    before = cfg.combine_eval
+    cfg.combine_eval = combine
+    try:
+        yield model
+    finally:
+        cfg.combine_eval = before

@@ -22,11 +22,12 @@ from vse.transforms import ImageTransform, TextTokenizer
 
 from .config import TrainConfig, TrainSpec
 from .data import Collate, ShardStream, check_split_usable
-from .history import flat_scalars
+from .history import History, flat_scalars
 from .objective import Objective, text_fields
 from .recipes import Recipe, get_recipe, with_align_loss, with_warmup
 from .schedule import lr_scheduler
 from .state import Counters, find_state, load_state
+from .teacher import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,11 @@ def resolve_recipe(cfg: TrainSpec) -> Recipe:
         recipe = with_align_loss(recipe, cfg.align_loss.kind, cfg.align_loss.params)
     if cfg.warmup_epochs is not None:
         recipe = with_warmup(recipe, cfg.warmup_epochs)
+    if cfg.compositions and not recipe.student_head:
+        raise ConfigError(
+            f"compositions: recipe {recipe.name!r} has no student head, so there is no composition to choose "
+            f"(got {cfg.compositions}); leave compositions empty"
+        )
     return recipe
 
 
@@ -257,3 +263,29 @@ def build_loader(
         prefetch_factor=4 if cfg.data.num_workers else None,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG (restored on resume) untouched
     )
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one run is built from, every part complete; :func:`train` builds them in order."""
+
+    cfg: TrainConfig
+    out: Path
+    recipe: Recipe
+    accelerator: Any
+    parts: ModelParts
+    teacher: Teacher | None
+    plan: Plan
+    opt: Optimization
+    val_urls: list[str] | None
+    loader: torch.utils.data.DataLoader
+    history: History
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def unwrapped(self):
+        """The model being trained, outside Accelerate's wrapper."""
+        return self.accelerator.unwrap_model(self.opt.objective).model

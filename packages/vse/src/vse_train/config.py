@@ -97,6 +97,11 @@ class TrainSpec:
     resume: bool = True  # continue from <out>/state when it exists
     threads: int | None = None  # torch.set_num_threads per process
     tracker: Literal["tensorboard", "none"] = "tensorboard"
+    # Student-head recipes: also validate under these compositions of the head's output at
+    # evaluation ("l2": c + h/|h|, the reference's; "raw": c + h, as in training) and keep each
+    # one's best checkpoint and bundle (<out>/best-<c>, <out>/bundle-<c>), chosen on val under
+    # it. [] (the reference): the model config's combine_eval only (best/, bundle/).
+    compositions: list[Literal["l2", "raw"]] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -112,6 +117,8 @@ class TrainSpec:
         if self.val_every_epochs is not None and (self.val_every_epochs <= 0 or self.val_every is not None):
             raise ValueError("val_every_epochs must be > 0, and not set together with val_every")
 
+        if len(set(self.compositions)) != len(self.compositions):
+            raise ValueError(f"compositions: each at most once, got {self.compositions}")
         bad = sorted(set(self.lr_mult) - set(GROUPS))
         if bad:
             raise ValueError(f"lr_mult: unknown parameter group(s) {bad}; groups: {list(GROUPS)}")

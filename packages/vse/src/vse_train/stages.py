@@ -159,7 +159,17 @@ class VseTrainStage(Stage):
                 tmp.rename(dst)
         return {
             k: summary[k]
-            for k in ("recipe", "model", "steps", "seconds", "samples_per_s", "best_rsum", "best_step", "last_loss")
+            for k in (
+                "recipe",
+                "model",
+                "steps",
+                "seconds",
+                "samples_per_s",
+                "best_rsum",
+                "best_step",
+                "last_loss",
+                "compositions",
+            )
         }
 
 

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "vse-train-state"
-VERSION = 2  # 2: counters.json (was progress.json)
+VERSION = 3  # 2: counters.json (was progress.json); 3: the best val per evaluation composition
 POINTER = "latest.json"
 MARKER = "complete.json"
 COUNTERS = "counters.json"
@@ -63,8 +63,14 @@ class Counters:
 
     step: int = 0  # optimizer steps done
     batches: int = 0  # micro-batches consumed (the data position)
-    best_rsum: float = -1.0
+    best_rsum: float = -1.0  # under the model's own evaluation composition (best/)
     best_step: int = -1
+    # under each composition of TrainSpec.compositions (best-<c>/): the student head's output
+    # added raw or L2-normalised at evaluation
+    best_rsum_l2: float = -1.0
+    best_step_l2: int = -1
+    best_rsum_raw: float = -1.0
+    best_step_raw: int = -1
     skipped_samples: int = 0  # training samples dropped as unreadable (on_bad_sample: skip), all processes
 
 

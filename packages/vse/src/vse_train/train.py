@@ -30,47 +30,19 @@ from typing import Any
 import torch
 
 from d2s.atomic import atomic_write_json
-from d2s.config import to_dict
-from vse.checkpoint import save_checkpoint
 
 from . import build
-from .build import ModelParts, Optimization, Plan
+from .build import Run
+from .checkpoints import export_bundles, result_dir, save_model
 from .config import TrainConfig
 from .failpoints import kill_point
 from .history import History, LossMeter
 from .objective import clip_gradients
-from .recipes import Recipe
 from .state import Counters, save_state
-from .teacher import Teacher, build_teacher
-from .validation import evaluate, find_val_urls
+from .teacher import build_teacher
+from .validation import find_val_urls, validate
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Run:
-    """What one run is built from, every part complete; :func:`train` builds them in order."""
-
-    cfg: TrainConfig
-    out: Path
-    recipe: Recipe
-    accelerator: Any
-    parts: ModelParts
-    teacher: Teacher | None
-    plan: Plan
-    opt: Optimization
-    val_urls: list[str] | None
-    loader: torch.utils.data.DataLoader
-    history: History
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def unwrapped(self):
-        """The model being trained, outside Accelerate's wrapper."""
-        return self.accelerator.unwrap_model(self.opt.objective).model
 
 
 @dataclass
@@ -201,12 +173,6 @@ def sync_skipped(run: Run, loop: Loop) -> None:
     loop.skipped_here = 0
 
 
-def save_model(run: Run, path: Path, step: int, metrics: dict | None = None) -> None:
-    """A model checkpoint (``vse.checkpoint`` layout) of the current weights."""
-    extra = {"recipe": to_dict(run.recipe), "train": to_dict(run.cfg), "step": step, "metrics": metrics or {}}
-    save_checkpoint(path, run.unwrapped, tokenizer=run.parts.hf_tokenizer, processor=run.parts.processor, extra=extra)
-
-
 def save_state_now(run: Run, loop: Loop) -> None:
     """A resumable state in ``<out>/state`` (``vse_train.state``)."""
     sync_skipped(run, loop)
@@ -223,42 +189,18 @@ def save_state_now(run: Run, loop: Loop) -> None:
     )
 
 
-def validate(run: Run, c: Counters) -> dict | None:
-    """Retrieval metrics on the validation split (main process); a new best rSum saves ``best/``."""
-    metrics = None
-    if run.val_urls is not None and run.main:
-        parts, acc = run.parts, run.accelerator
-        metrics = evaluate(run.unwrapped, run.val_urls, parts.tokenizer, parts.transform, run.cfg.data, acc.device)
-        acc.log({f"val/{k}": v for k, v in metrics.items()}, step=c.step)
-        run.history.write(c.step, {f"val/{k}": v for k, v in metrics.items()})
-        log.info(
-            "step %d val rsum %.2f (i2t R@1 %.1f, t2i R@1 %.1f)",
-            c.step,
-            metrics["rsum"],
-            metrics["i2t_r1"],
-            metrics["t2i_r1"],
-        )
-        if metrics["rsum"] > c.best_rsum:
-            c.best_rsum, c.best_step = metrics["rsum"], c.step
-            save_model(run, run.out / "best", c.step, metrics)
-    run.accelerator.wait_for_everyone()
-    return metrics
-
-
 def finish(run: Run, loop: Loop, elapsed: float) -> dict[str, Any]:
-    """The last validation, ``last/``, the final state, the bundle (from best, else last), summary.json."""
+    """The last validation, ``last/``, the final state, the bundles (each from its best, else
+    last), summary.json."""
     metrics = validate(run, loop.counters) if loop.counters.step > 0 else None
     if run.main:
         save_model(run, run.out / "last", loop.counters.step, metrics)
     save_state_now(run, loop)
-    result_dir = run.out / "best" if (run.out / "best").exists() else run.out / "last"
     if run.main:
-        from vse.bundle import export_bundle
-
-        export_bundle(result_dir, run.out / "bundle")
+        export_bundles(run, loop.counters.step)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
-    summary = summarize(run, loop, elapsed, metrics, result_dir)
+    summary = summarize(run, loop, elapsed, metrics, result_dir(run.out))
     if run.main:
         atomic_write_json(run.out / "summary.json", summary)
     return summary
@@ -284,4 +226,12 @@ def summarize(run: Run, loop: Loop, elapsed: float, metrics: dict | None, result
         **teacher,
         "checkpoint": str(result_dir),
         "bundle": str(run.out / "bundle"),
+        "compositions": {
+            comp: {
+                "best_rsum": getattr(c, f"best_rsum_{comp}") if getattr(c, f"best_step_{comp}") >= 0 else None,
+                "best_step": getattr(c, f"best_step_{comp}") if getattr(c, f"best_step_{comp}") >= 0 else None,
+                "bundle": str(run.out / f"bundle-{comp}"),
+            }
+            for comp in run.cfg.compositions
+        },
     }

@@ -8,11 +8,14 @@ import torch
 
 from d2s.retrieval import retrieval_metrics
 from d2s.shards import split_shards
-from vse.models import VSEModel
+from vse.models import VSEModel, evaluation_composition
 from vse.transforms import ImageTransform, TextTokenizer
 
+from .build import Run
+from .checkpoints import save_model
 from .config import DataConfig, TrainConfig
 from .data import iter_eval_batches
+from .state import Counters
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +56,46 @@ def evaluate(
     model.train(was_training)
     metrics = retrieval_metrics(torch.cat(imgs), torch.cat(txts), torch.tensor(owner, dtype=torch.long))
     return {k: float(v) for k, v in metrics.to_dict().items()}
+
+
+def validate(run: Run, c: Counters) -> dict | None:
+    """Retrieval metrics on the validation split (main process): under the model's own
+    evaluation composition (a new best rSum saves ``best/``) and under each of
+    ``compositions`` (``val_<c>/`` metrics; a new best saves ``best-<c>/``)."""
+    metrics = None
+    if run.val_urls is not None and run.main:
+        metrics = evaluate_and_keep(run, c, None)
+        student = run.unwrapped.student
+        own = student.cfg.combine_eval if student is not None else None
+        for comp in run.cfg.compositions:
+            evaluate_and_keep(run, c, comp, metrics if comp == own else None)
+    run.accelerator.wait_for_everyone()
+    return metrics
+
+
+def evaluate_and_keep(
+    run: Run, c: Counters, composition: str | None, metrics: dict[str, float] | None = None
+) -> dict[str, float]:
+    """One validation under ``composition`` (None: the model's own; ``metrics``: already
+    measured under it); logged, and its checkpoint saved when its rSum beats that
+    composition's best so far."""
+    parts, acc, model = run.parts, run.accelerator, run.unwrapped
+    with evaluation_composition(model, composition):
+        if metrics is None:
+            metrics = evaluate(model, run.val_urls, parts.tokenizer, parts.transform, run.cfg.data, acc.device)
+        prefix, suffix = ("val", "") if composition is None else (f"val_{composition}", f"_{composition}")
+        acc.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=c.step)
+        run.history.write(c.step, {f"{prefix}/{k}": v for k, v in metrics.items()})
+        log.info(
+            "step %d %s rsum %.2f (i2t R@1 %.1f, t2i R@1 %.1f)",
+            c.step,
+            prefix,
+            metrics["rsum"],
+            metrics["i2t_r1"],
+            metrics["t2i_r1"],
+        )
+        if metrics["rsum"] > getattr(c, f"best_rsum{suffix}"):
+            setattr(c, f"best_rsum{suffix}", metrics["rsum"])
+            setattr(c, f"best_step{suffix}", c.step)
+            save_model(run, run.out / f"best{'-' + composition if composition else ''}", c.step, metrics)
+    return metrics
