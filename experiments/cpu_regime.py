@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -33,11 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.stats import paired_interval  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ("world", "captions", "assets")
 ARMS = {"baseline": "baseline", "pretrain": "pre-training only", "d2s": "D2S-VSE"}
-# two-sided 95% Student t quantiles by degrees of freedom
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def run_seed(seed: int, runs: Path, first: Path, pipeline: Path, log: Path) -> int:
@@ -115,15 +115,6 @@ def collect(run_dir: Path) -> dict:
     return out
 
 
-def interval(diffs: list[float]) -> tuple[float, float, float]:
-    d = np.asarray(diffs, dtype=float)
-    mean = float(d.mean())
-    if len(d) < 2:
-        return mean, math.nan, math.nan
-    half = T975[len(d) - 1] * float(d.std(ddof=1)) / math.sqrt(len(d))
-    return mean, mean - half, mean + half
-
-
 def report(per_seed: dict[int, dict]) -> tuple[dict, str]:
     seeds = sorted(per_seed)
     lines = [
@@ -148,7 +139,7 @@ def report(per_seed: dict[int, dict]) -> tuple[dict, str]:
         cells = [f"{np.mean(v):.1f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.1f}" for v in vals.values()]
         diffs = {}
         for other in ("pretrain", "baseline"):
-            m, lo, hi = interval([d - o for d, o in zip(vals["d2s"], vals[other])])
+            m, lo, hi = paired_interval([d - o for d, o in zip(vals["d2s"], vals[other])])
             diffs[other] = {"mean": m, "ci95": [lo, hi], "per_seed": [d - o for d, o in zip(vals["d2s"], vals[other])]}
             cells.append(f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]")
         table[f"{split}/{bench}"] = {"per_arm": vals, "d2s_minus": diffs}

@@ -46,10 +46,12 @@ def test_report_has_tables_for_every_model(quickstart_run):
     ):
         assert heading in report
     for row in (
-        "| baseline (sparse only) |",
-        "| dense pre-training only |",
+        "| align only (baseline) |",
+        "| pre-training only |",
+        "| pre-training + align |",
         "| D2S-VSE |",
-        "| D2S-VSE - baseline (sparse only) |",
+        "| D2S-VSE, raw head |",
+        "| D2S-VSE - align only (baseline) |",
     ):
         assert row in report
     assert (run_dir / "report" / "report" / "training_curves.png").stat().st_size > 1000
@@ -64,12 +66,33 @@ def test_report_shows_the_paired_difference_of_its_run(quickstart_run):
         name: json.loads((run_dir / f"bench_{name}" / "results" / "results.json").read_text())["benchmarks"]["custom"][
             "metrics"
         ]["rsum"]
-        for name in ("baseline", "pretrain", "d2s")
+        for name in ("baseline", "pretrain_only", "pretrain_align", "d2s", "d2s_raw")
     }
     row = next(ln for ln in report.splitlines() if ln.startswith("| test, custom |"))
     cells = [c.strip() for c in row.strip("|").split("|")][1:]
-    assert float(cells[0]) == pytest.approx(rsum["d2s"] - rsum["baseline"], abs=0.051)
-    assert float(cells[1]) == pytest.approx(rsum["d2s"] - rsum["pretrain"], abs=0.051)
+    for cell, other in zip(cells, ("baseline", "pretrain_only", "pretrain_align", "d2s_raw"), strict=True):
+        assert float(cell) == pytest.approx(rsum["d2s"] - rsum[other], abs=0.051)
+
+
+def test_d2s_is_evaluated_under_both_compositions_of_its_head(quickstart_run):
+    run_dir, _ = quickstart_run
+    from vse.bundle import load_bundle
+
+    summary = json.loads((run_dir / "d2s" / "run" / "summary.json").read_text())
+    for comp in ("l2", "raw"):
+        bundle = load_bundle(run_dir / "d2s" / "run" / f"bundle-{comp}")
+        assert bundle.model.cfg.student.combine_eval == comp
+        assert summary["compositions"][comp]["best_rsum"] is not None
+    # the reference's own choice is the l2 one, and bench_d2s_raw measured the raw bundle
+    assert summary["best_step"] == summary["compositions"]["l2"]["best_step"]
+    res = json.loads((run_dir / "bench_d2s_raw" / "results" / "results.json").read_text())
+    assert Path(res["source"]["bundle"]).resolve() == (run_dir / "d2s" / "run" / "bundle-raw").resolve()
+    # the report's val row: D2S-VSE (l2) minus the raw head, from the two selections
+    report = (run_dir / "report" / "report" / "report.md").read_text()
+    row = next(ln for ln in report.splitlines() if ln.startswith("| val, sparse (best checkpoint) |"))
+    last = [c.strip() for c in row.strip("|").split("|")][-1]
+    raw = summary["compositions"]["raw"]["best_rsum"]
+    assert float(last) == pytest.approx(summary["best_rsum"] - raw, abs=0.051)
 
 
 def test_report_names_what_produced_it(quickstart_run):
@@ -93,7 +116,7 @@ def test_report_names_what_produced_it(quickstart_run):
 
 def test_bench_results_are_finite_and_on_the_test_split(quickstart_run):
     run_dir, _ = quickstart_run
-    for name in ("bench_baseline", "bench_pretrain", "bench_d2s"):
+    for name in ("bench_baseline", "bench_pretrain_only", "bench_pretrain_align", "bench_d2s", "bench_d2s_raw"):
         res = json.loads((run_dir / name / "results" / "results.json").read_text())
         assert res["source"]["split"] == "test"
         custom = res["benchmarks"]["custom"]

@@ -21,14 +21,30 @@ from d2s.pipeline import Stage, StageContext
 from .api import COLUMNS, load_embeddings, read_results
 from .data import load_shards
 
-# (input name, row label) in table order; the first is the reference for differences.
-MODELS = (("baseline", "baseline (sparse only)"), ("pretrain", "dense pre-training only"), ("d2s", "D2S-VSE"))
+# (input name, row label) in table order, the paper's ablation names; the first is the
+# reference of the tables' differences, D2S-VSE that of the paired differences.
+MODELS = (
+    ("baseline", "align only (baseline)"),
+    ("pretrain_only", "pre-training only"),
+    ("pretrain_align", "pre-training + align"),
+    ("d2s", "D2S-VSE"),
+    ("d2s_raw", "D2S-VSE, raw head"),
+)
+D2S = "D2S-VSE"
 RUNS = (
     ("stage1_run", "stage 1 (image-dense)"),
     ("baseline_run", "baseline"),
-    ("pretrain_run", "pre-training only"),
+    ("pretrain_align_run", "pre-training + align"),
     ("d2s_run", "D2S stage 2"),
 )
+# where each model's best val rSum (sparse captions, the checkpoint choice) is: run input and
+# the summary.json keys; pre-training only was chosen on dense text, so it has none
+VAL_RSUM = {
+    "baseline": ("baseline_run", ("best_rsum",)),
+    "pretrain_align": ("pretrain_align_run", ("best_rsum",)),
+    "d2s": ("d2s_run", ("best_rsum",)),
+    "d2s_raw": ("d2s_run", ("compositions", "raw", "best_rsum")),
+}
 
 
 @dataclass
@@ -63,8 +79,8 @@ def _table(rows: dict[str, dict], note: str) -> list[str]:
 
 def _paired(rsums: dict[str, dict[str, float]], val: dict[str, float], seeds_table: str) -> list[str]:
     """D2S-VSE minus each other arm, this run only (one seed: no interval)."""
-    d2s = MODELS[-1][1]
-    others = [label for _, label in MODELS[:-1]]
+    d2s = D2S
+    others = [label for _, label in MODELS if label != D2S]
     rows = [("val, sparse (best checkpoint)", val)] + [
         (f"test, {name.replace('_', ' ')}", r) for name, r in rsums.items()
     ]
@@ -224,13 +240,17 @@ class ReportStage(Stage):
     inputs = {
         "baseline": "bench results dir of the sparse-only baseline",
         "d2s": "bench results dir of D2S-VSE",
-        "pretrain?": "bench results dir of the dense-pre-training-only ablation",
+        "pretrain_only?": "bench results dir of the stage-1 model on sparse captions (pre-training only)",
+        "pretrain_align?": "bench results dir of the pre-training + align ablation",
+        "d2s_raw?": "bench results dir of D2S-VSE with the student head added raw at evaluation (bundle-raw)",
         "shards?": "shards dir (example images and captions)",
         "captions?": "densecap report dir (caption length histogram, drop counts)",
         **{f"{name}?": f"vse run dir of {label} (metrics.jsonl)" for name, label in RUNS},
     }
     outputs = {"report": "directory with report.md and PNGs"}
-    version = "4"  # 4: per-run loss panels, run metadata, rSum to one decimal
+    # 4: per-run loss panels, run metadata, rSum to one decimal; 5: the paper's ablation names,
+    # pre-training only, D2S-VSE under both head compositions
+    version = "5"
 
     def run(self, ctx: StageContext) -> dict:
         p: ReportParams = ctx.params
@@ -322,10 +342,16 @@ class ReportStage(Stage):
     @staticmethod
     def _val_rsums(ctx: StageContext) -> dict[str, float]:
         out = {}
-        for (_name, label), (run, _) in zip(MODELS, RUNS[1:]):
-            sp = Path(ctx.inputs[run]) / "summary.json" if ctx.inputs.get(run) else None
-            if sp is not None and sp.exists() and json.loads(sp.read_text()).get("best_rsum") is not None:
-                out[label] = json.loads(sp.read_text())["best_rsum"]
+        for name, label in MODELS:
+            run, keys = VAL_RSUM.get(name, (None, ()))
+            sp = Path(ctx.inputs[run]) / "summary.json" if run and ctx.inputs.get(run) and ctx.inputs.get(name) else None
+            if sp is None or not sp.exists():
+                continue
+            value = json.loads(sp.read_text())
+            for k in keys:
+                value = value.get(k) if isinstance(value, dict) else None
+            if value is not None:
+                out[label] = value
         return out
 
     def _examples(self, ctx: StageContext, p: ReportParams, out: Path) -> list[str]:
