@@ -5,8 +5,8 @@ captions and pre-trained assets of the first seed are reused by the others, so e
 every seed starts from the same backbones), then reports, on val (the checkpoint-selection
 split) and test, for sparse-caption retrieval and long-text (image <-> dense text) retrieval:
 
-- rSum mean +- sd per arm (baseline, pre-training only, D2S);
-- the paired per-seed differences D2S - pre-training only and D2S - baseline, their mean and
+- rSum mean +- sd per arm (baseline, pre-training + align, D2S);
+- the paired per-seed differences D2S - pre-training + align and D2S - baseline, their mean and
   a 95% t-interval;
 - mechanism figures per seed: cosine between the stage-1 and stage-2 image embeddings of the
   test images; the frozen teacher's dense->image rSum with the stage-1 image encoder (before)
@@ -37,7 +37,7 @@ from experiments.stats import paired_interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ("world", "captions", "assets")
-ARMS = {"baseline": "baseline", "pretrain": "pre-training only", "d2s": "D2S-VSE"}
+ARMS = {"baseline": "baseline", "pretrain": "pre-training + align", "d2s": "D2S-VSE"}
 
 
 def run_seed(seed: int, runs: Path, first: Path, pipeline: Path, log: Path) -> int:
@@ -129,7 +129,7 @@ def report(per_seed: dict[int, dict]) -> tuple[dict, str]:
         ("test", "long_text", "test, long text (image <-> dense text)"),
     ]
     lines += [
-        "| split, task | baseline | pre-training only | D2S-VSE | D2S - pre-training only | D2S - baseline |",
+        "| split, task | baseline | pre-training + align | D2S-VSE | D2S - pre-training + align | D2S - baseline |",
         "|---|---|---|---|---|---|",
     ]
     for split, bench, label in rows:
@@ -146,7 +146,7 @@ def report(per_seed: dict[int, dict]) -> tuple[dict, str]:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Per seed (D2S - pre-training only, D2S - baseline), test sparse: "
+        "Per seed (D2S - pre-training + align, D2S - baseline), test sparse: "
         + ", ".join(
             f"seed {s}: {per_seed[s]['test']['d2s']['custom'] - per_seed[s]['test']['pretrain']['custom']:+.1f} / "
             f"{per_seed[s]['test']['d2s']['custom'] - per_seed[s]['test']['baseline']['custom']:+.1f}"
