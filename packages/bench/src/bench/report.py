@@ -344,7 +344,9 @@ class ReportStage(Stage):
         out = {}
         for name, label in MODELS:
             run, keys = VAL_RSUM.get(name, (None, ()))
-            sp = Path(ctx.inputs[run]) / "summary.json" if run and ctx.inputs.get(run) and ctx.inputs.get(name) else None
+            sp = (
+                Path(ctx.inputs[run]) / "summary.json" if run and ctx.inputs.get(run) and ctx.inputs.get(name) else None
+            )
             if sp is None or not sp.exists():
                 continue
             value = json.loads(sp.read_text())
