@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from experiments.seeds import run_seed, stage_outputs  # noqa: E402
 from experiments.stats import fmt_interval, mean_sd, paired_interval  # noqa: E402
 
 SHARED = ("world", "captions", "assets")
@@ -56,36 +56,6 @@ ARMS = {
 REFERENCE = "pretrain_align"
 HEAD_ARMS = ("align_distill", "d2s", "head_only")
 ROWS = (("val", "custom", "val sparse"), ("test", "custom", "test sparse"), ("test", "long_text", "test long text"))
-
-
-def run_seed(seed: int, runs: Path, first: Path, pipeline: Path, overrides: list[str] = ()) -> int:
-    run_dir = runs / f"seed-{seed}"
-    if run_dir != first:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stage in SHARED:
-            link = run_dir / stage
-            if not link.exists():
-                link.symlink_to(Path("..") / first.name / stage)
-    cmd = [
-        sys.executable,
-        "-m",
-        "d2s.cli",
-        "run",
-        str(pipeline),
-        f"vars.seed={seed}",
-        *overrides,
-        "--run-dir",
-        str(run_dir),
-    ]
-    with open(runs / f"seed-{seed}.log", "w") as f:
-        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-
-
-def outputs(run_dir: Path, stage: str) -> dict:
-    marker = json.loads((run_dir / stage / "stage.json").read_text())
-    if marker.get("state") != "done":
-        raise SystemExit(f"{run_dir / stage / 'stage.json'}: stage {stage!r} has not finished")
-    return marker["outputs"]
 
 
 @torch.no_grad()
@@ -136,23 +106,25 @@ def head_figures(bundle_dir: Path, shards: Path) -> dict[str, float]:
 
 
 def collect(run_dir: Path) -> dict:
-    shards = Path(outputs(run_dir, "captions")["shards"])
+    shards = Path(stage_outputs(run_dir, "captions")["shards"])
     out: dict = {"val": {}, "test": {}, "mechanism": {}}
     for arm, (_, stage, benches) in ARMS.items():
-        summary = json.loads((Path(outputs(run_dir, stage)["run"]) / "summary.json").read_text()) if stage else None
+        summary = (
+            json.loads((Path(stage_outputs(run_dir, stage)["run"]) / "summary.json").read_text()) if stage else None
+        )
         for comp, bench in benches.items():
             key = arm if comp == "l2" else f"{arm}/raw"
-            res = json.loads((Path(outputs(run_dir, bench)["results"]) / "results.json").read_text())
+            res = json.loads((Path(stage_outputs(run_dir, bench)["results"]) / "results.json").read_text())
             out["test"][key] = {name: b["metrics"]["rsum"] for name, b in res["benchmarks"].items()}
             if summary is None:
-                val = sparse_val_rsum(Path(outputs(run_dir, "stage1")["bundle"]), shards)
+                val = sparse_val_rsum(Path(stage_outputs(run_dir, "stage1")["bundle"]), shards)
             elif comp == "l2":
                 val = summary["best_rsum"]
             else:
                 val = summary["compositions"][comp]["best_rsum"]
             out["val"][key] = {"custom": val}
         if arm in HEAD_ARMS:
-            out["mechanism"][arm] = head_figures(Path(outputs(run_dir, stage)["bundle"]), shards)
+            out["mechanism"][arm] = head_figures(Path(stage_outputs(run_dir, stage)["bundle"]), shards)
     return out
 
 
@@ -209,12 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     first = runs / f"seed-{a.seeds[0]}"
     if not a.report_only:
-        rc = run_seed(a.seeds[0], runs, first, a.pipeline, a.set)
+        rc = run_seed(a.seeds[0], runs, a.pipeline, a.set)
         if rc:
             print(f"seed {a.seeds[0]} failed (rc {rc}); see {runs}/seed-{a.seeds[0]}.log", file=sys.stderr)
             return rc
         with ThreadPoolExecutor(a.parallel) as ex:
-            rcs = dict(zip(a.seeds[1:], ex.map(lambda s: run_seed(s, runs, first, a.pipeline, a.set), a.seeds[1:])))
+            rcs = dict(
+                zip(a.seeds[1:], ex.map(lambda s: run_seed(s, runs, a.pipeline, a.set, first, SHARED), a.seeds[1:]))
+            )
         failed = {s: rc for s, rc in rcs.items() if rc}
         if failed:
             print(f"seeds failed: {failed}; see {runs}/seed-<S>.log", file=sys.stderr)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from experiments.seeds import run_seed, stage_outputs  # noqa: E402
 from experiments.stats import fmt_interval, mean_sd, paired_interval  # noqa: E402
 
 ARMS = {"exact": "exact", "planted": "30% false", "repaired": "repaired"}
@@ -39,30 +39,6 @@ ROWS = (
     ("test", "custom", "test, sparse captions"),
     ("test", "long_text", "test, long text (image <-> exact dense text)"),
 )
-
-
-def run_seed(seed: int, runs: Path, pipeline: Path, overrides: list[str] = ()) -> int:
-    run_dir = runs / f"seed-{seed}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "d2s.cli",
-        "run",
-        str(pipeline),
-        f"vars.seed={seed}",
-        *overrides,
-        "--run-dir",
-        str(run_dir),
-    ]
-    with open(runs / f"seed-{seed}.log", "w") as f:
-        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-
-
-def stage_outputs(run_dir: Path, stage: str) -> dict:
-    marker = json.loads((run_dir / stage / "stage.json").read_text())
-    if marker.get("state") != "done":
-        raise SystemExit(f"{run_dir / stage / 'stage.json'}: stage {stage!r} has not finished ({marker.get('state')})")
-    return marker["outputs"]
 
 
 def repair_figures(repaired_shards: Path) -> dict:
