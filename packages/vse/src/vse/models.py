@@ -336,7 +336,9 @@ class GPO(nn.Module):
         forward_params = [gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0]
         backward_params = [gru.weight_ih_l0_reverse, gru.weight_hh_l0_reverse]
         backward_params += [gru.bias_ih_l0_reverse, gru.bias_hh_l0_reverse]
-        fwd, _ = torch._VF.gru(pe[None], pe.new_zeros(1, 1, h), forward_params, True, 1, 0.0, self.training, False, True)
+        fwd, _ = torch._VF.gru(
+            pe[None], pe.new_zeros(1, 1, h), forward_params, True, 1, 0.0, self.training, False, True
+        )
         # reversed[i, j] = position L_i - 1 - j of length L_i (clamped to 0 in the padding)
         reversed_pos = (uniq[:, None] - 1 - torch.arange(max_len, device=uniq.device)[None, :]).clamp(min=0)
         bwd_in = pe[reversed_pos].masked_fill(~mask[..., None], 0.0)
