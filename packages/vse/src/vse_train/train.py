@@ -63,6 +63,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     The order is fixed: the seed is set first, then the model and loss terms draw their
     initial values, so the same config gives bit-identical weights."""
+    return run_loop(*build_run(cfg))
+
+
+def build_run(cfg: TrainConfig) -> tuple[Run, Loop]:
+    """The run's parts, built in order (:func:`train`), and its loop state (restored on resume)."""
     out, recipe = Path(cfg.out).resolve(), build.resolve_recipe(cfg)
     acc = build.make_accelerator(cfg, out)
     parts = build.build_model(cfg, recipe, out, acc)
@@ -76,7 +81,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loader = build.build_loader(cfg, recipe, parts, plan, counters.batches, acc)
     history = History(out / "metrics.jsonl", counters.step, acc.is_main_process)
     run = Run(cfg, out, recipe, acc, parts, teacher, plan, opt, val_urls, loader, history)
-    return run_loop(run, Loop(counters, batches0=counters.batches, step0=counters.step))
+    return run, Loop(counters, batches0=counters.batches, step0=counters.step)
 
 
 def run_loop(run: Run, loop: Loop) -> dict[str, Any]:
