@@ -16,7 +16,8 @@ share, the CPU time is the steadier figure. Stage 2 starts from the benchmark's 
 
     python benchmarks/vse_step_time.py [--steps 40] [--block 5] [--fast]
 
-``--fast`` sets the model config's ``gpo.fast`` (docs/fidelity.md: changes the numbers).
+``--fast`` sets the model config's ``gpo.fast`` (docs/fidelity.md: changes the numbers);
+``--single-backward`` turns ``concurrent_backward`` off (the same numbers, one thread).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=4000, help="training images of the world (the quickstart's)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the quickstart's")
     ap.add_argument("--fast", action="store_true", help="model override gpo.fast=true")
+    ap.add_argument(
+        "--single-backward", action="store_true", help="concurrent_backward=false: the backward in one thread"
+    )
     ap.add_argument("--stages", default="stage1,d2s", help="quickstart stages to time, comma-separated")
     ap.add_argument("--work", default=None, help="work dir (default: a temporary one)")
     return ap.parse_args(argv)
@@ -76,6 +80,7 @@ def stage_config(stage: str, shards: Path, assets: Path, out: Path, init: str | 
     cfg.save_every = 10**9
     if args.batch_size:
         cfg.data.batch_size = args.batch_size
+    cfg.concurrent_backward = not args.single_backward
     if args.fast:
         cfg.model_overrides = {**cfg.model_overrides, "gpo.fast": True}
     return cfg

@@ -84,3 +84,42 @@ def test_fast_gpo_agrees_with_the_packed_gru_to_float_rounding():
 def test_fast_is_a_model_config_option_and_off_by_default():
     assert get_model_config("tiny-vit").gpo.fast is False
     assert get_model_config("tiny-vit", **{"gpo.fast": True}).gpo.fast is True
+
+
+@pytest.mark.parametrize("recipe", ["stage1", "baseline"])
+def test_concurrent_backward_gives_the_gradients_of_one_backward_bit_for_bit(world, assets, tmp_path, recipe):
+    from vse_train.backward import ConcurrentBackward
+    from vse_train.config import parse_config
+    from vse_train.train import build_run
+
+    doc = {
+        "shards": str(world),
+        "out": str(tmp_path / "run"),
+        "assets": str(assets),
+        "recipe": recipe,
+        "steps": 2,
+        "threads": 1,
+        "tracker": "none",
+        "align_loss": {"kind": "infonce"},  # a loss parameter (the temperature) besides the encoders
+        "data": {"batch_size": 16, "num_workers": 0, "shuffle_buffer": 16},
+    }
+    run, _ = build_run(parse_config(doc))
+    assert isinstance(run.concurrent_backward, ConcurrentBackward)  # CPU, one process: on by default
+    objective = run.accelerator.unwrap_model(run.opt.objective)
+    objective.train()
+    batch = next(iter(run.loader))
+    batch["pixels"] = run.parts.transform.normalize(batch["pixels"])
+    grads = []
+    for concurrent in (False, True):
+        torch.manual_seed(1)  # the same patch drop and dropout in both forwards
+        objective.zero_grad(set_to_none=True)
+        loss, _ = objective(batch, 5)
+        if concurrent:
+            run.concurrent_backward(loss, objective.last_embeddings, list(objective.losses.parameters()))
+        else:
+            loss.backward()
+        grads.append({n: p.grad for n, p in objective.named_parameters() if p.grad is not None})
+    run.concurrent_backward.close()
+    assert grads[0].keys() == grads[1].keys()
+    assert any(n.startswith("losses.") for n in grads[0]) and any(n.startswith("model.image.") for n in grads[0])
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])

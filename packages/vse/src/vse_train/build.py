@@ -20,6 +20,7 @@ from vse.checkpoint import load_checkpoint, load_processor, load_tokenizer
 from vse.models import VSEModel, create_model, get_model_config, processor_source, tokenizer_source
 from vse.transforms import ImageTransform, TextTokenizer
 
+from .backward import ConcurrentBackward
 from .config import TrainConfig, TrainSpec
 from .data import Collate, ShardStream, check_split_usable
 from .history import History, flat_scalars
@@ -265,6 +266,21 @@ def build_loader(
     )
 
 
+def make_concurrent_backward(cfg: TrainConfig, accelerator) -> ConcurrentBackward | None:
+    """The image encoder's backward in a second thread (``vse_train.backward``: same gradients bit
+    for bit), when the run asks for it and is on CPU in one process, without gradient
+    accumulation or a loss scaler; else None (``accelerator.backward``)."""
+    if (
+        not cfg.concurrent_backward
+        or accelerator.num_processes > 1
+        or accelerator.device.type != "cpu"
+        or cfg.grad_accum > 1
+        or getattr(accelerator, "scaler", None) is not None
+    ):
+        return None
+    return ConcurrentBackward(torch.get_num_threads())
+
+
 @dataclass(frozen=True)
 class Run:
     """What one run is built from, every part complete; :func:`train` builds them in order."""
@@ -280,6 +296,7 @@ class Run:
     val_urls: list[str] | None
     loader: torch.utils.data.DataLoader
     history: History
+    concurrent_backward: ConcurrentBackward | None = None
 
     @property
     def main(self) -> bool:

@@ -57,6 +57,7 @@ class Objective(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], step: int, teacher_dense: torch.Tensor | None = None):
         sizes = gathered_sizes(batch["image_ids"]) if self.ragged else None
         raw = {k: gather_with_grad(v, sizes) for k, v in self.embeddings(batch).items()}
+        self.last_embeddings = dict(raw)  # what the loss reaches the encoders through (vse_train.backward)
         if teacher_dense is not None:
             raw["teacher_dense"] = gather_no_grad(teacher_dense, sizes)
         unit = {k: l2norm(v.float()) for k, v in raw.items()}

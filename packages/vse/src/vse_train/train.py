@@ -80,7 +80,8 @@ def build_run(cfg: TrainConfig) -> tuple[Run, Loop]:
     val_urls = find_val_urls(cfg, plan.val_every)
     loader = build.build_loader(cfg, recipe, parts, plan, counters.batches, acc)
     history = History(out / "metrics.jsonl", counters.step, acc.is_main_process)
-    run = Run(cfg, out, recipe, acc, parts, teacher, plan, opt, val_urls, loader, history)
+    concurrent = build.make_concurrent_backward(cfg, acc)
+    run = Run(cfg, out, recipe, acc, parts, teacher, plan, opt, val_urls, loader, history, concurrent)
     return run, Loop(counters, batches0=counters.batches, step0=counters.step)
 
 
@@ -113,7 +114,11 @@ def train_step(run: Run, loop: Loop, batch: dict[str, torch.Tensor]) -> bool:
     with acc.accumulate(opt.objective):
         with acc.autocast():
             loss, parts = opt.objective(batch, c.step, teacher_dense)
-        acc.backward(loss)
+        if run.concurrent_backward is not None:
+            objective = acc.unwrap_model(opt.objective)
+            run.concurrent_backward(loss, objective.last_embeddings, list(objective.losses.parameters()))
+        else:
+            acc.backward(loss)
         if acc.sync_gradients and run.cfg.optim.grad_clip > 0:
             clip_gradients(acc, opt.objective.parameters(), run.cfg.optim)
         opt.optimizer.step()
@@ -205,6 +210,8 @@ def finish(run: Run, loop: Loop, elapsed: float) -> dict[str, Any]:
         export_bundles(run, loop.counters.step)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
+    if run.concurrent_backward is not None:
+        run.concurrent_backward.close()
     summary = summarize(run, loop, elapsed, metrics, result_dir(run.out))
     if run.main:
         atomic_write_json(run.out / "summary.json", summary)
