@@ -14,10 +14,10 @@ loss terms, the optimizer, the data wait). Each is printed as wall time and as t
 CPU time (the loader worker's is its own process, on the other core): on a machine other jobs
 share, the CPU time is the steadier figure. Stage 2 starts from the benchmark's stage-1 weights.
 
-    python benchmarks/vse_step_time.py [--steps 40] [--block 5] [--fast]
+    python benchmarks/vse_step_time.py [--steps 40] [--block 5] [--fast] [--one-thread]
 
 ``--fast`` sets the model config's ``gpo.fast`` (docs/fidelity.md: changes the numbers);
-``--single-backward`` turns ``concurrent_backward`` off (the same numbers, one thread).
+``--one-thread`` turns ``image_thread`` off (the same numbers, the image encoder in the trainer's thread).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=None, help="default: the quickstart's")
     ap.add_argument("--fast", action="store_true", help="model override gpo.fast=true")
     ap.add_argument(
-        "--single-backward", action="store_true", help="concurrent_backward=false: the backward in one thread"
+        "--one-thread", action="store_true", help="image_thread=false: the image encoder in the main thread"
     )
     ap.add_argument("--stages", default="stage1,d2s", help="quickstart stages to time, comma-separated")
     ap.add_argument("--work", default=None, help="work dir (default: a temporary one)")
@@ -80,7 +80,7 @@ def stage_config(stage: str, shards: Path, assets: Path, out: Path, init: str | 
     cfg.save_every = 10**9
     if args.batch_size:
         cfg.data.batch_size = args.batch_size
-    cfg.concurrent_backward = not args.single_backward
+    cfg.image_thread = not args.one_thread
     if args.fast:
         cfg.model_overrides = {**cfg.model_overrides, "gpo.fast": True}
     return cfg

@@ -87,9 +87,9 @@ def test_fast_is_a_model_config_option_and_off_by_default():
 
 
 @pytest.mark.parametrize("recipe", ["stage1", "baseline"])
-def test_concurrent_backward_gives_the_gradients_of_one_backward_bit_for_bit(world, assets, tmp_path, recipe):
-    from vse_train.backward import ConcurrentBackward
+def test_image_thread_gives_the_numbers_of_one_thread_bit_for_bit(world, assets, tmp_path, recipe):
     from vse_train.config import parse_config
+    from vse_train.image_thread import ImageThread
     from vse_train.train import build_run
 
     doc = {
@@ -104,22 +104,55 @@ def test_concurrent_backward_gives_the_gradients_of_one_backward_bit_for_bit(wor
         "data": {"batch_size": 16, "num_workers": 0, "shuffle_buffer": 16},
     }
     run, _ = build_run(parse_config(doc))
-    assert isinstance(run.concurrent_backward, ConcurrentBackward)  # CPU, one process: on by default
     objective = run.accelerator.unwrap_model(run.opt.objective)
+    thread = objective.image_thread
+    assert isinstance(thread, ImageThread) and thread.forward_here  # CPU, one process, tiny-vit: no dropout
     objective.train()
     batch = next(iter(run.loader))
     batch["pixels"] = run.parts.transform.normalize(batch["pixels"])
-    grads = []
-    for concurrent in (False, True):
-        torch.manual_seed(1)  # the same patch drop and dropout in both forwards
+    results = []
+    assert objective.model.image.draw_keep(batch["pixels"]) is None  # the token count: known after a forward
+    for threaded in (False, True, True):
+        objective.image_thread = thread if threaded else None
+        if threaded:  # the image forward does go to the thread
+            probe = thread.forward(objective.model.image, batch["pixels"])
+            assert probe is not None
+            probe.result()
+        torch.manual_seed(1)  # the same patch drop and dropout in every forward
         objective.zero_grad(set_to_none=True)
         loss, _ = objective(batch, 5)
-        if concurrent:
-            run.concurrent_backward(loss, objective.last_embeddings, list(objective.losses.parameters()))
+        if threaded:
+            thread.backward(loss, objective.last_embeddings, list(objective.losses.parameters()))
         else:
             loss.backward()
-        grads.append({n: p.grad for n, p in objective.named_parameters() if p.grad is not None})
-    run.concurrent_backward.close()
-    assert grads[0].keys() == grads[1].keys()
-    assert any(n.startswith("losses.") for n in grads[0]) and any(n.startswith("model.image.") for n in grads[0])
-    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+        grads = {n: p.grad for n, p in objective.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), {k: v.detach() for k, v in objective.last_embeddings.items()}, grads))
+    thread.close()
+    (loss0, emb0, grads0) = results[0]
+    assert any(n.startswith("losses.") for n in grads0) and any(n.startswith("model.image.") for n in grads0)
+    for loss, emb, grads in results[1:]:
+        assert torch.equal(loss, loss0)
+        assert emb.keys() == emb0.keys() and all(torch.equal(emb[k], emb0[k]) for k in emb0)
+        assert grads.keys() == grads0.keys() and all(torch.equal(grads[n], grads0[n]) for n in grads0)
+
+
+def test_a_backbone_with_dropout_keeps_the_image_forward_in_the_main_thread():
+    from transformers import ViTConfig, ViTModel
+
+    from vse_train.image_thread import draws_no_random_numbers
+
+    quiet = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, image_size=8)
+    assert draws_no_random_numbers(
+        ViTModel(ViTConfig(**quiet, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    )
+    assert not draws_no_random_numbers(
+        ViTModel(ViTConfig(**quiet, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.1))
+    )
+    assert not draws_no_random_numbers(
+        ViTModel(ViTConfig(**quiet, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0))
+    )
+    from transformers import SwinConfig, SwinModel
+
+    swin = dict(image_size=8, patch_size=2, embed_dim=4, depths=[1], num_heads=[1], window_size=2)
+    assert draws_no_random_numbers(SwinModel(SwinConfig(**swin, hidden_dropout_prob=0.0, drop_path_rate=0.0)))
+    assert not draws_no_random_numbers(SwinModel(SwinConfig(**swin, hidden_dropout_prob=0.0, drop_path_rate=0.1)))

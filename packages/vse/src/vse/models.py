@@ -401,6 +401,7 @@ class ImageEncoder(nn.Module):
             self.pos = nn.Parameter(torch.zeros(n, embed_dim))
             nn.init.normal_(self.pos, std=0.02)
         self.gpo = GPO(gpo.d_pe, gpo.d_hidden, gpo.temperature, gpo.fast)
+        self.token_counts: dict[tuple[int, ...], int] = {}  # image shape -> backbone tokens
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.backbone(pixel_values=pixels, **self.cfg.backbone.forward_kwargs)
@@ -409,13 +410,27 @@ class ImageEncoder(nn.Module):
             h = h.flatten(2).transpose(1, 2)
         return h[:, self.cfg.skip_tokens :]
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def draw_keep(self, pixels: torch.Tensor) -> torch.Tensor | None:
+        """The size augmentation's token mask ``forward(pixels)`` would draw (the same random
+        numbers), drawn now, for a forward elsewhere (``vse_train.image_thread``); None when
+        the forward draws none, or its token count is not known yet (no forward of this image
+        size so far)."""
+        n = self.token_counts.get(tuple(pixels.shape[1:]))
+        if not (self.training and self.cfg.patch_drop > 0) or n is None:
+            return None
+        return size_augment_keep(pixels.shape[0], n, self.cfg.patch_drop, pixels.device)
+
+    def forward(self, pixels: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit embeddings; ``keep``: the size augmentation's mask from :meth:`draw_keep` (else
+        drawn here, in training)."""
         x = self.fc(self._features(pixels))
         if self.pos is not None:
             x = x + self.pos.to(x.dtype)
         b, n, _ = x.shape
+        self.token_counts[tuple(pixels.shape[1:])] = n
         if self.training and self.cfg.patch_drop > 0:
-            keep = size_augment_keep(b, n, self.cfg.patch_drop, x.device)
+            if keep is None:
+                keep = size_augment_keep(b, n, self.cfg.patch_drop, x.device)
             order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
             x = torch.gather(x, 1, order[..., None].expand_as(x))
             lengths = keep.sum(1)
@@ -514,8 +529,8 @@ class VSEModel(nn.Module):
         self.text = TextEncoder(cfg.text, text_backbone, cfg.embed_dim, cfg.gpo)
         self.student = StudentHead(cfg.student, cfg.embed_dim) if student_head else None
 
-    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.image(pixels)
+    def embed_images(self, pixels: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.image(pixels, keep)
 
     def embed_texts(
         self, ids: torch.Tensor, mask: torch.Tensor, *, use_student: bool = True, normalize: bool = True

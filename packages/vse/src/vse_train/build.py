@@ -20,10 +20,10 @@ from vse.checkpoint import load_checkpoint, load_processor, load_tokenizer
 from vse.models import VSEModel, create_model, get_model_config, processor_source, tokenizer_source
 from vse.transforms import ImageTransform, TextTokenizer
 
-from .backward import ConcurrentBackward
 from .config import TrainConfig, TrainSpec
 from .data import Collate, ShardStream, check_split_usable
 from .history import History, flat_scalars
+from .image_thread import ImageThread, draws_no_random_numbers
 from .objective import Objective, text_fields
 from .recipes import Recipe, get_recipe, with_align_loss, with_warmup
 from .schedule import lr_scheduler
@@ -182,9 +182,31 @@ def optimizer_groups(cfg: TrainConfig, recipe: Recipe, objective: Objective) -> 
     return groups
 
 
+def make_image_thread(cfg: TrainConfig, model: VSEModel, accelerator) -> ImageThread | None:
+    """The image encoder's second thread (``vse_train.image_thread``: the same numbers bit for bit)
+    when the run asks for it and is on CPU in one process, without mixed precision, gradient
+    accumulation or a loss scaler; else None."""
+    if (
+        not cfg.image_thread
+        or accelerator.num_processes > 1
+        or accelerator.device.type != "cpu"
+        or accelerator.mixed_precision != "no"
+        or cfg.grad_accum > 1
+        or getattr(accelerator, "scaler", None) is not None
+    ):
+        return None
+    return ImageThread(torch.get_num_threads(), forward=draws_no_random_numbers(model.image.backbone))
+
+
 def build_optimization(cfg: TrainConfig, recipe: Recipe, model: VSEModel, plan: Plan, accelerator) -> Optimization:
-    """The objective (model + loss terms), AdamW, the lr schedule; prepared by Accelerate."""
-    objective = Objective(model, recipe, plan.steps_per_epoch, ragged=cfg.data.on_bad_sample == "skip")
+    """The objective (model + loss terms, the image thread), AdamW, the lr schedule; prepared by Accelerate."""
+    objective = Objective(
+        model,
+        recipe,
+        plan.steps_per_epoch,
+        ragged=cfg.data.on_bad_sample == "skip",
+        image_thread=make_image_thread(cfg, model, accelerator),
+    )
     optimizer = torch.optim.AdamW(
         optimizer_groups(cfg, recipe, objective),
         lr=cfg.optim.lr,
@@ -266,21 +288,6 @@ def build_loader(
     )
 
 
-def make_concurrent_backward(cfg: TrainConfig, accelerator) -> ConcurrentBackward | None:
-    """The image encoder's backward in a second thread (``vse_train.backward``: same gradients bit
-    for bit), when the run asks for it and is on CPU in one process, without gradient
-    accumulation or a loss scaler; else None (``accelerator.backward``)."""
-    if (
-        not cfg.concurrent_backward
-        or accelerator.num_processes > 1
-        or accelerator.device.type != "cpu"
-        or cfg.grad_accum > 1
-        or getattr(accelerator, "scaler", None) is not None
-    ):
-        return None
-    return ConcurrentBackward(torch.get_num_threads())
-
-
 @dataclass(frozen=True)
 class Run:
     """What one run is built from, every part complete; :func:`train` builds them in order."""
@@ -296,7 +303,6 @@ class Run:
     val_urls: list[str] | None
     loader: torch.utils.data.DataLoader
     history: History
-    concurrent_backward: ConcurrentBackward | None = None
 
     @property
     def main(self) -> bool:

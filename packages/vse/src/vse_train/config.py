@@ -96,9 +96,9 @@ class TrainSpec:
     save_every: int = 200  # steps between resumable states (and at the end)
     resume: bool = True  # continue from <out>/state when it exists
     threads: int | None = None  # torch.set_num_threads per process
-    # On CPU in one process: the image encoder's backward in a second thread next to the text
-    # encoder's (vse_train.backward); the same gradients bit for bit, so on by default.
-    concurrent_backward: bool = True
+    # On CPU in one process: the image encoder's forward and backward in a second thread next to
+    # the text encoders' (vse_train.image_thread); the same numbers bit for bit, so on by default.
+    image_thread: bool = True
     tracker: Literal["tensorboard", "none"] = "tensorboard"
     # Student-head recipes: also validate under these compositions of the head's output at
     # evaluation ("l2": c + h/|h|, the reference's; "raw": c + h, as in training) and keep each

@@ -13,6 +13,7 @@ from vse.models import VSEModel, l2norm
 from .config import OptimConfig
 from .data import TextField
 from .distributed import gather_no_grad, gather_with_grad, gathered_sizes
+from .image_thread import ImageThread
 from .losses import build_loss
 from .recipes import Recipe
 
@@ -28,9 +29,17 @@ class Objective(nn.Module):
     It is what DDP wraps, so learnable loss parameters (an InfoNCE temperature) are synchronised too.
     """
 
-    def __init__(self, model: VSEModel, recipe: Recipe, steps_per_epoch: int, ragged: bool = False):
+    def __init__(
+        self,
+        model: VSEModel,
+        recipe: Recipe,
+        steps_per_epoch: int,
+        ragged: bool = False,
+        image_thread: ImageThread | None = None,
+    ):
         super().__init__()
         self.ragged = ragged  # batches may differ in size between processes (skipped bad samples)
+        self.image_thread = image_thread  # the image encoder next to the text encoders (vse_train.image_thread)
         self.model = model
         self.recipe = recipe
         self.losses = nn.ModuleList(
@@ -43,8 +52,11 @@ class Objective(nn.Module):
         """The recipe's embeddings, text ones before their final L2 norm (images are unit vectors)."""
         r, m = self.recipe, self.model
         out: dict[str, torch.Tensor] = {}
+        image = None
         if r.needs("image"):
-            out["image"] = m.embed_images(batch["pixels"])
+            image = self.image_thread.forward(m.image, batch["pixels"]) if self.image_thread is not None else None
+            if image is None:
+                out["image"] = m.embed_images(batch["pixels"])
         if r.needs("sparse"):
             out["sparse"] = m.embed_texts(batch["sparse_ids"], batch["sparse_mask"], use_student=True, normalize=False)
         for name in ("dense", "sentence", "sentence_negative"):
@@ -52,12 +64,12 @@ class Objective(nn.Module):
                 out[name] = m.embed_texts(
                     batch[f"{name}_ids"], batch[f"{name}_mask"], use_student=False, normalize=False
                 )
-        return out
+        return out if image is None else {"image": image.result(), **out}
 
     def forward(self, batch: dict[str, torch.Tensor], step: int, teacher_dense: torch.Tensor | None = None):
         sizes = gathered_sizes(batch["image_ids"]) if self.ragged else None
         raw = {k: gather_with_grad(v, sizes) for k, v in self.embeddings(batch).items()}
-        self.last_embeddings = dict(raw)  # what the loss reaches the encoders through (vse_train.backward)
+        self.last_embeddings = dict(raw)  # what the loss reaches the encoders through (vse_train.image_thread)
         if teacher_dense is not None:
             raw["teacher_dense"] = gather_no_grad(teacher_dense, sizes)
         unit = {k: l2norm(v.float()) for k, v in raw.items()}

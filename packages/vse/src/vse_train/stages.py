@@ -142,8 +142,8 @@ class VseTrainStage(Stage):
     }
     # 2: every param in the cache key (``cpu`` was left out at its default), but ``resume``
     version = "2"
-    # resuming or starting again trains the same weights, as does the backward in one thread or two
-    execution_params = ("resume", "concurrent_backward")
+    # resuming or starting again trains the same weights, as does the image encoder in a thread of its own
+    execution_params = ("resume", "image_thread")
 
     def run(self, ctx: StageContext) -> dict:
         p: VseTrainParams = ctx.params

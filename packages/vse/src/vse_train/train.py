@@ -80,8 +80,7 @@ def build_run(cfg: TrainConfig) -> tuple[Run, Loop]:
     val_urls = find_val_urls(cfg, plan.val_every)
     loader = build.build_loader(cfg, recipe, parts, plan, counters.batches, acc)
     history = History(out / "metrics.jsonl", counters.step, acc.is_main_process)
-    concurrent = build.make_concurrent_backward(cfg, acc)
-    run = Run(cfg, out, recipe, acc, parts, teacher, plan, opt, val_urls, loader, history, concurrent)
+    run = Run(cfg, out, recipe, acc, parts, teacher, plan, opt, val_urls, loader, history)
     return run, Loop(counters, batches0=counters.batches, step0=counters.step)
 
 
@@ -114,9 +113,9 @@ def train_step(run: Run, loop: Loop, batch: dict[str, torch.Tensor]) -> bool:
     with acc.accumulate(opt.objective):
         with acc.autocast():
             loss, parts = opt.objective(batch, c.step, teacher_dense)
-        if run.concurrent_backward is not None:
-            objective = acc.unwrap_model(opt.objective)
-            run.concurrent_backward(loss, objective.last_embeddings, list(objective.losses.parameters()))
+        objective = acc.unwrap_model(opt.objective)
+        if objective.image_thread is not None:
+            objective.image_thread.backward(loss, objective.last_embeddings, list(objective.losses.parameters()))
         else:
             acc.backward(loss)
         if acc.sync_gradients and run.cfg.optim.grad_clip > 0:
@@ -210,8 +209,9 @@ def finish(run: Run, loop: Loop, elapsed: float) -> dict[str, Any]:
         export_bundles(run, loop.counters.step)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
-    if run.concurrent_backward is not None:
-        run.concurrent_backward.close()
+    image_thread = run.accelerator.unwrap_model(run.opt.objective).image_thread
+    if image_thread is not None:
+        image_thread.close()
     summary = summarize(run, loop, elapsed, metrics, result_dir(run.out))
     if run.main:
         atomic_write_json(run.out / "summary.json", summary)
