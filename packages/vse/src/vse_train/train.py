@@ -116,6 +116,7 @@ def train_step(run: Run, loop: Loop, batch: dict[str, torch.Tensor]) -> bool:
         objective = acc.unwrap_model(opt.objective)
         if objective.image_thread is not None:
             objective.image_thread.backward(loss, objective.last_embeddings, list(objective.losses.parameters()))
+            objective.last_embeddings = {}  # no graph kept past its backward
         else:
             acc.backward(loss)
         if acc.sync_gradients and run.cfg.optim.grad_clip > 0:
