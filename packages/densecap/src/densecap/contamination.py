@@ -1,0 +1,243 @@
+"""The contamination guard: ``densecap contamination`` (``docs/corpus-integrity.md``).
+
+Training images (finished shards) are compared with evaluation sets by perceptual hash, the same
+64-bit pHash and 3 x 3 crop grid as :mod:`densecap.dedup` (the training side reuses its per-shard
+signature files), and, when a vse bundle or a Hugging Face encoder is given, by image-embedding
+cosine similarity (through the sentence-scorer registry, ``d2s.grounding.SCORERS``). Evaluation
+sets: ``shards:DIR[:SPLIT]`` (this project's shards, e.g. a bench split; split ``test`` by
+default), ``karpathy:JSON:IMAGE_ROOT[:SPLIT]`` (a Karpathy split file) or ``folder:DIR``.
+
+Writes, in every training directory, ``integrity/contamination.json`` (read by
+:func:`d2s.integrity.read_integrity`: ``vse train`` warns or refuses) and
+``integrity/contamination.html`` (each matched pair side by side).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from d2s.atomic import atomic_write_json, atomic_write_text
+from d2s.integrity import CONTAMINATION_FILE, INDEX_VERSION, integrity_dir
+from d2s.schema import SampleError
+
+from .dedup import (
+    CorpusError,
+    DedupConfig,
+    DedupParams,
+    compute_signatures,
+    corpus_units,
+    hamming_pairs,
+    image_hashes,
+    load_signatures,
+)
+
+log = logging.getLogger(__name__)
+HTML_FILE = "contamination.html"
+
+
+@dataclass
+class ContaminationConfig:
+    inputs: list[str] = field(default_factory=list)  # training shard directories
+    against: list[str] = field(default_factory=list)  # evaluation sets (see the module docstring)
+    distance: int = 4  # whole-image pHash bits
+    crop_distance: int = 8  # whole vs a crop of the other
+    crops: bool = True
+    bundle: str = ""  # a vse bundle: embedding similarity too
+    hf_encoder: str = ""  # or a Hugging Face dual encoder (hub name or folder)
+    similarity: float = 0.95  # cosine of image embeddings that counts as a match
+    batch_size: int = 64
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.against:
+            raise ValueError("against: give at least one evaluation set (shards:DIR[:SPLIT], karpathy:..., folder:DIR)")
+        if self.bundle and self.hf_encoder:
+            raise ValueError("bundle and hf_encoder: give one of them")
+
+
+@dataclass
+class EvalImages:
+    name: str  # the spec as given
+    ids: list[str]
+    images: list[bytes]
+
+
+def load_eval_images(spec: str, where: str) -> EvalImages:
+    """The images of one evaluation set; errors name the spec and what is missing."""
+    kind, _, rest = spec.partition(":")
+    parts = rest.split(":") if rest else []
+    if kind == "shards" and parts:
+        d = Path(parts[0])
+        split = parts[1] if len(parts) > 1 else "test"
+        if not d.exists():
+            raise CorpusError(f"{where}: {spec!r}: {d} does not exist")
+        from d2s.shards import iter_samples, split_shards
+
+        try:
+            samples = list(iter_samples(split_shards(d, split)))
+        except KeyError as exc:
+            raise CorpusError(f"{where}: {spec!r}: {exc.args[0]}") from None
+        return EvalImages(spec, [s.key for s in samples], [s.image for s in samples])
+    if kind == "karpathy" and len(parts) >= 2:
+        json_path, root = Path(parts[0]), Path(parts[1])
+        for p in (json_path, root):
+            if not p.exists():
+                raise CorpusError(f"{where}: {spec!r}: {p} does not exist")
+        params = {"path": str(json_path), "image_root": str(root), "splits": [parts[2] if len(parts) > 2 else "test"]}
+        return _from_source(spec, "karpathy", params, where)
+    if kind == "folder" and parts:
+        if not Path(parts[0]).is_dir():
+            raise CorpusError(f"{where}: {spec!r}: {parts[0]} does not exist or is not a directory")
+        return _from_source(spec, "folder", {"path": parts[0]}, where)
+    raise CorpusError(f"{where}: {spec!r}: expected shards:DIR[:SPLIT], karpathy:JSON:IMAGE_ROOT[:SPLIT] or folder:DIR")
+
+
+def _from_source(spec: str, typ: str, params: dict, where: str) -> EvalImages:
+    from .images import IMAGE_SOURCES, Rejected
+
+    src = IMAGE_SOURCES.create(typ, params, f"{where} ({spec})")
+    ids, images = [], []
+    for u in src.units():
+        for item in src.iter_unit(u):
+            if isinstance(item, Rejected):
+                raise CorpusError(f"{where}: {spec!r}: image {item.path or item.id} unreadable: {item.reason}")
+            ids.append(item.id)
+            images.append(item.image)
+    if not images:
+        raise CorpusError(f"{where}: {spec!r}: no images")
+    return EvalImages(spec, ids, images)
+
+
+def _embed(cfg: ContaminationConfig, images: list[bytes], keys: list[str]) -> np.ndarray:
+    from d2s.grounding import SCORERS
+
+    typ, params = ("vse-bundle", {"path": cfg.bundle}) if cfg.bundle else ("hf-dual-encoder", {"model": cfg.hf_encoder})
+    scorer = SCORERS.create(typ, params, "bundle" if cfg.bundle else "hf_encoder")
+    out = []
+    for s in range(0, len(images), cfg.batch_size):
+        out.append(scorer.embed_images(images[s : s + cfg.batch_size], keys[s : s + cfg.batch_size]).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+def contamination(cfg: ContaminationConfig) -> dict[str, Any]:
+    """Compare, write ``integrity/contamination.json`` and ``.html`` in every input; returns counts."""
+    t0 = time.perf_counter()
+    evals = [load_eval_images(s, f"against[{i}]") for i, s in enumerate(cfg.against)]
+    units = corpus_units([str(Path(p)) for p in cfg.inputs])
+    params = DedupParams(crops=cfg.crops)
+    compute_signatures(
+        DedupConfig(inputs=[str(Path(p)) for p in cfg.inputs], params=params, progress=cfg.progress),
+        units,
+        "contamination",
+    )
+    train = load_signatures(units, params)
+    # (train index, eval set, eval index, method) -> the match (one row per method that matched)
+    found: dict[tuple[int, int, int, str], dict] = {}
+    te: np.ndarray | None = None
+    for e, ev in enumerate(evals):
+        eh = []
+        for i, data in enumerate(ev.images):
+            try:
+                eh.append(image_hashes(data, cfg.crops))
+            except Exception as exc:  # noqa: BLE001
+                raise SampleError(f"{ev.name}: image {ev.ids[i]!r} unreadable ({type(exc).__name__}: {exc})") from None
+        eh = np.array(eh, dtype=np.uint64)
+        tw, ew = train.image_hashes[:, 0], eh[:, 0]
+        for i, j, d in zip(*hamming_pairs(tw, ew, cfg.distance, same=False)):
+            found[(int(i), e, int(j), "phash")] = {"method": "phash", "distance": int(d)}
+        if cfg.crops:
+            for c in range(1, eh.shape[1]):
+                for a, b, kind in ((tw, eh[:, c], "eval_crop"), (ew, train.image_hashes[:, c], "train_crop")):
+                    ii, jj, dd = hamming_pairs(a, b, cfg.crop_distance, same=False)
+                    for i, j, d in zip(ii, jj, dd):
+                        ti, ei = (int(i), int(j)) if kind == "eval_crop" else (int(j), int(i))
+                        if (ti, e, ei, "phash") not in found:
+                            m = found.setdefault(
+                                (ti, e, ei, "phash_crop"), {"method": "phash_crop", "distance": int(d)}
+                            )
+                            m["distance"] = min(m["distance"], int(d))
+        if cfg.bundle or cfg.hf_encoder:
+            if te is None:  # the training images' embeddings, once
+                te = _embed(cfg, _train_images(train.items), [k for _, _, k in train.items])
+            sims = te @ _embed(cfg, ev.images, ev.ids).T
+            for i, j in zip(*np.nonzero(sims >= cfg.similarity)):
+                sim = round(float(sims[i, j]), 4)
+                found[(int(i), e, int(j), "embedding")] = {"method": "embedding", "similarity": sim}
+    matches = []
+    for (ti, e, ei, _), m in sorted(found.items()):
+        d, shard, key = train.items[ti]
+        matches.append(
+            {"dir": d, "shard": shard, "key": key, "benchmark": evals[e].name, "item": evals[e].ids[ei], **m}
+        )
+    for d in cfg.inputs:
+        mine = [{k: v for k, v in m.items() if k != "dir"} for m in matches if m["dir"] == str(Path(d))]
+        doc = {
+            "version": INDEX_VERSION,
+            "against": list(cfg.against),
+            "params": {"distance": cfg.distance, "crop_distance": cfg.crop_distance, "crops": cfg.crops},
+            "embedding": cfg.bundle or cfg.hf_encoder or "",
+            "counts": {"images": len(train.items), "flagged_images": len({(m["shard"], m["key"]) for m in mine})},
+            "matches": mine,
+        }
+        atomic_write_json(integrity_dir(d) / CONTAMINATION_FILE, doc)
+        _write_html(integrity_dir(d) / HTML_FILE, mine, Path(d), {ev.name: ev for ev in evals})
+    flagged = len({(m["dir"], m["shard"], m["key"]) for m in matches})
+    return {
+        "images": len(train.items),
+        "evaluation_images": {ev.name: len(ev.images) for ev in evals},
+        "matches": len(matches),
+        "flagged_images": flagged,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _train_images(items: list[tuple[str, str, str]]) -> list[bytes]:
+    """The image bytes of ``items`` (dir, shard, key), in order."""
+    from d2s.shards import iter_samples
+
+    want: dict[str, dict[str, bytes]] = {}
+    for d, shard, _ in items:
+        want.setdefault(str(Path(d) / shard), {})
+    for p in want:
+        for s in iter_samples([p]):
+            want[p][s.key] = s.image
+    return [want[str(Path(d) / shard)][key] for d, shard, key in items]
+
+
+def _img_tag(data: bytes) -> str:
+    from d2s.schema import sniff_image_ext
+
+    mime = {"jpg": "jpeg", "png": "png", "webp": "webp"}.get(sniff_image_ext(data) or "png", "png")
+    return f'<img src="data:image/{mime};base64,{base64.b64encode(data).decode()}" height="160">'
+
+
+def _write_html(path: Path, matches: list[dict], shards_dir: Path, evals: dict[str, EvalImages]) -> None:
+    """Each matched pair side by side: training image (shard, key) | evaluation image (set, item)."""
+    rows = []
+    if matches:
+        train = _train_images([(str(shards_dir), m["shard"], m["key"]) for m in matches])
+        for m, timg in zip(matches, train):
+            ev = evals[m["benchmark"]]
+            eimg = ev.images[ev.ids.index(m["item"])]
+            how = f"{m['method']} " + (f"{m['distance']} bits" if "distance" in m else f"cos {m['similarity']}")
+            rows.append(
+                f"<tr><td>{_img_tag(timg)}<br>{html.escape(m['shard'])} / {html.escape(m['key'])}</td>"
+                f"<td>{_img_tag(eimg)}<br>{html.escape(m['benchmark'])} / {html.escape(m['item'])}</td>"
+                f"<td>{html.escape(how)}</td></tr>"
+            )
+    body = "\n".join(rows) or "<tr><td colspan=3>no training image matches an evaluation image</td></tr>"
+    atomic_write_text(
+        path,
+        "<!doctype html><meta charset=utf-8><title>contamination</title>"
+        f"<h1>Training images found in evaluation sets ({len(matches)} pair(s))</h1>"
+        "<table border=1 cellpadding=4><tr><th>training</th><th>evaluation</th><th>match</th></tr>"
+        f"{body}</table>\n",
+    )
