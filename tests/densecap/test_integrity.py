@@ -197,7 +197,7 @@ def test_contamination_against_a_folder_with_embeddings(planted, tmp_path):
     folder.mkdir()
     samples = {s.key: s for s in iter_samples(sorted(completed_shards(corpus)))}
     key = next(k for kind, k, _ in truth if kind == "exact")
-    (folder / "x.png").write_bytes(samples[key].image)
+    (folder / "x.png").write_bytes(samples[key].image)  # the evaluation "set": one image
     clip = build_tiny_clip(tmp_path / "clip")
     r = run_densecap(
         [
@@ -213,8 +213,11 @@ def test_contamination_against_a_folder_with_embeddings(planted, tmp_path):
         ]
     )
     assert r.returncode == 0, r.stderr
-    methods = {(m["key"], m["method"]) for m in read_contamination(corpus)["matches"]}
-    assert (key, "phash") in methods and (key, "embedding") in methods  # identical bytes: cosine 1
+    matches = read_contamination(corpus)["matches"]
+    orig = next(o for kind, k, o in truth if k == key)
+    # the planted copy and its original, identical bytes: both methods, cosine 1; nothing else
+    assert {m["key"] for m in matches if m["method"] == "embedding"} == {key, orig}
+    assert {m["key"] for m in matches if m["method"] == "phash"} == {key, orig}
 
 
 @pytest.mark.slow
@@ -283,11 +286,13 @@ def test_card_is_read_by_datasets_and_huggingface_hub(planted, tmp_path):
     assert all((corpus / p).exists() for p in doc["plots"])
     ds = datasets.load_dataset(str(corpus), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert len(ds) == n
-    # the corpus changes: the card follows
+    # the corpus changes (a new dedup index): the card follows by itself, the user's fields kept
     before = doc["fingerprint"]
-    dedup(DedupConfig(inputs=[str(corpus)], params=DedupParams(image_distance=0), progress=False))
-    run_densecap(["card", str(corpus)])
-    assert json.loads((corpus / "card.json").read_text())["fingerprint"] != before
+    dedup(DedupConfig(inputs=[str(corpus)], params=DedupParams(image_distance=0, crops=False), progress=False))
+    after = json.loads((corpus / "card.json").read_text())
+    assert after["fingerprint"] != before and after["dedup"] == read_dedup(corpus)["counts"]
+    assert after["license"] == "cc-by-4.0" and after["citation"] == "@misc{d2s, title={D2S}}"
+    assert DatasetCard.load(corpus / "README.md").data.license == "cc-by-4.0"
 
 
 @pytest.mark.slow
@@ -345,3 +350,60 @@ def test_dedup_on_a_local_ray_cluster_gives_the_inline_index(planted, tmp_path):
     assert summary["replicas"] == 2 and summary["signatures_written"] == 3
     ray_doc = read_dedup(corpus)
     assert ray_doc["images"] == inline["images"] and ray_doc["texts"] == inline["texts"]
+
+
+@pytest.mark.slow
+def test_densecap_run_keeps_an_existing_card_current(world_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["run", "--source", "synthetic-world", "--input", str(world_dir), "--out", str(out), "--no-progress"]
+    r = run_densecap(args)
+    assert r.returncode == 0, r.stderr
+    r = run_densecap(["card", str(out), "--license", "mit"])
+    assert r.returncode == 0, r.stderr
+    first = json.loads((out / "card.json").read_text())
+    assert [f["type"] for f in first["filters"]] == [
+        "length",
+        "repetition",
+        "refusal",
+        "garbage",
+        "near-duplicate",
+        "grounding",
+    ]
+    r = run_densecap(args + ["--filters", "length", "--set", "filters.0.params.min_words=500"])  # a new configuration
+    assert r.returncode == 0, r.stderr
+    now = json.loads((out / "card.json").read_text())
+    assert [f["type"] for f in now["filters"]] == ["length"] and now["license"] == "mit"
+    assert now["verdicts"]["synthetic-oracle"].get("too_short", 0) == now["images"]
+
+
+def test_contamination_against_a_karpathy_split(planted, tmp_path):
+    """A Karpathy split file (COCO / Flickr30K style) whose test images are the world's test split."""
+    from densecap.contamination import ContaminationConfig, contamination
+
+    corpus, world, truth = planted
+    corpus = _fresh(corpus, tmp_path)
+    root = tmp_path / "images"
+    (root / "test2014").mkdir(parents=True)
+    entries = []
+    for n, s in enumerate(iter_samples(sorted(completed_shards(world, "test")))):
+        (root / "test2014" / f"{s.key}.png").write_bytes(s.image)
+        entries.append(
+            {
+                "filepath": "test2014",
+                "filename": f"{s.key}.png",
+                "split": "test",
+                "cocoid": n,
+                "sentences": [{"raw": "x"}],
+            }
+        )
+    entries.append({"filepath": "train2014", "filename": "nope.png", "split": "train", "sentences": [{"raw": "x"}]})
+    split_file = tmp_path / "dataset_coco.json"
+    split_file.write_text(json.dumps({"images": entries}))
+    spec = f"karpathy:{split_file}:{root}:test"
+    s = contamination(ContaminationConfig(inputs=[str(corpus)], against=[spec], progress=False))
+    assert s["evaluation_images"] == {spec: len(entries) - 1}  # the test split only
+    flagged = {m["key"]: m["item"] for m in read_contamination(corpus)["matches"] if m["method"] == "phash"}
+    test_ids = {e["filename"][:-4]: str(e["cocoid"]) for e in entries[:-1]}
+    for kind, key, orig in truth:
+        if kind == "test":
+            assert flagged[key] == test_ids[orig]  # named by its cocoid

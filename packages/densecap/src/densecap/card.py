@@ -12,8 +12,10 @@ Writes, in the corpus directory (beside the shards, so the folder is one Hugging
   a fingerprint of the corpus (shards' sizes and the integrity files) it was made from;
 - ``card/scores_<name>.png``: the distribution of each stored caption score (matplotlib).
 
-The card only reads; regenerate it whenever the corpus changes (the pipeline stage does: its
-input is the shard directory, so a changed upstream stage, or changed shards, rerun it).
+The card only reads the corpus. It follows the corpus: once a directory has a card, ``densecap
+run`` (when it completes the shards), ``densecap dedup`` and ``densecap contamination`` rewrite it
+with the user's fields kept (:func:`refresh_card`); in a pipeline the ``densecap-card`` stage
+reruns whenever its inputs (the shards, the index stages) change.
 """
 
 from __future__ import annotations
@@ -273,3 +275,22 @@ def write_card(out: str | Path, cfg: CardConfig | None = None) -> dict[str, Any]
     atomic_write_text(out / "README.md", _yaml_header(card, splits) + "\n" + _body(card, plots))
     log.info("data card written to %s/README.md", out)
     return {k: card[k] for k in ("pretty_name", "images", "splits", "fingerprint", "dedup", "contamination")}
+
+
+USER_FIELDS = ("license", "citation", "pretty_name", "description")
+
+
+def refresh_card(out: str | Path) -> bool:
+    """Rewrite the card of ``out`` if it has one (``card.json``), with the user's fields it holds:
+    what ``densecap run``, ``dedup`` and ``contamination`` call when they change the corpus. A card
+    that cannot be rewritten is left as it was, with a warning (the corpus itself is fine)."""
+    path = Path(out) / "card.json"
+    if not path.exists():
+        return False
+    try:
+        doc = json.loads(path.read_text())
+        write_card(out, CardConfig(**{k: str(doc.get(k) or "") for k in USER_FIELDS}))
+    except (CorpusError, ValueError, OSError) as exc:
+        log.warning("%s: the data card was not updated: %s (rerun `densecap card %s`)", out, exc, out)
+        return False
+    return True

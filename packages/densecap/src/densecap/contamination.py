@@ -37,6 +37,7 @@ from .dedup import (
     hamming_pairs,
     image_hashes,
     load_signatures,
+    refresh_card,
 )
 
 log = logging.getLogger(__name__)
@@ -116,15 +117,38 @@ def _from_source(spec: str, typ: str, params: dict, where: str) -> EvalImages:
     return EvalImages(spec, ids, images)
 
 
-def _embed(cfg: ContaminationConfig, images: list[bytes], keys: list[str]) -> np.ndarray:
+def _scorer(cfg: ContaminationConfig):
+    """The image embedder: a vse bundle or an HF dual encoder, through the sentence-scorer registry."""
     from d2s.grounding import SCORERS
 
     typ, params = ("vse-bundle", {"path": cfg.bundle}) if cfg.bundle else ("hf-dual-encoder", {"model": cfg.hf_encoder})
-    scorer = SCORERS.create(typ, params, "bundle" if cfg.bundle else "hf_encoder")
-    out = []
-    for s in range(0, len(images), cfg.batch_size):
-        out.append(scorer.embed_images(images[s : s + cfg.batch_size], keys[s : s + cfg.batch_size]).numpy())
+    return SCORERS.create(typ, params, "bundle" if cfg.bundle else "hf_encoder")
+
+
+def _embed(scorer, batches) -> np.ndarray:
+    """L2-normalised image embeddings of ``(images, keys)`` batches, stacked."""
+    out = [scorer.embed_images(images, keys).numpy() for images, keys in batches]
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+def _batches(images: list[bytes], keys: list[str], size: int):
+    for s in range(0, len(images), size):
+        yield images[s : s + size], keys[s : s + size]
+
+
+def _shard_batches(shards: list[str], size: int):
+    """The training images shard by shard, in signature order, ``size`` at a time (never all in memory)."""
+    from d2s.shards import iter_samples
+
+    images, keys = [], []
+    for s in iter_samples(shards):
+        images.append(s.image)
+        keys.append(s.key)
+        if len(images) == size:
+            yield images, keys
+            images, keys = [], []
+    if images:
+        yield images, keys
 
 
 def contamination(cfg: ContaminationConfig) -> dict[str, Any]:
@@ -165,9 +189,10 @@ def contamination(cfg: ContaminationConfig) -> dict[str, Any]:
                             )
                             m["distance"] = min(m["distance"], int(d))
         if cfg.bundle or cfg.hf_encoder:
-            if te is None:  # the training images' embeddings, once
-                te = _embed(cfg, _train_images(train.items), [k for _, _, k in train.items])
-            sims = te @ _embed(cfg, ev.images, ev.ids).T
+            if te is None:  # the training images' embeddings, once, streamed shard by shard
+                scorer = _scorer(cfg)
+                te = _embed(scorer, _shard_batches([u.payload["shard"] for u in units], cfg.batch_size))
+            sims = te @ _embed(scorer, _batches(ev.images, ev.ids, cfg.batch_size)).T
             for i, j in zip(*np.nonzero(sims >= cfg.similarity)):
                 sim = round(float(sims[i, j]), 4)
                 found[(int(i), e, int(j), "embedding")] = {"method": "embedding", "similarity": sim}
@@ -189,6 +214,7 @@ def contamination(cfg: ContaminationConfig) -> dict[str, Any]:
         }
         atomic_write_json(integrity_dir(d) / CONTAMINATION_FILE, doc)
         _write_html(integrity_dir(d) / HTML_FILE, mine, Path(d), {ev.name: ev for ev in evals})
+        refresh_card(d)
     flagged = len({(m["dir"], m["shard"], m["key"]) for m in matches})
     return {
         "images": len(train.items),

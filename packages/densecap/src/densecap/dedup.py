@@ -404,20 +404,17 @@ def clusters(n: int, pairs) -> np.ndarray:
     return np.array([find(i) for i in range(n)])
 
 
-def _entries(rows, roots, pairs, label) -> list[dict]:
-    """Index entries of every member of a cluster of two or more, with its cluster and verdict."""
+def _entries(rows, roots, best: dict[int, tuple[float, str]]) -> list[dict]:
+    """Index entries of every member of a cluster of two or more: its cluster, verdict, the kept
+    member (``of``), and the closest match it has (``score``: bits or similarity; ``kind``)."""
     members: dict[int, list[int]] = {}
     for i, r in enumerate(roots):
         members.setdefault(int(r), []).append(i)
-    best: dict[int, tuple[Any, str]] = {}
-    for (i, j), v in pairs.items():
-        for a in (i, j):
-            if a not in best or (label(v)[0] < best[a][0]):
-                best[a] = label(v)
     out = []
     for cid, (root, ms) in enumerate(sorted((r, m) for r, m in members.items() if len(m) > 1)):
         for i in ms:
             d, shard, key = rows[i][:3]
+            score, kind = best.get(i, (None, ""))
             out.append(
                 {
                     "dir": d,
@@ -427,11 +424,22 @@ def _entries(rows, roots, pairs, label) -> list[dict]:
                     "cluster": cid,
                     "verdict": "keep" if i == root else "duplicate",
                     "of": f"{rows[root][0]}:{rows[root][1]}/{rows[root][2]}",
-                    "score": best.get(i, (None, ""))[0] if best.get(i) else None,
-                    "kind": best.get(i, (None, ""))[1],
+                    "score": score,
+                    "kind": kind,
                 }
             )
     return out
+
+
+def _closest(pairs: dict, smaller_is_closer: bool) -> dict[int, tuple[float, str]]:
+    """item -> (score, kind) of its closest pair (images: fewest bits; texts: highest similarity)."""
+    best: dict[int, tuple[float, str]] = {}
+    for (i, j), v in pairs.items():
+        score, kind = v if isinstance(v, tuple) else (v, "minhash")
+        for a in (i, j):
+            if a not in best or (score < best[a][0] if smaller_is_closer else score > best[a][0]):
+                best[a] = (score, kind)
+    return best
 
 
 def dedup(cfg: DedupConfig) -> dict[str, Any]:
@@ -450,10 +458,8 @@ def dedup(cfg: DedupConfig) -> dict[str, Any]:
     tpairs = text_pairs(sig, cfg.params) if cfg.params.texts else {}
     troots = clusters(len(sig.texts), tpairs)
     t_txt = time.perf_counter() - t2
-    images = _entries(sig.items, iroots, ipairs, lambda v: (v[0], v[1]))
-    texts = _entries(sig.texts, troots, tpairs, lambda v: (-v, "minhash"))
-    for e in texts:  # a similarity, not a negated sort key
-        e["score"] = -e["score"] if e["score"] is not None else None
+    images = _entries(sig.items, iroots, _closest(ipairs, smaller_is_closer=True))
+    texts = _entries(sig.texts, troots, _closest(tpairs, smaller_is_closer=False))
     counts = {
         "images": len(sig.items),
         "image_duplicates": sum(e["verdict"] == "duplicate" for e in images),
@@ -479,12 +485,19 @@ def dedup(cfg: DedupConfig) -> dict[str, Any]:
             "texts": [_local(e) for e in texts if e["dir"] == str(Path(d))],
         }
         atomic_write_json(integrity_dir(d) / DEDUP_FILE, doc)
+        refresh_card(d)  # a corpus with a data card keeps its counts current
     log.info("densecap dedup: %s", json.dumps(counts))
     return {**counts, **sig_counts, "seconds": seconds}
 
 
 def _local(e: dict) -> dict:
     return {k: v for k, v in e.items() if k != "dir"}
+
+
+def refresh_card(d: str) -> None:
+    from .card import refresh_card as refresh
+
+    refresh(d)
 
 
 def parse_dedup_config(doc: dict[str, Any]) -> DedupConfig:
