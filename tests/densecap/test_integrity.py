@@ -407,3 +407,29 @@ def test_contamination_against_a_karpathy_split(planted, tmp_path):
     for kind, key, orig in truth:
         if kind == "test":
             assert flagged[key] == test_ids[orig]  # named by its cocoid
+
+
+def test_hamming_pair_engines_agree():
+    """faiss's range search and numpy's blocks give the same pairs (with planted near pairs)."""
+    import numpy as np
+
+    from densecap.dedup import hamming_pairs
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**63, size=3000, dtype=np.int64).astype(np.uint64)
+    b = rng.integers(0, 2**63, size=2000, dtype=np.int64).astype(np.uint64)
+    flips = [np.uint64(sum(1 << int(x) for x in rng.choice(64, size=k, replace=False))) for k in range(10)]
+    for k, f in enumerate(flips):  # pairs at 0..9 bits, across and within
+        b[k] = a[k] ^ f
+        a[100 + k] = a[200 + k] ^ f
+    for same, (x, y) in ((False, (a, b)), (True, (a, a))):
+        got = {}
+        for engine in ("numpy", "faiss"):
+            i, j, d = hamming_pairs(x, y, 6, same=same, engine=engine)
+            got[engine] = sorted(zip(i.tolist(), j.tolist(), d.tolist()))
+        assert got["numpy"] == got["faiss"]
+        near = {(i, j) for i, j, _ in got["numpy"]}
+        if same:
+            assert {(100 + k, 200 + k) for k in range(7)} <= near and (109, 209) not in near
+        else:
+            assert {(k, k) for k in range(7)} <= near and (7, 7) not in near

@@ -15,9 +15,9 @@ Two passes (``docs/corpus-integrity.md``):
    (union-find); the first member of a cluster by (directory, shard, key) is kept. ``<shards>/integrity/dedup.json`` is
    written atomically in every input directory (:mod:`d2s.integrity` reads it).
 
-Image pairs are compared exhaustively in blocks (``numpy.bitwise_count``): O(n^2) popcounts
-in the driver (time per 100k images: the docs' table); the signatures are the part that scales
-out on the executor.
+Image pairs are compared exhaustively (faiss's ``IndexBinaryFlat`` range search when faiss is
+installed, else ``numpy.bitwise_count`` in blocks): O(n^2) popcounts in the driver (time per 100k
+images: the docs' table); the signatures are the part that scales out on the executor.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -326,23 +327,46 @@ def load_signatures(units: list[Unit], params: DedupParams) -> Signatures:
     )
 
 
-def hamming_pairs(a: np.ndarray, b: np.ndarray, max_distance: int, same: bool):
-    """(i, j, distance) with popcount(a[i] ^ b[j]) <= max_distance (i < j when ``same``), in
-    blocks of rows that keep the distance matrix under ~4M entries."""
+def hamming_pairs(a: np.ndarray, b: np.ndarray, max_distance: int, same: bool, engine: str = "auto"):
+    """(i, j, distance) with popcount(a[i] ^ b[j]) <= max_distance (i < j when ``same``), every
+    pair (exhaustive). ``engine``: ``faiss`` (``IndexBinaryFlat.range_search``: SIMD popcounts on
+    every core, ~8x numpy on one; the ``faiss`` extra), ``numpy``, or ``auto`` (faiss when installed)."""
+    if engine == "auto":
+        engine = "faiss" if importlib.util.find_spec("faiss") is not None else "numpy"
+    if engine not in ("faiss", "numpy"):
+        raise ValueError(f"engine: {engine!r} is not one of ['auto', 'faiss', 'numpy']")
+    if not len(a) or not len(b):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    i, j, d = (_pairs_faiss if engine == "faiss" else _pairs_numpy)(a, b, max_distance)
+    if same:
+        keep = j > i
+        i, j, d = i[keep], j[keep], d[keep]
+    return i.astype(np.int64), j.astype(np.int64), d.astype(np.int64)
+
+
+def _pairs_faiss(a: np.ndarray, b: np.ndarray, max_distance: int):
+    import faiss
+
+    def codes(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.astype(np.uint64)).view(np.uint8).reshape(-1, 8)
+
+    index = faiss.IndexBinaryFlat(64)
+    index.add(codes(b))
+    lims, d, j = index.range_search(codes(a), max_distance + 1)  # faiss keeps distances < radius
+    i = np.repeat(np.arange(len(a)), np.diff(lims.astype(np.int64)))
+    return i, j, d
+
+
+def _pairs_numpy(a: np.ndarray, b: np.ndarray, max_distance: int):
+    """In blocks of rows that keep the distance matrix under ~4M entries."""
     out_i, out_j, out_d = [], [], []
-    block = max(1, 4_000_000 // max(1, len(b)))
+    block = max(1, 4_000_000 // len(b))
     for s in range(0, len(a), block):
-        x = a[s : s + block, None] ^ b[None, :]
-        dist = np.bitwise_count(x)
+        dist = np.bitwise_count(a[s : s + block, None] ^ b[None, :])
         ii, jj = np.nonzero(dist <= max_distance)
-        if same:
-            keep = jj > ii + s
-            ii, jj = ii[keep], jj[keep]
         out_i.append(ii + s)
         out_j.append(jj)
         out_d.append(dist[ii, jj])
-    if not out_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8)
     return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
 
 
