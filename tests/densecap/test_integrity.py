@@ -433,3 +433,34 @@ def test_hamming_pair_engines_agree():
             assert {(100 + k, 200 + k) for k in range(7)} <= near and (109, 209) not in near
         else:
             assert {(k, k) for k in range(7)} <= near and (7, 7) not in near
+
+
+def test_a_stale_index_is_ignored_with_a_warning(planted, tmp_path, caplog):
+    """Shards rewritten after dedup (a new densecap run): readers must not apply old verdicts."""
+    import logging
+
+    corpus, _, _ = planted
+    corpus = _fresh(corpus, tmp_path)
+    dedup(DedupConfig(inputs=[str(corpus)], params=DedupParams(crops=False), progress=False))
+    assert read_integrity(corpus).duplicate_images
+    # rewrite one shard with one sample fewer, as a new densecap run with another filter would
+    first = sorted(completed_shards(corpus))[0]
+    samples = list(iter_samples([first]))
+    with ShardWriter(corpus, "train", 0) as w:
+        for s in samples[1:]:
+            w.write(s)
+    with caplog.at_level(logging.WARNING, logger="d2s.integrity"):
+        integrity = read_integrity(corpus)
+    assert not integrity.duplicate_images and not integrity.duplicate_texts
+    assert (
+        "dedup.json is stale" in caplog.text and "train-000000.tar" in caplog.text and "densecap dedup" in caplog.text
+    )
+    dedup(DedupConfig(inputs=[str(corpus)], params=DedupParams(crops=False), progress=False))  # rerun: current again
+    assert read_integrity(corpus).duplicate_images
+
+
+def test_a_corpus_of_empty_shards_is_an_error(tmp_path):
+    with ShardWriter(tmp_path / "c", "train", 0):
+        pass
+    r = run_densecap(["dedup", str(tmp_path / "c"), "--no-progress"])
+    assert r.returncode == 2 and "the corpus is empty" in r.stderr

@@ -9,25 +9,29 @@ training, bench and densecap's report read it here, so none of them imports dens
 
 ``dedup.json`` lists every member of every duplicate cluster (an item in no cluster is unique)::
 
-    {"version": 1, "params": {...}, "counts": {...},
+    {"version": 1, "params": {...}, "counts": {...}, "shards": {"train-000000.tar": 123456, ...},
      "images": [{"shard": "train-000001.tar", "key": "k", "cluster": 3, "verdict": "duplicate",
                  "of": "<dir>:train-000000.tar/k0", "distance": 4, "kind": "phash"}, ...],
      "texts":  [{"shard": ..., "key": ..., "source": "oracle", "cluster": 7, "verdict": "keep", ...}, ...]}
 
 The first member of a cluster (by directory, shard, key) is kept (``verdict: keep``); the others
-are ``duplicate``. Readers skip a duplicate image's whole sample and treat a duplicate dense text
+are ``duplicate``. ``shards`` holds the size of every shard the index was computed on: when one
+has changed since (a new densecap run rewrote it), readers ignore the index and warn. Readers skip a duplicate image's whole sample and treat a duplicate dense text
 as dropped (verdict :data:`TEXT_VERDICT`). The shards themselves are never rewritten.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .schema import Sample
+
+log = logging.getLogger(__name__)
 
 INTEGRITY_DIR = "integrity"
 DEDUP_FILE = "dedup.json"
@@ -97,11 +101,43 @@ class Integrity:
         )
 
 
+def stale_shards(doc: dict[str, Any], shards_dir: str | os.PathLike) -> list[str]:
+    """The shards an index was computed on (its ``shards``: name -> size) that are no longer there
+    with that size: rewritten (e.g. captioned again) or removed since. Empty: the index is current."""
+    from .shards import completed_shards
+
+    now = {Path(p).name: st.get("bytes") for p, st in completed_shards(shards_dir).items()}
+    return sorted(name for name, size in (doc.get("shards") or {}).items() if now.get(name) != size)
+
+
+def _current(doc: dict[str, Any] | None, shards_dir: str | os.PathLike, name: str) -> dict[str, Any] | None:
+    """``doc`` when it describes the shards as they are; else None, with a warning saying what to rerun."""
+    if doc is None:
+        return None
+    stale = stale_shards(doc, shards_dir)
+    if stale:
+        log.warning(
+            "%s/%s/%s is stale: %d shard(s) changed or vanished since it was written (%s%s); it is ignored. "
+            "Rerun `densecap %s %s` to bring it up to date.",
+            shards_dir,
+            INTEGRITY_DIR,
+            name,
+            len(stale),
+            ", ".join(stale[:3]),
+            " ..." if len(stale) > 3 else "",
+            name.split(".")[0],
+            shards_dir,
+        )
+        return None
+    return doc
+
+
 def read_integrity(shards_dir: str | os.PathLike) -> Integrity:
-    """The index of ``shards_dir`` (empty when there is none)."""
+    """The index of ``shards_dir`` (empty when there is none). An index file written for shards that
+    have changed since (another densecap run rewrote them) is ignored, with a warning."""
     d = integrity_dir(shards_dir)
     out = Integrity()
-    dedup = _read(d / DEDUP_FILE)
+    dedup = _current(_read(d / DEDUP_FILE), shards_dir, DEDUP_FILE)
     if dedup is not None:
         for e in dedup.get("images", []):
             if e.get("verdict") == "duplicate":
@@ -109,7 +145,7 @@ def read_integrity(shards_dir: str | os.PathLike) -> Integrity:
         for e in dedup.get("texts", []):
             if e.get("verdict") == "duplicate":
                 out.duplicate_texts.add((e["shard"], e["key"], e["source"]))
-    cont = _read(d / CONTAMINATION_FILE)
+    cont = _current(_read(d / CONTAMINATION_FILE), shards_dir, CONTAMINATION_FILE)
     if cont is not None:
         for m in cont.get("matches", []):
             out.contaminated.setdefault((m["shard"], m["key"]), []).append(m)

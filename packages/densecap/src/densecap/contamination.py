@@ -38,6 +38,7 @@ from .dedup import (
     image_hashes,
     load_signatures,
     refresh_card,
+    shard_sizes,
 )
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,7 @@ def contamination(cfg: ContaminationConfig) -> dict[str, Any]:
             "params": {"distance": cfg.distance, "crop_distance": cfg.crop_distance, "crops": cfg.crops},
             "embedding": cfg.bundle or cfg.hf_encoder or "",
             "counts": {"images": len(train.items), "flagged_images": len({(m["shard"], m["key"]) for m in mine})},
+            "shards": shard_sizes(units, d),
             "matches": mine,
         }
         atomic_write_json(integrity_dir(d) / CONTAMINATION_FILE, doc)

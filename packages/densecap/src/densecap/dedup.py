@@ -259,6 +259,8 @@ def corpus_units(inputs: list[str]) -> list[Unit]:
             raise CorpusError(f"inputs: {d} holds no complete shard (<split>-NNNNNN.tar with its .stats.json)")
         for p, st in shards.items():
             units.append(Unit("sig", len(units), {"shard": p, "bytes": st["bytes"]}, st.get("count")))
+    if not sum(u.size or 0 for u in units):
+        raise CorpusError(f"inputs: the corpus is empty (the shards of {', '.join(inputs)} hold no sample)")
     return units
 
 
@@ -505,6 +507,7 @@ def dedup(cfg: DedupConfig) -> dict[str, Any]:
             "inputs": [str(x) for x in cfg.inputs],
             "params": to_dict(cfg.params),
             "counts": counts,
+            "shards": shard_sizes(units, d),
             "images": [_local(e) for e in images if e["dir"] == str(Path(d))],
             "texts": [_local(e) for e in texts if e["dir"] == str(Path(d))],
         }
@@ -512,6 +515,15 @@ def dedup(cfg: DedupConfig) -> dict[str, Any]:
         refresh_card(d)  # a corpus with a data card keeps its counts current
     log.info("densecap dedup: %s", json.dumps(counts))
     return {**counts, **sig_counts, "seconds": seconds}
+
+
+def shard_sizes(units: list[Unit], d: str) -> dict[str, int]:
+    """name -> size of the shards of directory ``d`` the index is computed on (its staleness check)."""
+    return {
+        Path(u.payload["shard"]).name: u.payload["bytes"]
+        for u in units
+        if str(Path(u.payload["shard"]).parent) == str(Path(d))
+    }
 
 
 def _local(e: dict) -> dict:
