@@ -234,6 +234,12 @@ def test_bad_inputs_give_clear_errors(planted, tmp_path):
     assert r.returncode == 2 and f"{missing} does not exist" in r.stderr and "against[0]" in r.stderr
     r = run_densecap(["contamination", str(corpus), "--against", f"karpathy:{missing}.json:{tmp_path}"])
     assert r.returncode == 2 and f"{missing}.json does not exist" in r.stderr
+    # an evaluation folder with an image that does not decode
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    r = run_densecap(["contamination", str(corpus), "--against", f"folder:{folder}", "--no-progress"])
+    assert r.returncode == 2 and "broken.png" in r.stderr and "unreadable" in r.stderr
     # an image that does not decode, in an otherwise complete shard
     bad = tmp_path / "bad"
     s = next(iter_samples([sorted(completed_shards(corpus))[0]]))

@@ -347,6 +347,9 @@ def _add_integrity_parsers(sub) -> None:
     c.add_argument("--bundle", help="a vse bundle: also flag pairs whose image embeddings are this similar")
     c.add_argument("--hf-encoder", dest="hf_encoder", help="a Hugging Face image encoder (name or folder) instead")
     c.add_argument("--similarity", type=float, default=0.95, help="embedding cosine threshold (default 0.95)")
+    c.add_argument("--num-workers", dest="num_workers", type=int, help="processes computing the training signatures")
+    c.add_argument("--executor", help=f"who computes the training signatures: {', '.join(EXECUTORS.names())}")
+    c.add_argument("--ray-address", dest="ray_address", help="implies --executor ray")
     c.add_argument("--no-progress", action="store_true")
     k = sub.add_parser(
         "card",
@@ -400,9 +403,13 @@ def _contamination_main(args: argparse.Namespace) -> int:
 
     try:
         doc: dict[str, Any] = {"inputs": list(args.inputs), "against": list(args.against)}
-        for name in ("distance", "crop_distance", "bundle", "hf_encoder", "similarity"):
+        for name in ("distance", "crop_distance", "bundle", "hf_encoder", "similarity", "num_workers"):
             if getattr(args, name) is not None:
                 doc[name] = getattr(args, name)
+        if args.executor:
+            doc.setdefault("executor", {})["type"] = args.executor
+        if args.ray_address is not None:
+            doc.setdefault("executor", {}).update(type="ray", address=args.ray_address)
         doc["progress"] = not args.no_progress
         summary = contamination(from_dict(ContaminationConfig, doc, "config"))
     except (ConfigError, CorpusError, SampleError, FileNotFoundError) as exc:

@@ -18,11 +18,13 @@ import base64
 import html
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from d2s.atomic import atomic_write_json, atomic_write_text
 from d2s.integrity import CONTAMINATION_FILE, INDEX_VERSION, integrity_dir
@@ -40,6 +42,7 @@ from .dedup import (
     refresh_card,
     shard_sizes,
 )
+from .executors.base import ExecutorConfig
 
 log = logging.getLogger(__name__)
 HTML_FILE = "contamination.html"
@@ -57,6 +60,11 @@ class ContaminationConfig:
     similarity: float = 0.95  # cosine of image embeddings that counts as a match
     batch_size: int = 64
     progress: bool = True
+    # who computes the training images' signatures (shared with densecap dedup: one run reuses
+    # the other's files), as for densecap run: inline, a process pool, or Ray
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    num_workers: int = 1
+    max_pairs_shown: int = 500  # contamination.html shows the first this many pairs (the JSON has all)
 
     def __post_init__(self) -> None:
         if not self.against:
@@ -67,13 +75,30 @@ class ContaminationConfig:
 
 @dataclass
 class EvalImages:
+    """An evaluation set, read as a stream of (id, image bytes), never held in memory whole:
+    hashed once, streamed again for embeddings and for the matched pairs' page."""
+
     name: str  # the spec as given
-    ids: list[str]
-    images: list[bytes]
+    stream: Callable[[], Iterator[tuple[str, bytes]]]
+    ids: list[str] = field(default_factory=list)  # in stream order, once hashed
+
+    def images(self, wanted: set[str]) -> dict[str, bytes]:
+        return {i: b for i, b in self.stream() if i in wanted}
+
+    def batches(self, size: int) -> Iterator[tuple[list[bytes], list[str]]]:
+        images, ids = [], []
+        for i, b in self.stream():
+            images.append(b)
+            ids.append(i)
+            if len(images) == size:
+                yield images, ids
+                images, ids = [], []
+        if images:
+            yield images, ids
 
 
 def load_eval_images(spec: str, where: str) -> EvalImages:
-    """The images of one evaluation set; errors name the spec and what is missing."""
+    """One evaluation set (checked now: paths, split; read later); errors name the spec and what is missing."""
     kind, _, rest = spec.partition(":")
     parts = rest.split(":") if rest else []
     if kind == "shards" and parts:
@@ -84,10 +109,10 @@ def load_eval_images(spec: str, where: str) -> EvalImages:
         from d2s.shards import iter_samples, split_shards
 
         try:
-            samples = list(iter_samples(split_shards(d, split)))
+            shards = split_shards(d, split)
         except KeyError as exc:
             raise CorpusError(f"{where}: {spec!r}: {exc.args[0]}") from None
-        return EvalImages(spec, [s.key for s in samples], [s.image for s in samples])
+        return EvalImages(spec, lambda: ((s.key, s.image) for s in iter_samples(shards)))
     if kind == "karpathy" and len(parts) >= 2:
         json_path, root = Path(parts[0]), Path(parts[1])
         for p in (json_path, root):
@@ -103,19 +128,34 @@ def load_eval_images(spec: str, where: str) -> EvalImages:
 
 
 def _from_source(spec: str, typ: str, params: dict, where: str) -> EvalImages:
+    """A densecap image source (karpathy, folder) as an evaluation set; an unreadable image is an error."""
     from .images import IMAGE_SOURCES, Rejected
 
     src = IMAGE_SOURCES.create(typ, params, f"{where} ({spec})")
-    ids, images = [], []
-    for u in src.units():
-        for item in src.iter_unit(u):
-            if isinstance(item, Rejected):
-                raise CorpusError(f"{where}: {spec!r}: image {item.path or item.id} unreadable: {item.reason}")
-            ids.append(item.id)
-            images.append(item.image)
-    if not images:
-        raise CorpusError(f"{where}: {spec!r}: no images")
-    return EvalImages(spec, ids, images)
+
+    def stream() -> Iterator[tuple[str, bytes]]:
+        for u in src.units():
+            for item in src.iter_unit(u):
+                if isinstance(item, Rejected):
+                    raise CorpusError(f"{where}: {spec!r}: image {item.path or item.id} unreadable: {item.reason}")
+                yield item.id, item.image
+
+    return EvalImages(spec, stream)
+
+
+def _hash_eval(ev: EvalImages, crops: bool, progress: bool) -> np.ndarray:
+    """The evaluation set's hashes (whole [+ crops]), filling ``ev.ids``; errors name the image."""
+    hashes = []
+    ev.ids = []
+    for i, data in tqdm(ev.stream(), desc=f"hashing {ev.name}", unit="img", disable=not progress):
+        try:
+            hashes.append(image_hashes(data, crops))
+        except Exception as exc:  # noqa: BLE001 - PIL raises many kinds
+            raise SampleError(f"{ev.name}: image {i!r} unreadable ({type(exc).__name__}: {exc})") from None
+        ev.ids.append(i)
+    if not hashes:
+        raise CorpusError(f"{ev.name}: no images")
+    return np.array(hashes, dtype=np.uint64)
 
 
 def _scorer(cfg: ContaminationConfig):
@@ -130,11 +170,6 @@ def _embed(scorer, batches) -> np.ndarray:
     """L2-normalised image embeddings of ``(images, keys)`` batches, stacked."""
     out = [scorer.embed_images(images, keys).numpy() for images, keys in batches]
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
-
-
-def _batches(images: list[bytes], keys: list[str], size: int):
-    for s in range(0, len(images), size):
-        yield images[s : s + size], keys[s : s + size]
 
 
 def _shard_batches(shards: list[str], size: int):
@@ -159,7 +194,13 @@ def contamination(cfg: ContaminationConfig) -> dict[str, Any]:
     units = corpus_units([str(Path(p)) for p in cfg.inputs])
     params = DedupParams(crops=cfg.crops)
     compute_signatures(
-        DedupConfig(inputs=[str(Path(p)) for p in cfg.inputs], params=params, progress=cfg.progress),
+        DedupConfig(
+            inputs=[str(Path(p)) for p in cfg.inputs],
+            params=params,
+            executor=cfg.executor,
+            num_workers=cfg.num_workers,
+            progress=cfg.progress,
+        ),
         units,
         "contamination",
     )
@@ -168,13 +209,7 @@ def contamination(cfg: ContaminationConfig) -> dict[str, Any]:
     found: dict[tuple[int, int, int, str], dict] = {}
     te: np.ndarray | None = None
     for e, ev in enumerate(evals):
-        eh = []
-        for i, data in enumerate(ev.images):
-            try:
-                eh.append(image_hashes(data, cfg.crops))
-            except Exception as exc:  # noqa: BLE001
-                raise SampleError(f"{ev.name}: image {ev.ids[i]!r} unreadable ({type(exc).__name__}: {exc})") from None
-        eh = np.array(eh, dtype=np.uint64)
+        eh = _hash_eval(ev, cfg.crops, cfg.progress)
         tw, ew = train.image_hashes[:, 0], eh[:, 0]
         for i, j, d in zip(*hamming_pairs(tw, ew, cfg.distance, same=False)):
             found[(int(i), e, int(j), "phash")] = {"method": "phash", "distance": int(d)}
@@ -193,7 +228,7 @@ def contamination(cfg: ContaminationConfig) -> dict[str, Any]:
             if te is None:  # the training images' embeddings, once, streamed shard by shard
                 scorer = _scorer(cfg)
                 te = _embed(scorer, _shard_batches([u.payload["shard"] for u in units], cfg.batch_size))
-            sims = te @ _embed(scorer, _batches(ev.images, ev.ids, cfg.batch_size)).T
+            sims = te @ _embed(scorer, ev.batches(cfg.batch_size)).T
             for i, j in zip(*np.nonzero(sims >= cfg.similarity)):
                 sim = round(float(sims[i, j]), 4)
                 found[(int(i), e, int(j), "embedding")] = {"method": "embedding", "similarity": sim}
@@ -215,12 +250,12 @@ def contamination(cfg: ContaminationConfig) -> dict[str, Any]:
             "matches": mine,
         }
         atomic_write_json(integrity_dir(d) / CONTAMINATION_FILE, doc)
-        _write_html(integrity_dir(d) / HTML_FILE, mine, Path(d), {ev.name: ev for ev in evals})
+        _write_html(integrity_dir(d) / HTML_FILE, mine, Path(d), {ev.name: ev for ev in evals}, cfg.max_pairs_shown)
         refresh_card(d)
     flagged = len({(m["dir"], m["shard"], m["key"]) for m in matches})
     return {
         "images": len(train.items),
-        "evaluation_images": {ev.name: len(ev.images) for ev in evals},
+        "evaluation_images": {ev.name: len(ev.ids) for ev in evals},
         "matches": len(matches),
         "flagged_images": flagged,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -247,14 +282,20 @@ def _img_tag(data: bytes) -> str:
     return f'<img src="data:image/{mime};base64,{base64.b64encode(data).decode()}" height="160">'
 
 
-def _write_html(path: Path, matches: list[dict], shards_dir: Path, evals: dict[str, EvalImages]) -> None:
+def _write_html(
+    path: Path, matches: list[dict], shards_dir: Path, evals: dict[str, EvalImages], max_pairs: int
+) -> None:
     """Each matched pair side by side: training image (shard, key) | evaluation image (set, item)."""
     rows = []
-    if matches:
-        train = _train_images([(str(shards_dir), m["shard"], m["key"]) for m in matches])
-        for m, timg in zip(matches, train):
-            ev = evals[m["benchmark"]]
-            eimg = ev.images[ev.ids.index(m["item"])]
+    shown = matches[:max_pairs]
+    if shown:
+        train = _train_images([(str(shards_dir), m["shard"], m["key"]) for m in shown])
+        wanted: dict[str, set[str]] = {}
+        for m in shown:
+            wanted.setdefault(m["benchmark"], set()).add(m["item"])
+        eval_images = {name: evals[name].images(items) for name, items in wanted.items()}
+        for m, timg in zip(shown, train):
+            eimg = eval_images[m["benchmark"]][m["item"]]
             how = f"{m['method']} " + (f"{m['distance']} bits" if "distance" in m else f"cos {m['similarity']}")
             rows.append(
                 f"<tr><td>{_img_tag(timg)}<br>{html.escape(m['shard'])} / {html.escape(m['key'])}</td>"
@@ -262,6 +303,8 @@ def _write_html(path: Path, matches: list[dict], shards_dir: Path, evals: dict[s
                 f"<td>{html.escape(how)}</td></tr>"
             )
     body = "\n".join(rows) or "<tr><td colspan=3>no training image matches an evaluation image</td></tr>"
+    if len(matches) > len(shown):
+        body += f"<tr><td colspan=3>... and {len(matches) - len(shown)} more pair(s): contamination.json</td></tr>"
     atomic_write_text(
         path,
         "<!doctype html><meta charset=utf-8><title>contamination</title>"

@@ -116,6 +116,9 @@ class ContaminationStageParams:
     bundle: str = ""
     hf_encoder: str = ""
     similarity: float = 0.95
+    max_pairs_shown: int = 500
+    executor: ExecutorConfig = dataclasses.field(default_factory=ExecutorConfig)
+    num_workers: int = 1
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -131,14 +134,15 @@ class ContaminationStage(Stage):
     inputs = {"shards": "the training corpus"}
     outputs = {"index": "a copy of the contamination index and its HTML page"}
     version = "1"
-    execution_params = ("progress",)
+    execution_params = ("progress", "executor", "num_workers")
 
     def run(self, ctx: StageContext) -> dict:
         from .contamination import HTML_FILE, ContaminationConfig, contamination
 
         p: ContaminationStageParams = ctx.params
         shards = str(ctx.inputs["shards"])
-        summary = contamination(ContaminationConfig(inputs=[shards], **dataclasses.asdict(p)))
+        fields = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
+        summary = contamination(ContaminationConfig(inputs=[shards], **fields))
         _copy_index(shards, CONTAMINATION_FILE, ctx.outputs["index"])
         _copy_index(shards, HTML_FILE, ctx.outputs["index"])
         return {k: summary[k] for k in ("images", "matches", "flagged_images")}
