@@ -470,3 +470,26 @@ def test_a_corpus_of_empty_shards_is_an_error(tmp_path):
         pass
     r = run_densecap(["dedup", str(tmp_path / "c"), "--no-progress"])
     assert r.returncode == 2 and "the corpus is empty" in r.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_dedup_with_one_line_and_its_exit_status(tmp_path):
+    corpus = _slow_corpus(tmp_path / "corpus")
+    proc = subprocess.Popen(
+        densecap_cmd() + ["dedup", str(corpus), "--no-progress"],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    sig_dir = corpus / "integrity" / "signatures"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(sig_dir.glob("*.npz")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted (SIGTERM)" in err and "Traceback" not in err
+    r = run_densecap(["dedup", str(corpus), "--no-progress"])
+    assert r.returncode == 0 and json.loads(r.stdout)["signatures_reused"] >= 1

@@ -41,6 +41,11 @@ INDEX_VERSION = 1
 TEXT_VERDICT = "corpus_duplicate"
 
 
+class CorpusError(ValueError):
+    """A corpus that cannot be deduplicated, checked or described (no shards, an unreadable image,
+    an evaluation set that does not exist); the message names it."""
+
+
 class IntegrityIndexError(ValueError):
     """An integrity index that cannot be read; the message names the file."""
 

@@ -29,10 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from d2s.atomic import atomic_write_json, atomic_write_text
-from d2s.integrity import CONTAMINATION_FILE, DEDUP_FILE, integrity_dir, read_contamination, read_dedup
+from d2s.integrity import (
+    CONTAMINATION_FILE,
+    DEDUP_FILE,
+    CorpusError,
+    integrity_dir,
+    read_contamination,
+    read_dedup,
+)
 from d2s.shards import completed_shards, iter_records, read_manifest
-
-from .dedup import CorpusError
 
 log = logging.getLogger(__name__)
 

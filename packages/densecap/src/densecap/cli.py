@@ -362,9 +362,10 @@ def _add_integrity_parsers(sub) -> None:
 
 
 def _dedup_main(args: argparse.Namespace) -> int:
+    from d2s.integrity import CorpusError
     from d2s.schema import SampleError
 
-    from .dedup import CorpusError, dedup, parse_dedup_config
+    from .dedup import dedup, parse_dedup_config
     from .locks import signals_interrupt
 
     try:
@@ -388,18 +389,25 @@ def _dedup_main(args: argparse.Namespace) -> int:
     except (ConfigError, CorpusError, SampleError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
-    except KeyboardInterrupt:
-        print("densecap dedup: interrupted; finished signature files are kept, rerun to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM through signals_interrupt
+        import signal
+
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(
+            f"densecap dedup: interrupted ({signal.Signals(signum).name}); finished signature files are kept, "
+            "rerun the same command to continue",
+            file=sys.stderr,
+        )
+        return 128 + signum
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _contamination_main(args: argparse.Namespace) -> int:
+    from d2s.integrity import CorpusError
     from d2s.schema import SampleError
 
     from .contamination import ContaminationConfig, contamination
-    from .dedup import CorpusError
 
     try:
         doc: dict[str, Any] = {"inputs": list(args.inputs), "against": list(args.against)}
@@ -420,8 +428,9 @@ def _contamination_main(args: argparse.Namespace) -> int:
 
 
 def _card_main(args: argparse.Namespace) -> int:
+    from d2s.integrity import CorpusError
+
     from .card import CardConfig, write_card
-    from .dedup import CorpusError
 
     try:
         doc = {k: getattr(args, k) for k in ("license", "citation", "pretty_name") if getattr(args, k) is not None}

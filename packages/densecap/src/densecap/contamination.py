@@ -27,11 +27,11 @@ import numpy as np
 from tqdm import tqdm
 
 from d2s.atomic import atomic_write_json, atomic_write_text
-from d2s.integrity import CONTAMINATION_FILE, INDEX_VERSION, integrity_dir
+from d2s.integrity import CONTAMINATION_FILE, INDEX_VERSION, CorpusError, integrity_dir
 from d2s.schema import SampleError
 
+from .card import refresh_card
 from .dedup import (
-    CorpusError,
     DedupConfig,
     DedupParams,
     compute_signatures,
@@ -39,7 +39,6 @@ from .dedup import (
     hamming_pairs,
     image_hashes,
     load_signatures,
-    refresh_card,
     shard_sizes,
 )
 from .executors.base import ExecutorConfig

@@ -40,10 +40,11 @@ import numpy as np
 
 from d2s.atomic import atomic_write_bytes, atomic_write_json
 from d2s.config import ConfigError, from_dict, to_dict
-from d2s.integrity import DEDUP_FILE, INDEX_VERSION, integrity_dir
+from d2s.integrity import DEDUP_FILE, INDEX_VERSION, CorpusError, integrity_dir
 from d2s.schema import Sample, SampleError
 from d2s.shards import completed_shards, iter_records
 
+from .card import refresh_card
 from .executors.base import EXECUTORS, ExecutorConfig, WorkerSpec
 from .filters import minhash_seeds, minhash_signature, words
 from .images import Unit
@@ -55,10 +56,6 @@ SIGNATURE_VERSION = 1
 # the scheme label datasketch 2.x asks for when a LeanMinHash is built from stored values; its LSH
 # reads the values only (ours come from densecap.filters.minhash_signature)
 MINHASH_SCHEME = "affine64"
-
-
-class CorpusError(ValueError):
-    """A corpus that cannot be deduplicated or checked (no shards, an unreadable image); names it."""
 
 
 @dataclass
@@ -528,12 +525,6 @@ def shard_sizes(units: list[Unit], d: str) -> dict[str, int]:
 
 def _local(e: dict) -> dict:
     return {k: v for k, v in e.items() if k != "dir"}
-
-
-def refresh_card(d: str) -> None:
-    from .card import refresh_card as refresh
-
-    refresh(d)
 
 
 def parse_dedup_config(doc: dict[str, Any]) -> DedupConfig:
