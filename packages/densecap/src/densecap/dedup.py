@@ -65,7 +65,7 @@ class DedupParams:
     images: bool = True
     texts: bool = True
     # image pairs whose whole-image pHashes differ in at most this many of 64 bits: exact copies,
-    # re-encodings and resizes (measured: <= 4 bits; distinct synthetic images: >= 4, rarely)
+    # re-encodings and resizes (measured: all within 4 bits; docs/corpus-integrity.md)
     image_distance: int = 4
     # also compare each image with 9 crops (90 % of the side, 3 x 3 offsets) of every other: 10 % crops
     crops: bool = True

@@ -54,8 +54,8 @@ class DataConfig:
     # or "skip" (dropped from its batch, counted in metrics.jsonl as data/skipped_samples, logged)
     on_bad_sample: Literal["raise", "skip"] = "raise"
     # training images that `densecap contamination` found in an evaluation set (the shards'
-    # integrity/contamination.json): "warn" (log each), "error" (refuse to train, naming shard, key
-    # and benchmark item) or "ignore". Duplicates named by `densecap dedup` (integrity/dedup.json)
+    # integrity/contamination.json): "warn" (one warning naming them: shard, key, benchmark item),
+    # "error" (refuse to train with that message) or "ignore". Duplicates named by `densecap dedup` (integrity/dedup.json)
     # are always skipped.
     contamination: Literal["warn", "error", "ignore"] = "warn"
 
