@@ -8,7 +8,7 @@ in shards of their own (as another rank's output would be):
 - ``exact``: the image bytes unchanged;
 - ``reencode``: decoded and saved as JPEG at quality 75;
 - ``resize``: scaled to 60 % of its side;
-- ``crop``: 10 % of each side cut, at a random offset;
+- ``crop``: a 10 % crop: 90 % of the width and height kept, at a random offset;
 - ``text``: an unrelated train image, rotated by 90 degrees (so it is no image duplicate), with
   an original's dense text in which ``words_changed`` words are replaced;
 - ``test``: a test-split image (bytes unchanged, or re-encoded) put into the training corpus.
