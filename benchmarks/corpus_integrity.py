@@ -72,8 +72,8 @@ def settings_table(corpus, truth, image_settings, text_settings):
     rows = []
     sig = load_signatures(units, DedupParams())
     keys = [k for _, _, k in sig.items]
-    for dist, crop in image_settings:
-        p = DedupParams(image_distance=dist, crop_distance=crop or 0, crops=bool(crop))
+    for dist, crop, dcheck in image_settings:
+        p = DedupParams(image_distance=dist, crop_distance=crop or 0, crops=bool(crop), crop_dhash_distance=dcheck)
         t0 = time.perf_counter()
         pairs = image_pairs(sig.image_hashes if crop else sig.image_hashes[:, :1], p)
         sec = time.perf_counter() - t0
@@ -81,7 +81,12 @@ def settings_table(corpus, truth, image_settings, text_settings):
         rows.append(
             {
                 "what": "images",
-                "setting": f"pHash <= {dist} bits" + (f", crops <= {crop} bits" if crop else ", no crops"),
+                "setting": f"pHash <= {dist} bits"
+                + (
+                    f", crops <= {crop} bits" + (f" and dHash <= {dcheck}" if dcheck < 64 else "")
+                    if crop
+                    else ", no crops"
+                ),
                 **{k: f"{h}/{m}" for k, (h, m) in recall.items()},
                 "precision": f"{tp}/{n}",
                 "pairs_s": round(sec, 3),
@@ -192,7 +197,7 @@ def photos(tmp: Path) -> list[dict]:
     return settings_table(corpus, truth, IMAGE_SETTINGS, ())
 
 
-IMAGE_SETTINGS = ((2, 0), (4, 0), (4, 6), (4, 8), (6, 10))
+IMAGE_SETTINGS = ((2, 0, 64), (4, 0, 64), (4, 8, 64), (4, 6, 12), (4, 8, 12), (4, 8, 14), (6, 10, 12))
 TEXT_SETTINGS = (0.5, 0.6, 0.7, 0.8, 0.9)
 COLUMNS = ("what", "setting", *IMAGE_KINDS, "text", "precision", "pairs_s")
 

@@ -36,6 +36,7 @@ from .dedup import (
     DedupParams,
     compute_signatures,
     corpus_units,
+    crop_matches,
     hamming_pairs,
     image_hashes,
     load_signatures,
@@ -52,7 +53,8 @@ class ContaminationConfig:
     inputs: list[str] = field(default_factory=list)  # training shard directories
     against: list[str] = field(default_factory=list)  # evaluation sets (see the module docstring)
     distance: int = 4  # whole-image pHash bits
-    crop_distance: int = 8  # whole vs a crop of the other
+    crop_distance: int = 8  # whole vs a crop of the other (pHash bits)
+    crop_dhash_distance: int = 12  # ... and their dHashes (a second check, see densecap.dedup.DedupParams)
     crops: bool = True
     bundle: str = ""  # a vse bundle: embedding similarity too
     hf_encoder: str = ""  # or a Hugging Face dual encoder (hub name or folder)
@@ -212,17 +214,23 @@ def contamination(cfg: ContaminationConfig) -> dict[str, Any]:
         tw, ew = train.image_hashes[:, 0], eh[:, 0]
         for i, j, d in zip(*hamming_pairs(tw, ew, cfg.distance, same=False)):
             found[(int(i), e, int(j), "phash")] = {"method": "phash", "distance": int(d)}
-        if cfg.crops:
-            for c in range(1, eh.shape[1]):
-                for a, b, kind in ((tw, eh[:, c], "eval_crop"), (ew, train.image_hashes[:, c], "train_crop")):
-                    ii, jj, dd = hamming_pairs(a, b, cfg.crop_distance, same=False)
-                    for i, j, d in zip(ii, jj, dd):
-                        ti, ei = (int(i), int(j)) if kind == "eval_crop" else (int(j), int(i))
-                        if (ti, e, ei, "phash") not in found:
-                            m = found.setdefault(
-                                (ti, e, ei, "phash_crop"), {"method": "phash_crop", "distance": int(d)}
-                            )
-                            m["distance"] = min(m["distance"], int(d))
+        if cfg.crops:  # whole images of one side vs the grid crops of the other, both ways
+            th = train.image_hashes
+            both = (
+                crop_matches(tw, th[:, 10], eh, cfg.crop_distance, cfg.crop_dhash_distance).items(),
+                (
+                    ((ti, ei), d)
+                    for (ei, ti), d in crop_matches(
+                        ew, eh[:, 10], th, cfg.crop_distance, cfg.crop_dhash_distance
+                    ).items()
+                ),
+            )
+            for matches in both:
+                for (ti, ei), d in matches:
+                    if (ti, e, ei, "phash") in found:
+                        continue
+                    m = found.setdefault((ti, e, ei, "phash_crop"), {"method": "phash_crop", "distance": d})
+                    m["distance"] = min(m["distance"], d)
         if cfg.bundle or cfg.hf_encoder:
             if te is None:  # the training images' embeddings, once, streamed shard by shard
                 scorer = _scorer(cfg)
@@ -242,7 +250,12 @@ def contamination(cfg: ContaminationConfig) -> dict[str, Any]:
         doc = {
             "version": INDEX_VERSION,
             "against": list(cfg.against),
-            "params": {"distance": cfg.distance, "crop_distance": cfg.crop_distance, "crops": cfg.crops},
+            "params": {
+                "distance": cfg.distance,
+                "crop_distance": cfg.crop_distance,
+                "crop_dhash_distance": cfg.crop_dhash_distance,
+                "crops": cfg.crops,
+            },
             "embedding": cfg.bundle or cfg.hf_encoder or "",
             "counts": {"images": len(train.items), "flagged_images": len({(m["shard"], m["key"]) for m in mine})},
             "shards": shard_sizes(units, d),

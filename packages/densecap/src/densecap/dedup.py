@@ -5,15 +5,16 @@ Two passes (``docs/corpus-integrity.md``):
 1. **Signatures, one file per shard** (:class:`Signer`, a unit job any densecap executor runs:
    inline, a process pool, or Ray). For every sample of a complete shard: perceptual hashes of
    the image (``imagehash``: a 64-bit pHash of the whole image and, with ``crops``, of nine
-   crops of 90 % of its side at a 3 x 3 grid of offsets) and a MinHash of each kept dense
-   text's word shingles (the near-duplicate filter's vectorised code). Written atomically to
-   ``<shards>/integrity/signatures/<shard>.<settings hash>.npz`` with the shard's size and the
-   settings' hash: a rerun (after SIGKILL too) skips every shard whose file is current.
+   crops of 90 % of its side at a 3 x 3 grid of offsets, and the dHashes of the same ten) and
+   a MinHash of each kept dense text's word shingles (the near-duplicate filter's vectorised
+   code). Written atomically to ``<shards>/integrity/signatures/<shard>.<settings hash>.npz``
+   with the shard's size: a rerun (after SIGKILL too) skips every shard whose file is current.
 2. **Clusters and the index** (:func:`dedup`): image pairs within ``image_distance`` bits
-   (whole vs whole; with ``crops`` also whole vs a crop within ``crop_distance``), text pairs
-   found by ``datasketch``'s MinHash LSH at ``text_threshold``; pairs joined into clusters
-   (union-find); the first member of a cluster by (directory, shard, key) is kept. ``<shards>/integrity/dedup.json`` is
-   written atomically in every input directory (:mod:`d2s.integrity` reads it).
+   (whole vs whole; with ``crops`` also whole vs a crop within ``crop_distance`` whose dHashes
+   agree within ``crop_dhash_distance``), text pairs found by ``datasketch``'s MinHash LSH at
+   ``text_threshold``; pairs joined into clusters (union-find); the first member of a cluster by
+   (directory, shard, key) is kept. ``<shards>/integrity/dedup.json`` is written atomically in
+   every input directory (:mod:`d2s.integrity` reads it).
 
 Image pairs are compared exhaustively (faiss's ``IndexBinaryFlat`` range search when faiss is
 installed, else ``numpy.bitwise_count`` in blocks): O(n^2) popcounts in the driver (time per 100k
@@ -52,7 +53,7 @@ from .images import Unit
 log = logging.getLogger(__name__)
 
 SIGNATURE_DIR = "signatures"
-SIGNATURE_VERSION = 1
+SIGNATURE_VERSION = 2  # 2: the dHashes of the crop grid
 # the scheme label datasketch 2.x asks for when a LeanMinHash is built from stored values; its LSH
 # reads the values only (ours come from densecap.filters.minhash_signature)
 MINHASH_SCHEME = "affine64"
@@ -69,15 +70,19 @@ class DedupParams:
     image_distance: int = 4
     # also compare each image with 9 crops (90 % of the side, 3 x 3 offsets) of every other: 10 % crops
     crops: bool = True
-    crop_distance: int = 8  # bits, whole image vs a crop of the other (real photos: 20/20 crops found, no false pair)
+    crop_distance: int = 8  # pHash bits, whole image vs a crop of the other
+    # ... and the dHashes of that whole image and that crop must agree too (a second, independent
+    # hash: on the synthetic world's look-alikes it removes nearly every false crop match)
+    crop_dhash_distance: int = 12
     shingle: int = 3  # words per shingle
     num_perm: int = 128  # MinHash permutations
     text_threshold: float = 0.7  # estimated Jaccard similarity of the shingle sets (MinHash LSH)
     text_sources: list[str] = field(default_factory=list)  # caption-source labels to compare ([] = all)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.image_distance <= 64 or not 0 <= self.crop_distance <= 64:
-            raise ValueError("image_distance and crop_distance must be in [0, 64] (bits of a 64-bit pHash)")
+        for name in ("image_distance", "crop_distance", "crop_dhash_distance"):
+            if not 0 <= getattr(self, name) <= 64:
+                raise ValueError(f"{name} must be in [0, 64] (bits of a 64-bit hash)")
         if not 0.0 < self.text_threshold <= 1.0:
             raise ValueError("text_threshold must be in (0, 1]")
         if self.shingle < 1 or self.num_perm < 16:
@@ -136,8 +141,15 @@ def crop_grid(im, fraction: float = 0.1, n: int = 3) -> list:
     return out
 
 
+#: hashes per image: the whole image's pHash; with crops also the 9 grid crops' pHashes, then the
+#: dHashes of the whole image and of the same 9 crops (columns 10..19: the crop matches' check)
+HASHES_WITH_CROPS = 20
+
+
 def image_hashes(data: bytes, crops: bool) -> list[int]:
-    """The 64-bit pHash of the image, then (``crops``) of its 9 grid crops. Raises what PIL raises."""
+    """The 64-bit pHash of the image; with ``crops`` also the pHashes of its 9 grid crops, then the
+    dHashes of the whole image and of the same crops (see :data:`HASHES_WITH_CROPS`). Raises what
+    PIL raises."""
     import imagehash
     from PIL import Image
 
@@ -145,7 +157,9 @@ def image_hashes(data: bytes, crops: bool) -> list[int]:
         im = im.convert("RGB")
         hashes = [_hash_int(imagehash.phash(im))]
         if crops:
-            hashes += [_hash_int(imagehash.phash(c)) for c in crop_grid(im)]
+            grid = crop_grid(im)
+            hashes += [_hash_int(imagehash.phash(c)) for c in grid]
+            hashes += [_hash_int(imagehash.dhash(x)) for x in [im, *grid]]
     return hashes
 
 
@@ -209,7 +223,7 @@ class Signer:
                     tsigs.append(text_minhash(d.text, self.params))
             if progress:
                 progress(1)
-        width = 1 + (9 if self.params.crops else 0)
+        width = HASHES_WITH_CROPS if self.params.crops else 1
         buf = io.BytesIO()
         np.savez(
             buf,
@@ -317,7 +331,7 @@ def load_signatures(units: list[Unit], params: DedupParams) -> Signatures:
             hashes.append(z["image_hashes"])
             texts += [(d, name, str(k), str(s)) for k, s in zip(z["text_keys"], z["text_sources"])]
             tsigs.append(z["text_signatures"])
-    width = 10 if params.crops else 1
+    width = HASHES_WITH_CROPS if params.crops else 1
     return Signatures(
         items,
         np.concatenate(hashes) if hashes else np.zeros((0, width), np.uint64),
@@ -369,6 +383,21 @@ def _pairs_numpy(a: np.ndarray, b: np.ndarray, max_distance: int):
     return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
 
 
+def crop_matches(whole_p, whole_d, crops: np.ndarray, crop_distance: int, dhash_distance: int):
+    """(i, j, pHash distance) where image i's whole pHash is within ``crop_distance`` bits of a grid
+    crop of image j, and the dHashes of the same two (i's whole image, that crop of j) within
+    ``dhash_distance``; ``crops`` is j's side of :func:`image_hashes` (columns 1..9 pHash, 11..19
+    dHash). The closest crop per pair."""
+    best: dict[tuple[int, int], int] = {}
+    for c in range(1, 10):
+        i, j, d = hamming_pairs(whole_p, crops[:, c], crop_distance, same=False)
+        ok = np.bitwise_count(whole_d[i] ^ crops[j, 10 + c]) <= dhash_distance
+        for a, b, dist in zip(i[ok].tolist(), j[ok].tolist(), d[ok].tolist()):
+            if (a, b) not in best or dist < best[(a, b)]:
+                best[(a, b)] = dist
+    return best
+
+
 def image_pairs(h: np.ndarray, p: DedupParams) -> dict[tuple[int, int], tuple[int, str]]:
     """(i, j) with i < j -> (distance, kind): 'phash' (whole images) or 'crop' (whole vs a crop)."""
     pairs: dict[tuple[int, int], tuple[int, str]] = {}
@@ -377,14 +406,15 @@ def image_pairs(h: np.ndarray, p: DedupParams) -> dict[tuple[int, int], tuple[in
     whole = h[:, 0]
     for i, j, d in zip(*hamming_pairs(whole, whole, p.image_distance, same=True)):
         pairs[(int(i), int(j))] = (int(d), "phash")
-    if p.crops and h.shape[1] > 1:
-        for c in range(1, h.shape[1]):  # crop c of image j vs the whole image i
-            for i, j, d in zip(*hamming_pairs(whole, h[:, c], p.crop_distance, same=False)):
-                if i == j:
-                    continue
-                key = (int(min(i, j)), int(max(i, j)))
-                if key not in pairs or pairs[key][0] > d:
-                    pairs[key] = (int(d), "crop" if key not in pairs or pairs[key][1] == "crop" else "phash")
+    if p.crops and h.shape[1] == HASHES_WITH_CROPS:
+        for (i, j), d in crop_matches(whole, h[:, 10], h, p.crop_distance, p.crop_dhash_distance).items():
+            if i == j:
+                continue
+            key = (min(i, j), max(i, j))
+            if key not in pairs:
+                pairs[key] = (d, "crop")
+            elif pairs[key][1] == "crop" and d < pairs[key][0]:
+                pairs[key] = (d, "crop")
     return pairs
 
 

@@ -112,6 +112,7 @@ class ContaminationStageParams:
     against: list[str] = dataclasses.field(default_factory=list)
     distance: int = 4
     crop_distance: int = 8
+    crop_dhash_distance: int = 12
     crops: bool = True
     bundle: str = ""
     hf_encoder: str = ""
