@@ -299,6 +299,11 @@ def test_card_is_read_by_datasets_and_huggingface_hub(planted, tmp_path):
     assert after["fingerprint"] != before and after["dedup"] == read_dedup(corpus)["counts"]
     assert after["license"] == "cc-by-4.0" and after["citation"] == "@misc{d2s, title={D2S}}"
     assert DatasetCard.load(corpus / "README.md").data.license == "cc-by-4.0"
+    # `densecap card` again without the user's fields keeps them; a field given replaces it
+    r = run_densecap(["card", str(corpus), "--pretty-name", "D2S corpus"])
+    assert r.returncode == 0, r.stderr
+    card = DatasetCard.load(corpus / "README.md")
+    assert card.data.license == "cc-by-4.0" and card.data.pretty_name == "D2S corpus"
 
 
 @pytest.mark.slow

@@ -359,6 +359,7 @@ def _add_integrity_parsers(sub) -> None:
     k.add_argument("--license", default=None, help="licence id for the card (e.g. cc-by-4.0)")
     k.add_argument("--citation", default=None, help="BibTeX or text to cite the corpus")
     k.add_argument("--pretty-name", dest="pretty_name", default=None)
+    k.add_argument("--description", default=None, help="a paragraph for the card's body")
 
 
 def _dedup_main(args: argparse.Namespace) -> int:
@@ -433,7 +434,14 @@ def _card_main(args: argparse.Namespace) -> int:
     from .card import CardConfig, write_card
 
     try:
-        doc = {k: getattr(args, k) for k in ("license", "citation", "pretty_name") if getattr(args, k) is not None}
+        from pathlib import Path
+
+        from .card import USER_FIELDS
+
+        # a field not given keeps what the existing card says
+        old = Path(args.out) / "card.json"
+        doc = {k: v for k, v in json.loads(old.read_text()).items() if k in USER_FIELDS} if old.exists() else {}
+        doc.update({k: getattr(args, k) for k in USER_FIELDS if getattr(args, k) is not None})
         summary = write_card(args.out, from_dict(CardConfig, doc, "card"))
     except (ConfigError, CorpusError, FileNotFoundError) as exc:
         log.error("%s", exc)
