@@ -18,9 +18,9 @@ echo "[bootstrap] creating $VENV (torch: $TORCH_SPEC)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt \
-  -e packages/core -e "packages/densecap[hf,ray,testing]" -e "packages/vse[train]" -e "packages/bench[faiss]" \
+  -e packages/core -e "packages/densecap[hf,ray,testing,faiss]" -e "packages/vse[train]" -e "packages/bench[faiss]" \
   pytest pytest-timeout ruff scipy 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -c "import d2s, densecap, vse, vse_train, bench, torch, transformers, accelerate, webdataset, datasets, ray, tabulate, scipy" \
+"$VENV/bin/python" -c "import d2s, densecap, vse, vse_train, bench, torch, transformers, accelerate, webdataset, datasets, ray, tabulate, scipy, datasketch, imagehash" \
   || { echo "[bootstrap] install failed" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[bootstrap] ready: $VENV" >&2

@@ -93,13 +93,21 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
 
 def load_shards(shards_dir: str | Path, split: str = "test", max_captions: int = 5) -> EvalSet:
     """The project's shards (``d2s.shards``): sparse captions from ``Sample.sparse``, the first
-    kept dense text (``Sample.kept_dense()``) as the image's long text."""
+    kept dense text (``Sample.kept_dense()``) as the image's long text. Duplicates named by the
+    directory's dedup index (``integrity/dedup.json``, ``densecap dedup``) are left out: a
+    duplicate image's sample, a duplicate dense text (logged with their count)."""
+    from d2s.integrity import read_integrity
     from d2s.schema import Sample
     from d2s.shards import iter_records, split_shards
 
+    integrity = read_integrity(shards_dir)
+    skipped = 0
     ids, images, caps, mapping, dense, dense_img, shards = [], [], [], [], [], [], []
     for rec in iter_records(split_shards(shards_dir, split)):
-        s = Sample.from_wds(rec)
+        s = integrity.apply(Sample.from_wds(rec), rec.get("__url__"))
+        if s is None:
+            skipped += 1
+            continue
         i = len(images)
         ids.append(s.key)
         images.append(s.image)
@@ -111,6 +119,8 @@ def load_shards(shards_dir: str | Path, split: str = "test", max_captions: int =
         if kept:
             dense.append(kept[0].text)
             dense_img.append(i)
+    if skipped:
+        log.info("%s/%s: %d duplicate image(s) skipped (integrity/dedup.json)", shards_dir, split, skipped)
     if not images:
         raise DatasetError(f"{shards_dir}: split {split!r} has no samples")
     no_caps = sorted(set(range(len(images))) - set(mapping))

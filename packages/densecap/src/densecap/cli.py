@@ -5,6 +5,9 @@
     densecap run ... --executor ray --ray-address auto --set executor.replicas=8   # a Ray cluster runs the units
     densecap sources | caption-sources | filters  # what is registered, with parameters
     densecap report OUT_DIR                       # rebuild the summary report
+    densecap dedup OUT_DIR [OUT_DIR2 ...]         # corpus-wide duplicates -> OUT_DIR/integrity/dedup.json
+    densecap contamination OUT_DIR --against shards:bench/world:test   # -> integrity/contamination.json
+    densecap card OUT_DIR --license cc-by-4.0     # README.md (HF dataset card) + card.json
     densecap ground --input corpus/ --out grounded/ --scorer vse-bundle -P path=runs/q/stage1/bundle --action repair
                                                   # score the sentences of finished shards (resumable)
 
@@ -192,6 +195,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _add_ground_args(g)
     _add_how_args(g)
+    _add_integrity_parsers(sub)
     rep = sub.add_parser("report", help="(re)write the summary report of an output directory")
     rep.add_argument("out")
     rep.add_argument("--report", default=None)
@@ -305,6 +309,147 @@ def _add_how_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--print-config", action="store_true", help="print the parsed config and exit")
 
 
+def _add_integrity_parsers(sub) -> None:
+    """``dedup``, ``contamination`` and ``card`` (docs/corpus-integrity.md)."""
+    d = sub.add_parser(
+        "dedup",
+        help="corpus-wide duplicate images and dense texts over finished shards; writes DIR/integrity/dedup.json "
+        "(resumable)",
+        description="Perceptual hashes of every image and MinHash signatures of every kept dense text, one "
+        "signature file per shard (a rerun skips finished ones), then clusters over all input directories. "
+        "Parameters: --set params.image_distance=4, params.crops=false, params.text_threshold=0.7, ... "
+        "(densecap.dedup.DedupParams); executor.* as for densecap run.",
+    )
+    d.add_argument("inputs", nargs="*", help="shard directories (e.g. every rank's output)")
+    d.add_argument("--config", help="YAML file with the fields of densecap.dedup.DedupConfig")
+    d.add_argument("--num-workers", dest="num_workers", type=int)
+    d.add_argument("--executor", help=f"who computes the signatures: {', '.join(EXECUTORS.names())}")
+    d.add_argument("--ray-address", dest="ray_address", help="implies --executor ray")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field")
+    c = sub.add_parser(
+        "contamination",
+        help="training images that match an evaluation set (perceptual hash, optionally embeddings); writes "
+        "DIR/integrity/contamination.json and matches.html",
+    )
+    c.add_argument("inputs", nargs="+", help="training shard directories")
+    c.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        required=True,
+        metavar="SPEC",
+        help="an evaluation set: shards:DIR[:SPLIT] (default split test), karpathy:JSON:IMAGE_ROOT[:SPLIT], "
+        "folder:DIR (repeat for several)",
+    )
+    c.add_argument("--distance", type=int, default=None, help="max pHash distance in bits (default 4)")
+    c.add_argument("--crop-distance", dest="crop_distance", type=int, default=None, help="whole vs crop (default 8)")
+    c.add_argument("--bundle", help="a vse bundle: also flag pairs whose image embeddings are this similar")
+    c.add_argument("--hf-encoder", dest="hf_encoder", help="a Hugging Face image encoder (name or folder) instead")
+    c.add_argument("--similarity", type=float, default=0.95, help="embedding cosine threshold (default 0.95)")
+    c.add_argument("--num-workers", dest="num_workers", type=int, help="processes computing the training signatures")
+    c.add_argument("--executor", help=f"who computes the training signatures: {', '.join(EXECUTORS.names())}")
+    c.add_argument("--ray-address", dest="ray_address", help="implies --executor ray")
+    c.add_argument("--no-progress", action="store_true")
+    k = sub.add_parser(
+        "card",
+        help="write README.md (Hugging Face dataset card) and card.json for a finished corpus",
+    )
+    k.add_argument("out", help="the corpus directory (shards with manifest.json)")
+    k.add_argument("--license", default=None, help="licence id for the card (e.g. cc-by-4.0)")
+    k.add_argument("--citation", default=None, help="BibTeX or text to cite the corpus")
+    k.add_argument("--pretty-name", dest="pretty_name", default=None)
+    k.add_argument("--description", default=None, help="a paragraph for the card's body")
+
+
+def _dedup_main(args: argparse.Namespace) -> int:
+    from d2s.integrity import CorpusError
+    from d2s.schema import SampleError
+
+    from .dedup import dedup, parse_dedup_config
+    from .locks import signals_interrupt
+
+    try:
+        doc: dict[str, Any] = load_yaml(args.config) if args.config else {}
+        if args.inputs:
+            doc["inputs"] = list(args.inputs)
+        if args.num_workers is not None:
+            doc["num_workers"] = args.num_workers
+        if args.executor:
+            doc.setdefault("executor", {})["type"] = args.executor
+        if args.ray_address is not None:
+            doc.setdefault("executor", {}).update(type="ray", address=args.ray_address)
+        if args.no_progress:
+            doc["progress"] = False
+        for o in args.set:
+            k, v = parse_override(o)
+            _set(doc, k, v, f"--set {o}")
+        cfg = parse_dedup_config(doc)
+        with signals_interrupt():
+            summary = dedup(cfg)
+    except (ConfigError, CorpusError, SampleError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM through signals_interrupt
+        import signal
+
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(
+            f"densecap dedup: interrupted ({signal.Signals(signum).name}); finished signature files are kept, "
+            "rerun the same command to continue",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _contamination_main(args: argparse.Namespace) -> int:
+    from d2s.integrity import CorpusError
+    from d2s.schema import SampleError
+
+    from .contamination import ContaminationConfig, contamination
+
+    try:
+        doc: dict[str, Any] = {"inputs": list(args.inputs), "against": list(args.against)}
+        for name in ("distance", "crop_distance", "bundle", "hf_encoder", "similarity", "num_workers"):
+            if getattr(args, name) is not None:
+                doc[name] = getattr(args, name)
+        if args.executor:
+            doc.setdefault("executor", {})["type"] = args.executor
+        if args.ray_address is not None:
+            doc.setdefault("executor", {}).update(type="ray", address=args.ray_address)
+        doc["progress"] = not args.no_progress
+        summary = contamination(from_dict(ContaminationConfig, doc, "config"))
+    except (ConfigError, CorpusError, SampleError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _card_main(args: argparse.Namespace) -> int:
+    from d2s.integrity import CorpusError
+
+    from .card import CardConfig, write_card
+
+    try:
+        from pathlib import Path
+
+        from .card import USER_FIELDS
+
+        # a field not given keeps what the existing card says
+        old = Path(args.out) / "card.json"
+        doc = {k: v for k, v in json.loads(old.read_text()).items() if k in USER_FIELDS} if old.exists() else {}
+        doc.update({k: getattr(args, k) for k in USER_FIELDS if getattr(args, k) is not None})
+        summary = write_card(args.out, from_dict(CardConfig, doc, "card"))
+    except (ConfigError, CorpusError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from d2s.log import setup_logging
 
@@ -315,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in (*listings, "filters"):
         print(catalogue(listings.get(args.cmd, FILTERS), indent=""))
         return 0
+    integrity = {"dedup": _dedup_main, "contamination": _contamination_main, "card": _card_main}
+    if args.cmd in integrity:
+        return integrity[args.cmd](args)
     if args.cmd == "report":
         from pathlib import Path
 

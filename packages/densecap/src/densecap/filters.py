@@ -189,6 +189,30 @@ class GarbageFilter(Filter):
         return None
 
 
+def minhash_seeds(num_perm: int) -> np.ndarray:
+    """The per-permutation seeds of :func:`minhash_signature`, shape (num_perm, 1)."""
+    seeds = [
+        int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") for i in range(num_perm)
+    ]
+    return np.array(seeds, dtype=np.uint64)[:, None]
+
+
+def minhash_signature(text: str, shingle: int, seeds: np.ndarray) -> np.ndarray:
+    """MinHash of the text's word ``shingle``-grams: one 64-bit hash per shingle, then one cheap mix
+    per permutation (vectorised), h_i(x) = splitmix64(x ^ seed_i); the minimum over shingles."""
+    w = words(text)
+    sh = {" ".join(w[i : i + shingle]) for i in range(max(1, len(w) - shingle + 1))} or {""}
+    x = np.array(
+        [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") for s in sh], dtype=np.uint64
+    )[None, :]
+    z = x ^ seeds
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return z.min(axis=1)
+
+
 @FILTERS.register("near-duplicate")
 class NearDuplicateFilter(Filter):
     """Near-duplicate captions across images within a shard: MinHash over word shingles with LSH
@@ -206,11 +230,7 @@ class NearDuplicateFilter(Filter):
         super().__init__(params)
         if params.num_perm % params.bands:
             raise ValueError("near-duplicate: num_perm must be a multiple of bands")
-        seeds = [
-            int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little")
-            for i in range(params.num_perm)
-        ]
-        self.seeds = np.array(seeds, dtype=np.uint64)[:, None]
+        self.seeds = minhash_seeds(params.num_perm)
         self.reset()
 
     def reset(self):
@@ -218,20 +238,7 @@ class NearDuplicateFilter(Filter):
         self.signatures: list[tuple[int, ...]] = []
 
     def signature(self, text: str) -> tuple[int, ...]:
-        w = words(text)
-        k = self.params.shingle
-        sh = {" ".join(w[i : i + k]) for i in range(max(1, len(w) - k + 1))} or {""}
-        # One 64-bit hash per shingle, then one cheap mix per permutation (vectorised):
-        # h_i(x) = splitmix64(x ^ seed_i); the signature is the minimum over shingles.
-        x = np.array(
-            [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") for s in sh], dtype=np.uint64
-        )[None, :]
-        z = x ^ self.seeds
-        with np.errstate(over="ignore"):
-            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-        return tuple(z.min(axis=1).tolist())
+        return tuple(minhash_signature(text, self.params.shingle, self.seeds).tolist())
 
     def check(self, dense, sample):
         sig = self.signature(dense.text)

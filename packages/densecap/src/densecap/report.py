@@ -17,18 +17,25 @@ from pathlib import Path
 from typing import Any
 
 from d2s.atomic import atomic_write_json, atomic_write_text
+from d2s.integrity import TEXT_VERDICT, Integrity, read_integrity
 from d2s.shards import completed_shards, iter_records
 
 log = logging.getLogger(__name__)
 
 
-def _dense_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One row per dense text, and one per scored sentence (grounding)."""
+def _dense_rows(out: Path, integrity: Integrity) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One row per dense text, and one per scored sentence (grounding); the texts of duplicate
+    images (the dedup index) are left out, duplicate texts get the verdict ``corpus_duplicate``."""
     rows, sentences = [], []
     paths = sorted(completed_shards(out))
     for rec in iter_records(paths):
+        shard = Path(rec["__url__"]).name
+        if integrity.is_duplicate(shard, rec["__key__"]):
+            continue
         doc = json.loads(rec["json"])
         for d in doc.get("dense", []):
+            if d.get("verdict", "keep") == "keep" and (shard, rec["__key__"], d["source"]) in integrity.duplicate_texts:
+                d["verdict"] = TEXT_VERDICT
             rows.append(
                 {
                     "key": rec["__key__"],
@@ -54,7 +61,8 @@ def write_report(out: str | Path, report_dir: str | Path, n_examples: int = 3) -
     out, report_dir = Path(out), Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     shard_stats = pd.DataFrame(list(completed_shards(out).values()))
-    rows, sentence_rows = _dense_rows(out)
+    integrity = read_integrity(out)
+    rows, sentence_rows = _dense_rows(out, integrity)
     dense = pd.DataFrame(rows, columns=DENSE_COLUMNS)
     sentences = pd.DataFrame(sentence_rows, columns=SENTENCE_COLUMNS)
     rejects = []
@@ -76,6 +84,12 @@ def write_report(out: str | Path, report_dir: str | Path, n_examples: int = 3) -
     bad = dense[dense.verdict != "keep"]["words"] if len(dense) else []
     _lengths_plot(report_dir / "lengths.png", list(ok), list(bad))
     summary = _summary(shard_stats, dense, rejects, list(ok))
+    if integrity:  # what the dedup / contamination index says (the captions above leave duplicates out)
+        summary["integrity"] = {
+            "duplicate_images_skipped": len(integrity.duplicate_images),
+            "duplicate_texts_dropped": len(integrity.duplicate_texts),
+            "contaminated_images": len(integrity.contaminated),
+        }
     if len(sentences):
         summary["grounding"] = _grounding_summary(shard_stats, sentences)
         _grounding_plot(report_dir / "grounding.png", sentences)

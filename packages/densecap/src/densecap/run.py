@@ -179,8 +179,10 @@ def _finish_if_complete(cfg: RunConfig, out: Path, units: list[Unit]) -> bool:
     if all_done:
         from d2s.shards import write_manifest
 
+        from .card import refresh_card
         from .report import write_report
 
         write_manifest(out)
         write_report(out, Path(cfg.report) if cfg.report else out / "report")
+        refresh_card(out)  # a corpus with a data card keeps it current
     return all_done

@@ -15,6 +15,8 @@ import torch
 
 from d2s.atomic import atomic_write_json
 from d2s.config import ConfigError, to_dict
+from d2s.integrity import Integrity, read_integrity
+from d2s.schema import SampleError
 from d2s.shards import split_shards, split_size, split_sparse_count
 from vse.checkpoint import load_checkpoint, load_processor, load_tokenizer
 from vse.models import VSEModel, create_model, get_model_config, processor_source, tokenizer_source
@@ -141,11 +143,36 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     val_every: int | None
+    integrity: Integrity | None = None  # the shards' dedup / contamination index (d2s.integrity)
+
+
+def check_integrity(cfg: TrainConfig, urls: list[str]) -> Integrity:
+    """The shards' integrity index: log the duplicates the stream will skip; warn about, or
+    refuse (``data.contamination: error``), training images found in an evaluation set."""
+    integrity = read_integrity(cfg.shards)
+    if integrity:
+        log.info("integrity index of %s: %s", cfg.shards, integrity.summary())
+    names = {Path(u).name for u in urls}
+    flagged = [(k, m) for k, m in sorted(integrity.contaminated.items()) if k[0] in names]
+    if flagged and cfg.data.contamination != "ignore":
+        lines = [
+            f"shard {shard}, key {key!r} matches {m[0]['benchmark']} item {m[0]['item']!r} ({m[0]['method']})"
+            for (shard, key), m in flagged
+        ]
+        msg = (
+            f"{len(flagged)} training image(s) of {cfg.shards} split {cfg.data.train_split!r} are in an evaluation "
+            f"set (integrity/contamination.json): " + "; ".join(lines[:10]) + (" ..." if len(lines) > 10 else "")
+        )
+        if cfg.data.contamination == "error":
+            raise SampleError(f"data.contamination: error: {msg}")
+        log.warning("%s (data.contamination: error refuses to train)", msg)
+    return integrity
 
 
 def plan_data(cfg: TrainConfig, recipe: Recipe, num_processes: int) -> Plan:
     """The training split's shards and the step counts (an epoch in images or sparse captions)."""
     urls = split_shards(cfg.shards, cfg.data.train_split)
+    integrity = check_integrity(cfg, urls)
     check_split_usable(urls, recipe.needs_dense, recipe.name)
     n_train = split_size(cfg.shards, cfg.data.train_split)
     epoch_size = n_train if recipe.epoch_unit == "images" else split_sparse_count(cfg.shards, cfg.data.train_split)
@@ -155,7 +182,7 @@ def plan_data(cfg: TrainConfig, recipe: Recipe, num_processes: int) -> Plan:
     val_every = (
         cfg.val_every if cfg.val_every_epochs is None else max(1, int(round(cfg.val_every_epochs * steps_per_epoch)))
     )
-    return Plan(urls, n_train, epoch_size, steps_per_epoch, total_steps, val_every)
+    return Plan(urls, n_train, epoch_size, steps_per_epoch, total_steps, val_every, integrity)
 
 
 @dataclass(frozen=True)
@@ -277,6 +304,7 @@ def build_loader(
         need_dense=recipe.needs_dense,
         start_batch=start_batch,
         caption_sampling=cfg.data.caption_sampling,
+        integrity=plan.integrity or None,
     )
     return torch.utils.data.DataLoader(
         stream,

@@ -53,6 +53,11 @@ class DataConfig:
     # a training sample whose image cannot be decoded: "raise" (SampleError naming shard and key)
     # or "skip" (dropped from its batch, counted in metrics.jsonl as data/skipped_samples, logged)
     on_bad_sample: Literal["raise", "skip"] = "raise"
+    # training images that `densecap contamination` found in an evaluation set (the shards'
+    # integrity/contamination.json): "warn" (one warning naming them: shard, key, benchmark item),
+    # "error" (refuse to train with that message) or "ignore". Duplicates named by `densecap dedup` (integrity/dedup.json)
+    # are always skipped.
+    contamination: Literal["warn", "error", "ignore"] = "warn"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from d2s.integrity import Integrity
 from d2s.schema import Sample, SampleError
 from vse.models import TokenAugConfig
 from vse.transforms import ImageTransform, TextTokenizer
@@ -201,6 +202,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         start_batch: int = 0,
         sharing_strategy: str = "file_system",
         caption_sampling: str = "each",
+        integrity: Integrity | None = None,
     ):
         super().__init__()
         if not urls:
@@ -224,6 +226,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         if caption_sampling not in ("each", "random"):
             raise ValueError(f"caption_sampling: {caption_sampling!r} is not one of ['each', 'random']")
         self.caption_sampling = caption_sampling
+        #: the shards' dedup index: duplicate images are skipped, duplicate dense texts dropped
+        self.integrity = integrity
 
     def caption_choice(self, s: Sample, pass_: int) -> int | None:
         """The sparse caption ``s`` uses in pass ``pass_`` over the shards (None: drawn in collate)."""
@@ -281,6 +285,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         def parse(src):
             for rec in src:
                 s = Sample.from_wds(rec)
+                if self.integrity is not None and self.integrity.apply(s, rec.get("__url__")) is None:
+                    continue  # a duplicate (d2s.integrity), counted once when the run was planned
                 if self._usable(s):
                     yield s, self.caption_choice(s, rec["__pass__"]), rec.get("__url__")
 
