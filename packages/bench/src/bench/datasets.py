@@ -150,7 +150,7 @@ def _find_dir(root: Path, *candidates: str) -> Path:
 def load_urban1k(root: str | Path, count: int | None = 1000) -> EvalSet:
     """Urban1k as on the hub (``BeichenZhang/Urban1k``): ``Urban1k/image/<n>.jpg`` and
     ``Urban1k/caption/<n>.txt``; the text is the caption file's first line (Long-CLIP)."""
-    base = _find_dir(resolve_root(root), "Urban1k", "Urban1k/Urban1k", ".")
+    base = _find_dir(resolve_root(root), "Urban1k", "Urban1k/Urban1k", "Urban-1k", "Urban-1k/Urban1k", ".")
     cap_dir, img_dir = base / "caption", base / "image"
     if not cap_dir.is_dir():
         raise DatasetError(f"{cap_dir}: no such directory (expected Urban1k caption/*.txt files)")

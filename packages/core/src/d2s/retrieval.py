@@ -479,7 +479,7 @@ for _p in (
         True,
         subset="the 5,000 entries of docci_descriptions.jsonlines with split 'test'",
         texts="the 'description' field as given",
-        reproduces="FLAIR (CVPR 2025) long-text retrieval table, DOCCI columns",
+        reproduces="the 5,000-pair DOCCI test retrieval reported by FLAIR (CVPR 2025) and FG-CLIP",
     ),
     Protocol(
         "iiw",
