@@ -46,3 +46,44 @@ def test_report_table_has_rsum_intervals_and_paired_differences():
     d = lines[6].split(" | ")[-1].strip(" |[]").split(", ")
     assert lines[6].startswith("| perfect - A |") and float(d[0]) >= 0  # never below A on any resample
     assert "paired" in lines[-2]
+
+
+def test_report_stage_reads_bench_results_with_intervals(tmp_path, monkeypatch):
+    """bench-retrieval twice (a colour stand-in for the model) and the report stage through the runner."""
+    import bench.stages
+    from d2s.pipeline import Runner, load_pipeline
+    from tests.bench.test_bench_cli import ColorEncoder, write_shards
+
+    write_shards(tmp_path / "shards", n=10)
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "model.safetensors").write_bytes(b"stand-in")
+    monkeypatch.setattr(bench.stages, "load_encoder", lambda path, device=None: ColorEncoder())
+    ev = {
+        "type": "bench-retrieval",
+        "params": {"bootstrap": 200},
+        "inputs": {"bundle": str(tmp_path / "bundle"), "shards": str(tmp_path / "shards")},
+    }
+    doc = {
+        "stages": {
+            "bench_baseline": ev,
+            "bench_d2s": ev,
+            "report": {
+                "type": "report",
+                "params": {"examples": 2},
+                "inputs": {
+                    "baseline": "${bench_baseline.results}",
+                    "d2s": "${bench_d2s.results}",
+                    "shards": str(tmp_path / "shards"),
+                },
+            },
+        }
+    }
+    p = load_pipeline(doc=doc, run_dir=tmp_path / "run")
+    Runner(p).run()
+    report = (p.stage("report").outputs["report"] / "report.md").read_text()
+    assert "| model | i2t R@1 |" in report and "rSum interval |" in report
+    # the same stand-in twice: the paired difference and its interval are exactly zero
+    assert (
+        "| D2S-VSE - align only (baseline) | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | [+0.0, +0.0] |" in report
+    )
+    assert "## Examples" in report

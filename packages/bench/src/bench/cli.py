@@ -123,7 +123,7 @@ def cmd_retrieval(args: argparse.Namespace) -> BenchResults:
             if v
         }
         name = args.name or Path(args.embeddings or args.img_emb).stem
-        model = embeddings_info(source)
+        model = embeddings_info({k: v for k, v in source.items() if k != "txt_to_img"})  # the mapping is data
     elif args.bundle:
         if sum(map(bool, (args.karpathy, args.shards, args.benchmark))) != 1:
             raise RetrievalInputError(
