@@ -201,6 +201,8 @@ def test_dci_truncated_missing_field_and_missing_image(tmp_path):
     root = fixture(tmp_path / "c", "dci", {k: v for k, v in DCI.items() if "1545118" not in k})
     with pytest.raises(DatasetError, match=r"image file .*photos/sa_1545118\.jpg not found"):
         load_dci(root, count=None)
+    with pytest.raises(DatasetError, match=r"sdci: image file .*photos/sa_1545118\.jpg not found"):
+        load_sdci(root, count=None)
 
 
 # ------------------------------------------------------------------------------- ShareGPT4V

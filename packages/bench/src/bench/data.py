@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .manifest import files_sha256
+
 log = logging.getLogger(__name__)
 
 
@@ -91,8 +93,6 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
     missing = [p for p in images[:5] if not Path(p).exists()]
     if missing:
         raise DatasetError(f"{json_path}: image file {missing[0]} not found (is --image-root {image_root} right?)")
-    from .manifest import files_sha256
-
     prov = {"source": str(json_path), "files": files_sha256([json_path]), "split": split, "max_captions": max_captions}
     return EvalSet(f"{json_path.stem}:{split}", ids, images, caps, np.asarray(mapping, np.int64), provenance=prov)
 
@@ -130,11 +130,8 @@ def load_shards(shards_dir: str | Path, split: str = "test", max_captions: int =
             len(dense),
             len(images),
         )
-    from .manifest import files_sha256
-
-    shard_files = sorted(set(shards))
-    prov = {"source": str(shards_dir), "files": files_sha256(shard_files, shards_dir), "split": split}
-    prov["max_captions"] = max_captions
+    files = files_sha256(sorted(set(shards)), shards_dir)
+    prov = {"source": str(shards_dir), "files": files, "split": split, "max_captions": max_captions}
     return EvalSet(
         f"{Path(shards_dir).name}:{split}",
         ids,
