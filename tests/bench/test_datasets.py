@@ -219,6 +219,23 @@ def test_sharegpt4v_cut_from_the_sharecaptioner_file(tmp_path):
         load_benchmark("sharegpt4v_1k", {"root": root})
 
 
+def test_sharegpt4v_longclip_cut_takes_the_first_entries_of_any_source(tmp_path):
+    images = {
+        **SHARE,
+        "coco/train2017/000000000009.jpg": "white",
+        "llava/llava_pretrain/images/00000/000000010.jpg": "black",
+    }
+    root = fixture(tmp_path, "sharegpt4v", images)
+    data = load_sharegpt4v(root, 4, cut="longclip")
+    assert data.image_ids == ["000000000009", "sa_10", "sa_11", "llava_1"]
+    assert data.captions[0] == "A lunch box with food.  It holds rice and broccoli."  # newlines -> spaces, as Long-CLIP
+    assert data.provenance["cut"] == "longclip"
+    with pytest.raises(DatasetError, match="found 5 entries, the protocol needs 1000"):
+        load_benchmark("sharegpt4v_1k_longclip", {"root": root})
+    # the two cuts of "ShareGPT4V-1k" are different sets: a manifest tells them apart
+    assert PROTOCOLS.get("sharegpt4v_1k").subset != PROTOCOLS.get("sharegpt4v_1k_longclip").subset
+
+
 def test_sharegpt4v_sa1b_layout_truncated_and_missing_image(tmp_path):
     # SA-1B's own layout (sa_000000/images/sa_10.jpg): found by file name under the root
     root = fixture(tmp_path, "sharegpt4v", {k.replace("sam/images", "sa_000000/images"): v for k, v in SHARE.items()})

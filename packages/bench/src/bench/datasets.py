@@ -294,16 +294,24 @@ def load_iiw(root: str | Path, docci_root: str | Path, dci_root: str | Path, cou
 SHARE4V_FILE = "share-captioner_coco_lcs_sam_1246k_1107.json"
 
 
-def _sa1b_index(root: Path) -> dict[str, Path]:
-    log.info("indexing SA-1B images under %s", root)
-    return {p.name: p for p in root.rglob("sa_*.jpg")}
+def _image_index(root: Path) -> dict[str, Path]:
+    log.info("indexing images under %s", root)
+    return {p.name: p for p in root.rglob("*.jpg")}
 
 
-def load_sharegpt4v(root: str | Path, count: int, annotations: str | Path | None = None) -> EvalSet:
-    """ShareGPT4V-1k / 10k as LoTLIP cuts them: the first ``count`` entries of the ShareCaptioner
-    file whose image is an SA-1B image (``sa_*.jpg``), in file order; text
-    ``conversations[1].value``. Images at ``<root>/<image>`` (ShareGPT4V's ``sam/images/``
-    layout) or anywhere under ``root`` by file name (SA-1B's ``sa_000000/images/`` layout)."""
+def load_sharegpt4v(
+    root: str | Path, count: int, annotations: str | Path | None = None, cut: str = "lotlip"
+) -> EvalSet:
+    """ShareGPT4V-1k / 10k from the ShareCaptioner file, text ``conversations[1].value``.
+
+    ``cut="lotlip"``: the first ``count`` entries whose image is an SA-1B image (``sa_*.jpg``),
+    in file order, text under LoTLIP's rule. ``cut="longclip"``: the first ``count`` entries of
+    the file whatever their image source, newlines replaced by spaces (Long-CLIP's
+    ``share4v_val_dataset``; FG-CLIP's evaluation reads the same entries). Images at
+    ``<root>/<image>`` (ShareGPT4V's ``sam/images/``, ``coco/train2017/`` layout) or anywhere
+    under ``root`` by file name (e.g. SA-1B's ``sa_000000/images/``)."""
+    if cut not in ("lotlip", "longclip"):
+        raise DatasetError(f"cut: expected 'lotlip' or 'longclip', got {cut!r}")
     base = resolve_root(root)
     ann = Path(annotations) if annotations is not None else base / SHARE4V_FILE
     doc = _read_json(ann, "the ShareCaptioner list of {image, conversations}")
@@ -314,7 +322,7 @@ def load_sharegpt4v(root: str | Path, count: int, annotations: str | Path | None
     for n, rec in enumerate(doc):
         where = f"{ann}: entry {n}"
         img = _field(rec, "image", where)
-        if not Path(img).name.startswith("sa_"):
+        if cut == "lotlip" and not Path(img).name.startswith("sa_"):
             continue
         conv = _field(rec, "conversations", where, list)
         if len(conv) < 2:
@@ -322,17 +330,19 @@ def load_sharegpt4v(root: str | Path, count: int, annotations: str | Path | None
         text = _field(conv[1], "value", f"{where}: conversations[1]")
         path = base / img
         if not path.is_file():
-            index = _sa1b_index(base) if index is None else index
+            index = _image_index(base) if index is None else index
             path = index.get(Path(img).name, path)
         ids.append(str(rec.get("id", Path(img).stem)))
         images.append(str(path))
-        texts.append(lotlip_text(text))
+        texts.append(lotlip_text(text) if cut == "lotlip" else text.replace("\n", " ").strip())
         if len(ids) == count:
             break
-    _check_count(f"{ann}", len(ids), count, "SA-1B entries")
-    _check_images(images, f"sharegpt4v_{count}", f"expected SA-1B images under {base}")
-    prov = {"source": str(base), "files": files_sha256([ann], base), "first_n_sa1b": count}
-    return _evalset(f"sharegpt4v_{count}", ids, images, texts, prov)
+    what = "SA-1B entries" if cut == "lotlip" else "entries"
+    _check_count(f"{ann}", len(ids), count, what)
+    name = f"sharegpt4v_{count}" + ("" if cut == "lotlip" else "_longclip")
+    _check_images(images, name, f"expected the images under {base}")
+    prov = {"source": str(base), "files": files_sha256([ann], base), "first_n": count, "cut": cut}
+    return _evalset(name, ids, images, texts, prov)
 
 
 def _share4v_1k(root: str | Path, count: int | None = 1000, annotations: str | Path | None = None) -> EvalSet:
@@ -343,6 +353,10 @@ def _share4v_10k(root: str | Path, count: int | None = 10000, annotations: str |
     return load_sharegpt4v(root, 10000 if count is None else count, annotations)
 
 
+def _share4v_1k_longclip(root: str | Path, count: int | None = 1000, annotations: str | Path | None = None) -> EvalSet:
+    return load_sharegpt4v(root, 1000 if count is None else count, annotations, cut="longclip")
+
+
 for _b in (
     Benchmark("urban1k", "urban1k", load_urban1k, hub={"root": "hf://BeichenZhang/Urban1k"}),
     Benchmark("docci", "docci", load_docci),
@@ -351,6 +365,7 @@ for _b in (
     Benchmark("iiw", "iiw", load_iiw, roots=("root", "docci_root", "dci_root")),
     Benchmark("sharegpt4v_1k", "sharegpt4v_1k", _share4v_1k),
     Benchmark("sharegpt4v_10k", "sharegpt4v_10k", _share4v_10k),
+    Benchmark("sharegpt4v_1k_longclip", "sharegpt4v_1k_longclip", _share4v_1k_longclip),
 ):
     BENCHMARKS.add(_b.name, _b)
 

@@ -33,7 +33,8 @@ model (all embeddings equal) scores ~0 under "stable" and "pessimistic" and 100 
 Protocols (:data:`PROTOCOLS`): ``coco_1k_5fold`` (five sequential folds of 1,000 images
 and their captions, metrics averaged), ``coco_5k``, ``f30k_1k``, ``custom`` (any size),
 ``long_text`` (one dense description per image), and the published long-caption sets
-``urban1k``, ``docci``, ``iiw``, ``dci``, ``sdci``, ``sharegpt4v_1k``, ``sharegpt4v_10k``
+``urban1k``, ``docci``, ``iiw``, ``dci``, ``sdci``, ``sharegpt4v_1k``, ``sharegpt4v_10k``,
+``sharegpt4v_1k_longclip``
 (subset, text rule and the table each follows are fields of :class:`Protocol`).
 """
 
@@ -530,6 +531,16 @@ for _p in (
         subset="the first 10,000 SA-1B entries (image file sa_*.jpg) of share-captioner_coco_lcs_sam_1246k_1107.json",
         texts="conversations[1].value, " + _LOTLIP_TEXT,
         reproduces="LoTLIP (NeurIPS 2024) long-text retrieval table, ShareGPT4V-10k columns",
+    ),
+    Protocol(
+        "sharegpt4v_1k_longclip",
+        "ShareGPT4V-1k as Long-CLIP cuts it: the first 1,000 entries (COCO images) x their caption",
+        1000,
+        1,
+        True,
+        subset="the first 1,000 entries of share-captioner_coco_lcs_sam_1246k_1107.json, any image source",
+        texts="conversations[1].value with newlines replaced by spaces (Long-CLIP train/sharegpt4v.py)",
+        reproduces="Long-CLIP (ECCV 2024) long-caption retrieval table, ShareGPT4V-1k columns; FG-CLIP's 1k",
     ),
 ):
     PROTOCOLS.add(_p.name, _p)
