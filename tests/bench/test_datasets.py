@@ -290,6 +290,8 @@ def test_urban1k_protocol_through_cli_and_stage(tmp_path, monkeypatch, capsys):
     m = u.manifest
     assert m["protocol"]["name"] == "urban1k" and m["protocol"]["pairs"]["captions_per_image"] == "1"
     assert "Long-CLIP" in m["protocol"]["reproduces"] and m["model"]["sha256"] and len(m["data"]["files"]) == 1000
+    # 5 distinct texts over 1,000 captions; 1,000 distinct image files (equal pixels, other names)
+    assert m["data"]["duplicates"] == {"texts": 995, "images": 0}
     assert u.intervals["i2t_r10"][0] <= 5.0 <= u.intervals["i2t_r10"][1]
     assert bench.cli.main([*argv, "--protocol", "coco_5k", "--out", str(tmp_path / "x")]) == 2
     assert "brings its own protocol" in capsys.readouterr().err

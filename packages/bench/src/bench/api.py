@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -295,11 +296,16 @@ def _data_info(data: EvalSet | None, emb: Embeddings, long_text: bool) -> dict[s
             return {"source": "saved embeddings", "content_sha256": content_sha256(ids, [], emb.dense_img)}
         return {"source": "saved embeddings", "content_sha256": content_sha256(ids, [], emb.txt_to_img)}
     info = dict(data.provenance)
+    texts = list(data.dense) if long_text else list(data.captions)
     if long_text:
         info["texts"] = "the first kept dense text of each sample that has one"
-        info["content_sha256"] = content_sha256(data.image_ids, list(data.dense), data.dense_img)
+        info["content_sha256"] = content_sha256(data.image_ids, texts, data.dense_img)
     else:
-        info["content_sha256"] = content_sha256(data.image_ids, list(data.captions), data.txt_to_img)
+        info["content_sha256"] = content_sha256(data.image_ids, texts, data.txt_to_img)
+    # duplicates tie with their twin; the tie rule decides how they count
+    images = data.images if not long_text else [data.images[i] for i in data.dense_img]
+    keys = [x if isinstance(x, str) else hashlib.sha256(x).hexdigest() for x in images]
+    info["duplicates"] = {"texts": len(texts) - len(set(texts)), "images": len(keys) - len(set(keys))}
     return info
 
 
