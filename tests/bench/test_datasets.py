@@ -311,3 +311,15 @@ def test_urban1k_protocol_through_cli_and_stage(tmp_path, monkeypatch, capsys):
     Runner(p).run()
     staged = read_results(p.stage("urban").outputs["results"]).benchmarks["urban1k"]
     assert staged.metrics == u.metrics and staged.manifest["data"] == u.manifest["data"]
+
+
+def test_roots_missing_local_or_unreachable_hub(tmp_path, monkeypatch):
+    with pytest.raises(DatasetError, match=r"nowhere: no such directory"):
+        load_urban1k(tmp_path / "nowhere")
+    # offline with an empty cache (tests never download): the hub path fails as one clear error
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(DatasetError, match=r"hf://BeichenZhang/Urban1k: cannot fetch the hub dataset"):
+        load_benchmark("urban1k", {})

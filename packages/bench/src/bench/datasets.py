@@ -128,7 +128,12 @@ def resolve_root(spec: str | Path) -> Path:
         return p
     from huggingface_hub import snapshot_download
 
-    local = Path(snapshot_download(repo_id=s.removeprefix("hf://"), repo_type="dataset"))
+    try:
+        local = Path(snapshot_download(repo_id=s.removeprefix("hf://"), repo_type="dataset"))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, auth: one clear error naming the root
+        raise DatasetError(
+            f"{s}: cannot fetch the hub dataset ({type(exc).__name__}: {exc}); give a local directory instead"
+        ) from None
     for z in local.rglob("*.zip"):
         out = z.with_suffix("")
         if not out.exists():
