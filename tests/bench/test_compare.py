@@ -64,6 +64,14 @@ def test_compare_same_protocol_with_paired_intervals(tmp_path):
     ra, rb = read_results(a).benchmarks["custom"], read_results(b).benchmarks["custom"]
     assert float(row_b["rsum"]) == pytest.approx(rb.metrics.rsum - ra.metrics.rsum)
     assert float(row_b["rsum_low"]) <= float(row_b["rsum"]) <= float(row_b["rsum_high"])
+    # another reference: the differences change sign, the intervals mirror (same draws, same seed)
+    assert main(["compare", str(a), str(b), "--reference", "b", "--out", str(tmp_path / "cmp_b")]) == 0
+    assert "Paired difference against b" in (tmp_path / "cmp_b" / "compare.md").read_text()
+    lines = (tmp_path / "cmp_b" / "paired.csv").read_text().splitlines()
+    row_a = dict(zip(lines[0].split(","), next(line for line in lines if ",a," in line).split(",")))
+    assert float(row_a["rsum"]) == pytest.approx(-float(row_b["rsum"]))
+    assert float(row_a["rsum_low"]) == pytest.approx(-float(row_b["rsum_high"]))
+    assert main(["compare", str(a), str(b), "--reference", "zzz", "--out", str(tmp_path / "cmp_z")]) == 2
 
 
 def test_compare_refuses_other_tie_rule_and_other_data(tmp_path, capsys):

@@ -28,7 +28,7 @@ from d2s.retrieval import (
 
 from .data import EvalSet
 from .intervals import INTERVAL_METRICS, BootstrapSettings, QueryRanks, bootstrap_intervals
-from .manifest import build_manifest, captions_per_image, content_sha256, dir_sha256
+from .manifest import build_manifest, captions_per_image, content_sha256, dir_sha256, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +282,6 @@ def model_info(bundle: str | Path, encoder: Any = None) -> dict[str, Any]:
 
 def embeddings_info(paths: dict[str, str]) -> dict[str, Any]:
     """The model part of a manifest for saved embeddings: each file's SHA-256."""
-    from .manifest import file_sha256
-
     return {"kind": "embeddings", "files": {k: file_sha256(_split_key(v)[0]) for k, v in paths.items()}}
 
 
