@@ -323,3 +323,11 @@ def test_roots_missing_local_or_unreachable_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
     with pytest.raises(DatasetError, match=r"hf://BeichenZhang/Urban1k: cannot fetch the hub dataset"):
         load_benchmark("urban1k", {})
+
+
+def test_bench_protocols_lists_subset_text_rule_and_table(capsys):
+    assert bench.cli.main(["protocols"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    assert "| urban1k | 1000 | 1 | all 1,000 pairs of Urban1k" in rows["urban1k"] and "Long-CLIP" in rows["urban1k"]
+    assert "| iiw | 612 |" in rows["iiw"] and "LoTLIP" in rows["iiw"]
+    assert rows["coco_1k_5fold"].startswith("| coco_1k_5fold |  | 5000 | 5 |")

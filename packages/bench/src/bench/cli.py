@@ -10,7 +10,7 @@ from pathlib import Path
 
 from d2s.config import ConfigError
 from d2s.log import add_log_level, setup_logging
-from d2s.retrieval import DEFAULT_CHUNK_SIZE, RetrievalInputError, list_protocols
+from d2s.retrieval import DEFAULT_CHUNK_SIZE, RetrievalInputError, get_protocol, list_protocols
 from d2s.schema import SampleError
 
 from .api import (
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--reference", help="run name the paired differences are taken against (default: the first results given)"
     )
-    add_log_level(ap, [r, c])
+    pr = sub.add_parser("protocols", help="every protocol: images, subset, text rule, the published table it follows")
+    add_log_level(ap, [r, c, pr])
     return ap
 
 
@@ -178,12 +179,29 @@ def cmd_compare(args: argparse.Namespace) -> dict:
     return paths
 
 
+def protocols_table() -> str:
+    """Markdown: every registered protocol, and the ``--benchmark`` that loads its published files."""
+    by_protocol = {BENCHMARKS.get(b).protocol: b for b in BENCHMARKS.names()}
+    lines = [
+        "| protocol | --benchmark | images | folds | subset | texts | follows |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in list_protocols():
+        p = get_protocol(name)
+        cells = [name, by_protocol.get(name, ""), str(p.n_images or "any"), str(p.n_folds)]
+        cells += [p.subset or p.description, p.texts or "as given", p.reproduces or ""]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
         if args.command == "retrieval":
             cmd_retrieval(args)
+        elif args.command == "protocols":
+            sys.stdout.write(protocols_table())
         else:
             cmd_compare(args)
     except (RetrievalInputError, DatasetError, SampleError, ConfigError, FileNotFoundError, KeyError) as exc:

@@ -454,11 +454,35 @@ PROTOCOLS: Registry[Protocol] = Registry(
 )
 """Evaluation protocols by name; another package adds one with a ``d2s.protocols`` entry point
 (a :class:`Protocol` instance) or ``PROTOCOLS.add(name, Protocol(...))``."""
+_KARPATHY_TEST = "the {n} images of the Karpathy split's 'test' set ({set}), in file order"
+_KARPATHY_TEXTS = "the 'raw' sentences, the first 5 per image (max_captions; COCO images with 6-7 keep 5)"
 _LOTLIP_TEXT = "split at newlines, '</s>' and '.', stripped, empty parts dropped, joined with '. ' (LoTLIP's loaders)"
 for _p in (
-    Protocol("coco_1k_5fold", "COCO 1K: five sequential folds of 1,000 images and their captions, averaged", 5000, 5),
-    Protocol("coco_5k", "COCO 5K: 5,000 test images x their captions (25,000)", 5000),
-    Protocol("f30k_1k", "Flickr30K 1K: 1,000 test images x their captions (5,000)", 1000),
+    Protocol(
+        "coco_1k_5fold",
+        "COCO 1K: five sequential folds of 1,000 images and their captions, averaged",
+        5000,
+        5,
+        subset=_KARPATHY_TEST.format(set="COCO", n="5,000"),
+        texts=_KARPATHY_TEXTS,
+        reproduces="the COCO 1K columns of VSE++ / VSE-infinity / D2S-VSE (five folds averaged)",
+    ),
+    Protocol(
+        "coco_5k",
+        "COCO 5K: 5,000 test images x their captions (25,000)",
+        5000,
+        subset=_KARPATHY_TEST.format(set="COCO", n="5,000"),
+        texts=_KARPATHY_TEXTS,
+        reproduces="the COCO 5K columns of VSE++ / VSE-infinity / D2S-VSE",
+    ),
+    Protocol(
+        "f30k_1k",
+        "Flickr30K 1K: 1,000 test images x their captions (5,000)",
+        1000,
+        subset=_KARPATHY_TEST.format(set="Flickr30K", n="1,000"),
+        texts=_KARPATHY_TEXTS,
+        reproduces="the Flickr30K columns of VSE++ / VSE-infinity / D2S-VSE",
+    ),
     Protocol("custom", "any split: all given images x all given texts"),
     Protocol("long_text", "long-text retrieval: one dense description per image", None, 1, True),
     # the long-caption sets (loaders: bench.datasets; sources and licences: docs/benchmarks.md)
