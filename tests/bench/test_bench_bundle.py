@@ -78,6 +78,18 @@ def test_cli_with_real_bundle_and_shards(trained, tmp_path):
     assert res.benchmarks["custom"].n_images == 20 and res.benchmarks["custom"].n_texts == 100
     emb = load_embeddings(tmp_path / "emb.safetensors")
     assert res.benchmarks["custom"].metrics == retrieval_metrics(emb.img, emb.txt, emb.txt_to_img)
+    # the manifest names the bundle by its hash and the bundle's own maximum text length
+    from vse.bundle import load_bundle
+
+    model = res.benchmarks["long_text"].manifest["model"]
+    assert model["text_max_tokens"] == load_bundle(bundle).text_max_length > 0 and len(model["sha256"]) == 64
+    assert res.benchmarks["custom"].manifest["data"]["files"] == {"test-000000.tar": shard_sha256(world)}
+
+
+def shard_sha256(world):
+    from bench.manifest import file_sha256
+
+    return file_sha256(next(world.glob("test-*.tar")))
 
 
 @pytest.mark.slow

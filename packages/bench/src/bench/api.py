@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 from typing import Protocol as TypingProtocol
@@ -26,11 +27,13 @@ from d2s.retrieval import (
 )
 
 from .data import EvalSet
+from .intervals import INTERVAL_METRICS, BootstrapSettings, QueryRanks, bootstrap_intervals
+from .manifest import build_manifest, captions_per_image, content_sha256, dir_sha256, file_sha256
 
 log = logging.getLogger(__name__)
 
 RESULTS_FORMAT = "d2s-bench-retrieval"
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2  # 2: per benchmark a protocol manifest, bootstrap intervals and every query's rank
 
 
 class Encoder(TypingProtocol):
@@ -53,6 +56,9 @@ class RetrievalSettings:
     image_batch_size: int = 64
     text_batch_size: int = 256
     device: str | None = None
+    bootstrap: int = 1000  # replicates of the bootstrap intervals (0: no intervals)
+    bootstrap_seed: int = 0
+    interval_level: float = 0.95
 
     def __post_init__(self) -> None:
         for p in self.protocols:
@@ -61,6 +67,43 @@ class RetrievalSettings:
             raise RetrievalInputError("protocols: 'long_text' is chosen with long_text=true, not in the sparse list")
         if self.chunk_size < 1 or self.image_batch_size < 1 or self.text_batch_size < 1 or self.faiss_k < 1:
             raise RetrievalInputError("chunk_size, batch sizes and faiss_k must be >= 1")
+        if self.bootstrap < 0:
+            raise RetrievalInputError(f"bootstrap: replicates must be >= 0 (0: no intervals), got {self.bootstrap}")
+        if self.bootstrap:
+            self.bootstrap_settings()  # checks interval_level
+
+    def bootstrap_settings(self) -> BootstrapSettings:
+        return BootstrapSettings(self.bootstrap, self.bootstrap_seed, self.interval_level)
+
+
+@dataclass
+class BenchmarkResult(ProtocolResult):
+    """One benchmark's result as bench writes it: the protocol's metrics, plus the protocol
+    manifest, the bootstrap intervals (``{metric: [low, high]}``, with the settings that drew
+    them) and every query's rank (what a later paired comparison resamples)."""
+
+    intervals: dict[str, list[float]] = field(default_factory=dict)
+    bootstrap: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    query_ranks: QueryRanks | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.update(intervals=self.intervals, bootstrap=self.bootstrap, manifest=self.manifest)
+        if self.query_ranks is not None:
+            d["ranks"] = self.query_ranks.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchmarkResult:
+        base = ProtocolResult.from_dict(d)
+        return cls(
+            **{f.name: getattr(base, f.name) for f in fields(ProtocolResult)},
+            intervals={k: [float(x) for x in v] for k, v in d.get("intervals", {}).items()},
+            bootstrap=d.get("bootstrap", {}),
+            manifest=d.get("manifest", {}),
+            query_ranks=QueryRanks.from_dict(d["ranks"]) if "ranks" in d else None,
+        )
 
 
 @dataclass
@@ -230,21 +273,93 @@ def embed_eval_set(encoder: Encoder, data: EvalSet, settings: RetrievalSettings 
     return Embeddings(img, txt, torch.as_tensor(data.txt_to_img, dtype=torch.long), dense, dense_img)
 
 
-def evaluate_embeddings(emb: Embeddings, settings: RetrievalSettings | None = None) -> dict[str, ProtocolResult]:
-    """Every requested sparse-caption protocol, plus long-text retrieval where there are long texts."""
+def model_info(bundle: str | Path, encoder: Any = None) -> dict[str, Any]:
+    """The model part of a manifest: bundle path, SHA-256 of its files, maximum text length."""
+    info: dict[str, Any] = {"kind": "bundle", "path": str(bundle), "sha256": dir_sha256(bundle)}
+    info["text_max_tokens"] = getattr(encoder, "text_max_length", None)
+    return info
+
+
+def embeddings_info(paths: dict[str, str]) -> dict[str, Any]:
+    """The model part of a manifest for saved embeddings: each file's SHA-256."""
+    return {"kind": "embeddings", "files": {k: file_sha256(_split_key(v)[0]) for k, v in paths.items()}}
+
+
+def _data_info(data: EvalSet | None, emb: Embeddings, long_text: bool) -> dict[str, Any]:
+    """The data part of a manifest: where the files lay, their hashes, and the evaluated content's hash."""
+    if data is None:
+        n = emb.img.shape[0]
+        ids = [str(i) for i in range(n)]
+        if long_text:
+            return {"source": "saved embeddings", "content_sha256": content_sha256(ids, [], emb.dense_img)}
+        return {"source": "saved embeddings", "content_sha256": content_sha256(ids, [], emb.txt_to_img)}
+    info = dict(data.provenance)
+    texts = list(data.dense) if long_text else list(data.captions)
+    if long_text:
+        info["texts"] = "the first kept dense text of each sample that has one"
+        info["content_sha256"] = content_sha256(data.image_ids, texts, data.dense_img)
+    else:
+        info["content_sha256"] = content_sha256(data.image_ids, texts, data.txt_to_img)
+    # duplicates tie with their twin; the tie rule decides how they count
+    images = data.images if not long_text else [data.images[i] for i in data.dense_img]
+    keys = [x if isinstance(x, str) else hashlib.sha256(x).hexdigest() for x in images]
+    info["duplicates"] = {"texts": len(texts) - len(set(texts)), "images": len(keys) - len(set(keys))}
+    return info
+
+
+def _finish(
+    name: str, r: ProtocolResult, s: RetrievalSettings, data: dict[str, Any], model: dict[str, Any]
+) -> BenchmarkResult:
+    engine = "exact" if s.engine == "exact" else f"faiss (ranks censored at {s.faiss_k})"
+    ranks = QueryRanks(r.ranks.i2t, r.ranks.t2i, r.txt_to_img, r.n_folds)
+    out = BenchmarkResult(
+        **{f.name: getattr(r, f.name) for f in fields(ProtocolResult)},
+        manifest=build_manifest(
+            name,
+            get_protocol(r.protocol),
+            n_images=r.n_images,
+            n_texts=r.n_texts,
+            per_image=captions_per_image(r.txt_to_img, r.n_images),
+            data=data,
+            model=model,
+            ties=s.ties,
+            engine=engine,
+        ),
+        query_ranks=ranks,
+    )
+    if s.bootstrap:
+        b = s.bootstrap_settings()
+        out.intervals = bootstrap_intervals(ranks, b)
+        out.bootstrap = b.to_dict()
+    return out
+
+
+def evaluate_embeddings(
+    emb: Embeddings,
+    settings: RetrievalSettings | None = None,
+    *,
+    data: EvalSet | None = None,
+    model: dict[str, Any] | None = None,
+) -> dict[str, BenchmarkResult]:
+    """Every requested protocol on the captions, plus long-text retrieval where there are long
+    texts; each with its manifest (``data``: the set embedded, for its files and content hash;
+    ``model``: :func:`model_info` / :func:`embeddings_info`) and bootstrap intervals."""
     s = settings or RetrievalSettings()
+    model = model or {"kind": "unknown"}
     kw = dict(chunk_size=s.chunk_size, ties=s.ties, device=s.device, engine=s.engine, faiss_k=s.faiss_k)
-    out: dict[str, ProtocolResult] = {}
+    out: dict[str, BenchmarkResult] = {}
     for p in s.protocols:
         t0 = time.perf_counter()
-        out[p] = evaluate_protocol(p, emb.img, emb.txt, emb.txt_to_img, **kw)
+        r = evaluate_protocol(p, emb.img, emb.txt, emb.txt_to_img, **kw)
+        out[p] = _finish(p, r, s, _data_info(data, emb, False), model)
         log.info("%s: rsum %.2f (%.2fs)", p, out[p].metrics.rsum, time.perf_counter() - t0)
     if s.long_text:
         if emb.dense is None:
             log.info("no long texts in this data: long-text retrieval skipped")
         else:
             sub = emb.img[emb.dense_img]
-            out["long_text"] = evaluate_protocol("long_text", sub, emb.dense, None, **kw)
+            r = evaluate_protocol("long_text", sub, emb.dense, None, **kw)
+            out["long_text"] = _finish("long_text", r, s, _data_info(data, emb, True), model)
             log.info("long_text: rsum %.2f", out["long_text"].metrics.rsum)
     return out
 
@@ -253,7 +368,7 @@ def evaluate_embeddings(emb: Embeddings, settings: RetrievalSettings | None = No
 @dataclass
 class BenchResults:
     name: str
-    benchmarks: dict[str, ProtocolResult]
+    benchmarks: dict[str, BenchmarkResult]
     source: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -275,10 +390,15 @@ class BenchResults:
     def from_dict(cls, d: dict[str, Any], where: str = "results") -> BenchResults:
         if d.get("format") != RESULTS_FORMAT:
             raise RetrievalInputError(f"{where}: not a bench results file (format {d.get('format')!r})")
+        if d.get("version") != RESULTS_VERSION:
+            raise RetrievalInputError(
+                f"{where}: results version {d.get('version')!r}, this bench reads version {RESULTS_VERSION} "
+                "(with protocol manifests and intervals): evaluate again"
+            )
         try:
             return cls(
                 name=d["name"],
-                benchmarks={k: ProtocolResult.from_dict(v) for k, v in d["benchmarks"].items()},
+                benchmarks={k: BenchmarkResult.from_dict(v) for k, v in d["benchmarks"].items()},
                 source=d.get("source", {}),
                 settings=d.get("settings", {}),
                 seconds=float(d.get("seconds", 0.0)),
@@ -312,7 +432,36 @@ def markdown_table(results: BenchResults) -> str:
         f"Recalls in %, ranks 1-based; ties: {results.settings.get('ties', 'stable')}. "
         "coco_1k_5fold averages five sequential 1K folds.",
     ]
+    lines += interval_table(results)
     return "\n".join(lines) + "\n"
+
+
+def fmt_interval(iv: list[float] | None) -> str:
+    return "n/a" if not iv else f"[{iv[0]:.2f}, {iv[1]:.2f}]"
+
+
+def interval_table(results: BenchResults) -> list[str]:
+    """The bootstrap intervals of each benchmark, one row each (empty when none were drawn)."""
+    rows = [(n, r) for n, r in results.benchmarks.items() if r.intervals]
+    if not rows:
+        return []
+    b = rows[0][1].bootstrap
+    head = ["benchmark"] + [dict(COLUMNS)[m] for m in INTERVAL_METRICS]
+    lines = [
+        "",
+        f"## {100 * b.get('level', 0.95):g}% bootstrap intervals",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for name, r in rows:
+        lines.append("| " + " | ".join([name] + [fmt_interval(r.intervals.get(m)) for m in INTERVAL_METRICS]) + " |")
+    lines += [
+        "",
+        f"{b.get('method', 'bootstrap')}; {b.get('replicates')} replicates, seed {b.get('seed')}. "
+        "Each benchmark's protocol manifest is in results.json.",
+    ]
+    return lines
 
 
 def write_results(results: BenchResults, out_dir: str | Path) -> tuple[Path, Path]:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .manifest import files_sha256
+
 log = logging.getLogger(__name__)
 
 
@@ -34,6 +36,9 @@ class EvalSet:
     dense: list[str] = field(default_factory=list)
     dense_img: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     image_shards: list[str] = field(default_factory=list)
+    # where the set came from, for the protocol manifest: {"source": where the files lay,
+    # "files": {name: sha256} of the annotation files read, ...}
+    provenance: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -88,7 +93,8 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
     missing = [p for p in images[:5] if not Path(p).exists()]
     if missing:
         raise DatasetError(f"{json_path}: image file {missing[0]} not found (is --image-root {image_root} right?)")
-    return EvalSet(f"{json_path.stem}:{split}", ids, images, caps, np.asarray(mapping, np.int64))
+    prov = {"source": str(json_path), "files": files_sha256([json_path]), "split": split, "max_captions": max_captions}
+    return EvalSet(f"{json_path.stem}:{split}", ids, images, caps, np.asarray(mapping, np.int64), provenance=prov)
 
 
 def load_shards(shards_dir: str | Path, split: str = "test", max_captions: int = 5) -> EvalSet:
@@ -134,6 +140,8 @@ def load_shards(shards_dir: str | Path, split: str = "test", max_captions: int =
             len(dense),
             len(images),
         )
+    files = files_sha256(sorted(set(shards)), shards_dir)
+    prov = {"source": str(shards_dir), "files": files, "split": split, "max_captions": max_captions}
     return EvalSet(
         f"{Path(shards_dir).name}:{split}",
         ids,
@@ -143,4 +151,5 @@ def load_shards(shards_dir: str | Path, split: str = "test", max_captions: int =
         dense,
         np.asarray(dense_img, np.int64),
         shards,
+        prov,
     )

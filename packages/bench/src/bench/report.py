@@ -18,8 +18,9 @@ import torch
 from d2s.atomic import atomic_write_text
 from d2s.pipeline import Stage, StageContext
 
-from .api import COLUMNS, load_embeddings, read_results
+from .api import COLUMNS, BenchmarkResult, load_embeddings, read_results
 from .data import load_shards
+from .intervals import BootstrapSettings, paired_difference
 
 # (input name, row label) in table order, the paper's ablation names; the first is the
 # reference of the tables' differences, D2S-VSE that of the paired differences.
@@ -57,28 +58,51 @@ class ReportParams:
     seeds_table: str = "docs/experiments.md"
 
 
-def _fmt_row(label: str, m: dict) -> str:
-    return "| " + " | ".join([label] + [f"{m[k]:.1f}" for k, _ in COLUMNS[:7]]) + " |"
+def _fmt_row(label: str, m: dict, extra: str) -> str:
+    return "| " + " | ".join([label] + [f"{m[k]:.1f}" for k, _ in COLUMNS[:7]] + [extra]) + " |"
 
 
-def _table(rows: dict[str, dict], note: str) -> list[str]:
-    head = ["model"] + [c[1] for c in COLUMNS[:7]]
+def _paired_rsum(a: BenchmarkResult, b: BenchmarkResult) -> str:
+    """``a - b`` in rSum with its paired bootstrap interval (a's bootstrap settings), where both kept ranks."""
+    if a.query_ranks is None or b.query_ranks is None or not a.query_ranks.same_queries(b.query_ranks):
+        return "n/a"
+    s = a.bootstrap or {}
+    d = paired_difference(
+        a.query_ranks,
+        b.query_ranks,
+        BootstrapSettings(int(s.get("replicates", 1000)), int(s.get("seed", 0)), float(s.get("level", 0.95))),
+    )["rsum"]
+    return f"[{d['low']:+.1f}, {d['high']:+.1f}]"
+
+
+def _table(rows: dict[str, BenchmarkResult], note: str) -> list[str]:
+    """One row per model (rSum with its bootstrap interval), then each model minus the first with
+    the paired bootstrap interval of the rSum difference."""
+    head = ["model"] + [c[1] for c in COLUMNS[:7]] + ["rSum interval"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, m in rows.items():
-        lines.append(_fmt_row(label, m))
+    for label, r in rows.items():
+        iv = r.intervals.get("rsum")
+        lines.append(_fmt_row(label, r.metrics.to_dict(), f"[{iv[0]:.1f}, {iv[1]:.1f}]" if iv else "n/a"))
     labels = list(rows)
     if len(labels) >= 2:
-        ref = rows[labels[0]]
+        ref = rows[labels[0]].metrics.to_dict()
         for label in labels[1:]:
-            diff = {k: rows[label][k] - ref[k] for k, _ in COLUMNS[:7]}
-            lines.append(
-                "| " + " | ".join([f"{label} - {labels[0]}"] + [f"{diff[k]:+.1f}" for k, _ in COLUMNS[:7]]) + " |"
-            )
-    return lines + ["", note, ""]
+            m = rows[label].metrics.to_dict()
+            cells = [f"{m[k] - ref[k]:+.1f}" for k, _ in COLUMNS[:7]] + [_paired_rsum(rows[label], rows[labels[0]])]
+            lines.append("| " + " | ".join([f"{label} - {labels[0]}"] + cells) + " |")
+    level = next((r.bootstrap.get("level") for r in rows.values() if r.bootstrap), 0.95)
+    return lines + [
+        "",
+        note + f" Intervals: {100 * level:g}% percentile bootstrap over the test images (a difference row: "
+        "paired, the same images resampled for both models); they cover the choice of test images, not "
+        "training seeds.",
+        "",
+    ]
 
 
 def _paired(rsums: dict[str, dict[str, float]], val: dict[str, float], seeds_table: str) -> list[str]:
-    """D2S-VSE minus each other arm, this run only (one seed: no interval)."""
+    """D2S-VSE minus each other arm, this run only (one seed: no seed interval; the tables above
+    carry the test-image bootstrap intervals)."""
     d2s = D2S
     others = [label for _, label in MODELS if label != D2S]
     rows = [("val, sparse (best checkpoint)", val)] + [
@@ -97,7 +121,8 @@ def _paired(rsums: dict[str, dict[str, float]], val: dict[str, float], seeds_tab
         lines.append(f"| {k} | " + " | ".join(f"{r[d2s] - r[o]:+.1f}" if o in r else "n/a" for o in others) + " |")
     return lines + [
         "",
-        f"One seed, so no interval: the same comparison over several seeds, with 95% intervals, is in `{seeds_table}`.",
+        "One training seed, so no interval over seeds here (the tables above give each difference's "
+        f"bootstrap interval over test images): the comparison over several seeds is in `{seeds_table}`.",
         "",
     ]
 
@@ -249,8 +274,9 @@ class ReportStage(Stage):
     }
     outputs = {"report": "directory with report.md and PNGs"}
     # 4: per-run loss panels, run metadata, rSum to one decimal; 5: the paper's ablation names,
-    # pre-training only, D2S-VSE under both head compositions
-    version = "5"
+    # pre-training only, D2S-VSE under both head compositions; 6: bootstrap intervals (rSum, paired
+    # differences)
+    version = "6"
 
     def run(self, ctx: StageContext) -> dict:
         p: ReportParams = ctx.params
@@ -265,11 +291,7 @@ class ReportStage(Stage):
             ("custom", "Sparse-caption retrieval"),
             ("long_text", "Long-text retrieval (image <-> dense text)"),
         ):
-            rows = {
-                label: r.benchmarks[bench_name].metrics.to_dict()
-                for label, r in results.items()
-                if bench_name in r.benchmarks
-            }
+            rows = {label: r.benchmarks[bench_name] for label, r in results.items() if bench_name in r.benchmarks}
             if not rows:
                 continue
             any_r = next(r for r in results.values() if bench_name in r.benchmarks).benchmarks[bench_name]
@@ -279,7 +301,7 @@ class ReportStage(Stage):
                 f"{p.split} split: {any_r.n_images} images, {any_r.n_texts} texts. Recall in %; "
                 "rSum is the sum of the six recalls (max 600).",
             )
-            summary[bench_name] = {label: round(m["rsum"], 2) for label, m in rows.items()}
+            summary[bench_name] = {label: round(r.metrics.rsum, 2) for label, r in rows.items()}
         lines += _paired(summary, self._val_rsums(ctx), p.seeds_table)
 
         lines += self._training(ctx, out) + self._captions(ctx, out)

@@ -31,8 +31,11 @@ model (all embeddings equal) scores ~0 under "stable" and "pessimistic" and 100 
 "optimistic"; that is why "optimistic" is not the default.
 
 Protocols (:data:`PROTOCOLS`): ``coco_1k_5fold`` (five sequential folds of 1,000 images
-and their captions, metrics averaged), ``coco_5k``, ``f30k_1k``, ``custom`` (any size)
-and ``long_text`` (one dense description per image).
+and their captions, metrics averaged), ``coco_5k``, ``f30k_1k``, ``custom`` (any size),
+``long_text`` (one dense description per image), and the published long-caption sets
+``urban1k``, ``docci``, ``iiw``, ``dci``, ``sdci``, ``sharegpt4v_1k``, ``sharegpt4v_10k``,
+``sharegpt4v_1k_longclip``
+(subset, text rule and the table each follows are fields of :class:`Protocol`).
 """
 
 from __future__ import annotations
@@ -441,6 +444,9 @@ class Protocol:
     n_images: int | None = None  # required image count, None = any
     n_folds: int = 1  # >1: sequential folds of n_images / n_folds images, metrics averaged
     one_text_per_image: bool = False
+    subset: str = ""  # which images and texts of the published set
+    texts: str = ""  # how each text is read from the publisher's files
+    reproduces: str = ""  # the published table whose numbers this protocol follows
 
 
 PROTOCOLS: Registry[Protocol] = Registry(
@@ -448,12 +454,118 @@ PROTOCOLS: Registry[Protocol] = Registry(
 )
 """Evaluation protocols by name; another package adds one with a ``d2s.protocols`` entry point
 (a :class:`Protocol` instance) or ``PROTOCOLS.add(name, Protocol(...))``."""
+_KARPATHY_TEST = "the {n} images of the Karpathy split's 'test' set ({set}), in file order"
+_KARPATHY_TEXTS = "the 'raw' sentences, the first 5 per image (max_captions; COCO images with 6-7 keep 5)"
+_LOTLIP_TEXT = "split at newlines, '</s>' and '.', stripped, empty parts dropped, joined with '. ' (LoTLIP's loaders)"
 for _p in (
-    Protocol("coco_1k_5fold", "COCO 1K: five sequential folds of 1,000 images and their captions, averaged", 5000, 5),
-    Protocol("coco_5k", "COCO 5K: 5,000 test images x their captions (25,000)", 5000),
-    Protocol("f30k_1k", "Flickr30K 1K: 1,000 test images x their captions (5,000)", 1000),
+    Protocol(
+        "coco_1k_5fold",
+        "COCO 1K: five sequential folds of 1,000 images and their captions, averaged",
+        5000,
+        5,
+        subset=_KARPATHY_TEST.format(set="COCO", n="5,000"),
+        texts=_KARPATHY_TEXTS,
+        reproduces="the COCO 1K columns of VSE++ / VSE-infinity / D2S-VSE (five folds averaged)",
+    ),
+    Protocol(
+        "coco_5k",
+        "COCO 5K: 5,000 test images x their captions (25,000)",
+        5000,
+        subset=_KARPATHY_TEST.format(set="COCO", n="5,000"),
+        texts=_KARPATHY_TEXTS,
+        reproduces="the COCO 5K columns of VSE++ / VSE-infinity / D2S-VSE",
+    ),
+    Protocol(
+        "f30k_1k",
+        "Flickr30K 1K: 1,000 test images x their captions (5,000)",
+        1000,
+        subset=_KARPATHY_TEST.format(set="Flickr30K", n="1,000"),
+        texts=_KARPATHY_TEXTS,
+        reproduces="the Flickr30K columns of VSE++ / VSE-infinity / D2S-VSE",
+    ),
     Protocol("custom", "any split: all given images x all given texts"),
     Protocol("long_text", "long-text retrieval: one dense description per image", None, 1, True),
+    # the long-caption sets (loaders: bench.datasets; sources and licences: docs/benchmarks.md)
+    Protocol(
+        "urban1k",
+        "Urban1k: 1,000 urban images x one long caption each",
+        1000,
+        1,
+        True,
+        subset="all 1,000 pairs of Urban1k (image/<n>.jpg, caption/<n>.txt)",
+        texts="the first line of each caption file (Long-CLIP eval/retrieval/Urban1k.py)",
+        reproduces="Long-CLIP (ECCV 2024) long-caption retrieval table, Urban-1k columns",
+    ),
+    Protocol(
+        "docci",
+        "DOCCI test: 5,000 images x one human description each",
+        5000,
+        1,
+        True,
+        subset="the 5,000 entries of docci_descriptions.jsonlines with split 'test'",
+        texts="the 'description' field as given",
+        reproduces="the 5,000-pair DOCCI test retrieval reported by FLAIR (CVPR 2025) and FG-CLIP",
+    ),
+    Protocol(
+        "iiw",
+        "IIW: 612 images x one IIW human description each",
+        612,
+        1,
+        True,
+        subset="DOCCI_Test (100) + IIW-400 (400) + DCI_Test (112) of google/imageinwords datasets/, in LoTLIP's order",
+        texts="the 'IIW' field, " + _LOTLIP_TEXT,
+        reproduces="LoTLIP (NeurIPS 2024) long-text retrieval table, IIW columns",
+    ),
+    Protocol(
+        "dci",
+        "DCI: 7,805 images x one long caption each",
+        7805,
+        1,
+        True,
+        subset="every annotation listed in splits.json (train, valid and test together), as LoTLIP",
+        texts="short_caption + newline + extra_caption, " + _LOTLIP_TEXT,
+        reproduces="LoTLIP (NeurIPS 2024) long-text retrieval table, DCI columns",
+    ),
+    Protocol(
+        "sdci",
+        "sDCI: the DCI images x their LLM summary (under 77 CLIP tokens)",
+        7805,
+        1,
+        True,
+        subset="every annotation listed in splits.json, as the 'dci' protocol",
+        texts="summaries['base'][0] of the complete/ file (the first of the published summaries)",
+        reproduces="no published retrieval table: the short-text control of 'dci' on the same images",
+    ),
+    Protocol(
+        "sharegpt4v_1k",
+        "ShareGPT4V-1k: 1,000 SA-1B images x their ShareCaptioner caption",
+        1000,
+        1,
+        True,
+        subset="the first 1,000 SA-1B entries (image file sa_*.jpg) of share-captioner_coco_lcs_sam_1246k_1107.json",
+        texts="conversations[1].value, " + _LOTLIP_TEXT,
+        reproduces="LoTLIP (NeurIPS 2024) long-text retrieval table, ShareGPT4V-1k columns",
+    ),
+    Protocol(
+        "sharegpt4v_10k",
+        "ShareGPT4V-10k: 10,000 SA-1B images x their ShareCaptioner caption",
+        10000,
+        1,
+        True,
+        subset="the first 10,000 SA-1B entries (image file sa_*.jpg) of share-captioner_coco_lcs_sam_1246k_1107.json",
+        texts="conversations[1].value, " + _LOTLIP_TEXT,
+        reproduces="LoTLIP (NeurIPS 2024) long-text retrieval table, ShareGPT4V-10k columns",
+    ),
+    Protocol(
+        "sharegpt4v_1k_longclip",
+        "ShareGPT4V-1k as Long-CLIP cuts it: the first 1,000 entries (COCO images) x their caption",
+        1000,
+        1,
+        True,
+        subset="the first 1,000 entries of share-captioner_coco_lcs_sam_1246k_1107.json, any image source",
+        texts="conversations[1].value with newlines replaced by spaces (Long-CLIP train/sharegpt4v.py)",
+        reproduces="Long-CLIP (ECCV 2024) long-caption retrieval table, ShareGPT4V-1k columns; FG-CLIP's 1k",
+    ),
 ):
     PROTOCOLS.add(_p.name, _p)
 
@@ -475,6 +587,11 @@ class ProtocolResult:
     metrics: RetrievalMetrics
     folds: list[RetrievalMetrics] = field(default_factory=list)
     curves: dict[str, dict[int, float]] = field(default_factory=dict)
+    # every query's 0-based rank over all folds (``ranks.t2i`` in the caller's caption order) and
+    # the caption -> image mapping, for intervals; in memory only (``to_dict`` leaves them out)
+    ranks: RetrievalRanks | None = field(default=None, repr=False, compare=False)
+    txt_to_img: np.ndarray | None = field(default=None, repr=False, compare=False)
+    n_folds: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -497,6 +614,7 @@ class ProtocolResult:
             metrics=RetrievalMetrics.from_dict(d["metrics"]),
             folds=[RetrievalMetrics.from_dict(f) for f in d.get("folds", [])],
             curves={k: {int(kk): float(vv) for kk, vv in c.items()} for k, c in d.get("curves", {}).items()},
+            n_folds=max(1, len(d.get("folds", []))),
         )
 
 
@@ -533,6 +651,8 @@ def evaluate_protocol(
         raise RetrievalInputError(f"protocol {p.name!r}: {n} images do not split into {p.n_folds} equal folds")
     fold = n // p.n_folds
     folds, curves_i2t, curves_t2i = [], [], []
+    all_i2t = np.zeros(n, np.int64)
+    all_t2i = np.zeros(m, np.int64)
     for f in range(p.n_folds):
         a, b = f * fold, (f + 1) * fold
         sel = ((mapping >= a) & (mapping < b)).nonzero().flatten()
@@ -542,6 +662,8 @@ def evaluate_protocol(
         else:
             ranks = retrieval_ranks(fi, ft, fm, chunk_size=chunk_size, ties=ties, device=device)
         folds.append(ranks.metrics())
+        all_i2t[a:b] = ranks.i2t
+        all_t2i[sel.numpy()] = ranks.t2i
         c = ranks.curves(curve_ks)
         curves_i2t.append(c["i2t"])
         curves_t2i.append(c["t2i"])
@@ -557,4 +679,7 @@ def evaluate_protocol(
         metrics=RetrievalMetrics.mean(folds),
         folds=folds if p.n_folds > 1 else [],
         curves={"i2t": avg(curves_i2t), "t2i": avg(curves_t2i)},
+        ranks=RetrievalRanks(all_i2t, all_t2i),
+        txt_to_img=mapping.numpy(),
+        n_folds=p.n_folds,
     )

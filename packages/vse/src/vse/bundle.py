@@ -71,13 +71,18 @@ class Bundle:
             out.append(self.model.embed_images(px).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.model.cfg.embed_dim)
 
+    @property
+    def text_max_length(self) -> int:
+        """Tokens a text keeps (longer texts are cut): long enough for dense texts too (long-text
+        retrieval); recorded in bench's protocol manifests."""
+        return max(self.model.cfg.text.max_length, self.model.cfg.text.dense_max_length)
+
     @torch.no_grad()
     def embed_texts(self, texts: list[str], batch_size: int = 256, *, use_student: bool = True) -> torch.Tensor:
         """Caption embeddings; ``use_student=False`` leaves out the student head (the caption
         encoder alone, as for dense texts; a model without a head never uses one)."""
         out = []
-        # long enough for dense texts too (long-text retrieval); a batch pads to its longest text only
-        max_len = max(self.model.cfg.text.max_length, self.model.cfg.text.dense_max_length)
+        max_len = self.text_max_length  # a batch pads to its longest text only
         for i in range(0, len(texts), batch_size):
             ids, mask = self.tokenizer(texts[i : i + batch_size], max_len)
             emb = self.model.embed_texts(ids.to(self.device), mask.to(self.device), use_student=use_student)
