@@ -1,0 +1,320 @@
+"""Search with a model: a sentence against a split's images, an image against its texts.
+
+A split is embedded once per model (``bench.api.embed_eval_set`` on ``bench.data.load_shards``,
+as ``bench retrieval`` embeds it) and cached in the cache directory (never next to the data):
+
+    <cache_dir>/<key>.json          image keys, their shards, the texts and their images
+    <cache_dir>/<key>.safetensors   img, txt, txt_to_img (+ dense, dense_img): written last,
+                                    through a temporary name (``bench.api.save_embeddings``)
+
+``key`` is a sha256 of the model's identity (a bundle's resolved path, its config and the size
+and modification time of its weights; an HF model's ``identity``) and of the split's shards
+(names, sizes, modification times), so a retrained bundle or a rewritten shard embeds again.
+Top-k is exact (a matrix product) below ``faiss_min_images`` and a FAISS flat inner-product
+index from there on (``engine``), the index ``d2s.retrieval.faiss_ranks`` uses for bench.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from d2s.atomic import atomic_write_json
+
+from .config import UIConfig, UIError
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class Embedded:
+    """A split under one model: embeddings with the keys and texts they belong to."""
+
+    img: np.ndarray  # (N, D) float32, L2-normalised
+    txt: np.ndarray  # (T, D) sparse captions
+    txt_to_img: np.ndarray
+    dense: np.ndarray  # (M, D) kept dense texts (may be empty)
+    dense_img: np.ndarray
+    keys: list[str]
+    captions: list[str]
+    dense_texts: list[str]
+    cached: bool = False
+    _faiss: Any = None
+
+    def top_images(self, q: np.ndarray, k: int, engine: str) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, scores) of the ``k`` images closest to ``q`` (D,), best first."""
+        k = min(k, len(self.keys))
+        if engine == "faiss":
+            if self._faiss is None:
+                self._faiss = faiss_index(self.img)
+            scores, idx = self._faiss.search(np.ascontiguousarray(q[None, :], dtype=np.float32), k)
+            return idx[0], scores[0]
+        return top_k(self.img, q, k)
+
+
+def top_k(matrix: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product; ties keep the lower index (a stable order)."""
+    sims = torch.from_numpy(matrix) @ torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    k = min(k, sims.shape[0])
+    if k == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    vals, idx = torch.topk(sims, k)
+    order = np.lexsort((idx.numpy(), -vals.numpy()))
+    return idx.numpy()[order], vals.numpy()[order]
+
+
+def faiss_index(x: np.ndarray):
+    try:
+        import faiss  # type: ignore[import-not-found]
+    except ImportError:
+        raise UIError("engine 'faiss' needs faiss-cpu (pip install faiss-cpu, or d2s-ui[faiss])", 500) from None
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(np.ascontiguousarray(x, dtype=np.float32))
+    return index
+
+
+# ---------------------------------------------------------------------------- models
+class Model:
+    """A bundle (``vse.bundle``) or an HF dual encoder (``vse.scoring``), loaded on first use."""
+
+    def __init__(self, name: str, kind: str, path: str):
+        self.name, self.kind, self.path = name, kind, path
+        self._encoder = None
+        self._lock = threading.Lock()
+
+    def identity(self) -> str:
+        if self.kind == "bundle":
+            p = Path(self.path)
+            try:
+                weights = (p / "model.safetensors").stat()
+                config = (p / "vse_config.json").read_bytes()
+            except OSError as exc:
+                raise UIError(f"model {self.name}: {self.path} is not a readable bundle ({exc})", 422) from None
+            return json.dumps(
+                [str(p.resolve()), hashlib.sha256(config).hexdigest(), weights.st_size, weights.st_mtime_ns]
+            )
+        return self.encoder().identity
+
+    def encoder(self):
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = self._load()
+            return self._encoder
+
+    def _load(self):
+        t0 = time.perf_counter()
+        try:
+            if self.kind == "bundle":
+                from vse.bundle import load_bundle
+
+                enc = load_bundle(self.path)
+            else:
+                from vse.scoring import HFDualEncoderScorer
+
+                enc = HFDualEncoderScorer({"model": self.path, "progress": False})
+        except UIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure to load is shown, named
+            raise UIError(f"model {self.name}: cannot load {self.path} ({type(exc).__name__}: {exc})", 422) from None
+        log.info("model %s loaded in %.1fs", self.name, time.perf_counter() - t0)
+        return enc
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        enc = self.encoder()
+        return enc.embed_texts(texts) if self.kind == "hf" else enc.embed_texts(texts, batch_size=256)
+
+    def as_bench_encoder(self):
+        """``bench.api.Encoder`` (what ``embed_eval_set`` calls)."""
+        enc = self.encoder()
+        if self.kind == "bundle":
+            return enc
+        return _HFEncoder(enc)
+
+
+class _HFEncoder:
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    def embed_images(self, images: list, batch_size: int = 64) -> torch.Tensor:
+        return self.scorer.embed_images(images, [f"#{i}" for i in range(len(images))])
+
+    def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        return self.scorer.embed_texts(texts)
+
+
+def models_of(cfg: UIConfig) -> dict[str, Model]:
+    out = {n.name: Model(n.name, "bundle", str(n.path)) for n in cfg.bundles}
+    for n in cfg.hf_models:
+        out[n.name] = Model(n.name, "hf", str(n.path))
+    return out
+
+
+# ---------------------------------------------------------------------------- the cache
+class EmbeddingCache:
+    def __init__(self, cache_dir: Path):
+        self.dir = cache_dir
+        self._mem: dict[str, Embedded] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(model: Model, shards: list[Path], split: str) -> str:
+        parts = []
+        for s in shards:
+            try:
+                st = s.stat()
+            except OSError:
+                raise UIError(f"shard {s} is missing", 404) from None
+            parts.append([s.name, st.st_size, st.st_mtime_ns])
+        doc = {"version": CACHE_VERSION, "model": model.identity(), "split": split, "shards": parts}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+    def get(self, model: Model, shards_dir: Path, shards: list[Path], split: str) -> Embedded:
+        key = self.key(model, shards, split)
+        with self._lock:
+            if key in self._mem:
+                return self._mem[key]
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # one embedding per split and model, however many requests ask at once
+            if key in self._mem:
+                return self._mem[key]
+            emb = self._read(key)
+            if emb is None:
+                emb = self._embed(model, shards_dir, split)
+                self._write(key, emb)
+            with self._lock:
+                self._mem[key] = emb
+            return emb
+
+    def _read(self, key: str) -> Embedded | None:
+        st, js = self.dir / f"{key}.safetensors", self.dir / f"{key}.json"
+        if not st.exists() or not js.exists():
+            return None
+        from safetensors.numpy import load_file
+
+        try:
+            doc = json.loads(js.read_text())
+            t = load_file(str(st))
+            emb = Embedded(
+                t["img"],
+                t["txt"],
+                t["txt_to_img"],
+                t.get("dense", np.zeros((0, t["img"].shape[1]), np.float32)),
+                t.get("dense_img", np.zeros(0, np.int64)),
+                doc["keys"],
+                doc["captions"],
+                doc["dense_texts"],
+                cached=True,
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("cache %s unreadable (%s): embedding again", st, exc)
+            return None
+        if len(emb.keys) != emb.img.shape[0] or len(emb.captions) != emb.txt.shape[0]:
+            log.warning("cache %s does not match its key file: embedding again", st)
+            return None
+        return emb
+
+    def _embed(self, model: Model, shards_dir: Path, split: str) -> Embedded:
+        from bench.api import RetrievalSettings, embed_eval_set
+        from bench.data import DatasetError, load_shards
+        from d2s.schema import SampleError
+
+        t0 = time.perf_counter()
+        encoder = model.as_bench_encoder()  # a model that cannot load fails first, named
+        try:
+            data = load_shards(shards_dir, split, max_captions=0)
+            e = embed_eval_set(encoder, data, RetrievalSettings(long_text=True))
+        except (DatasetError, SampleError, FileNotFoundError, KeyError) as exc:
+            raise UIError(f"model {model.name} on {shards_dir} ({split}): {exc}", 422) from None
+        log.info("embedded %s/%s with %s in %.1fs", shards_dir, split, model.name, time.perf_counter() - t0)
+        dim = e.img.shape[1]
+        return Embedded(
+            e.img.float().numpy(),
+            e.txt.float().numpy(),
+            e.txt_to_img.numpy(),
+            e.dense.float().numpy() if e.dense is not None else np.zeros((0, dim), np.float32),
+            e.dense_img.numpy() if e.dense_img is not None else np.zeros(0, np.int64),
+            list(data.image_ids),
+            list(data.captions),
+            list(data.dense),
+        )
+
+    def _write(self, key: str, emb: Embedded) -> None:
+        from bench.api import Embeddings, save_embeddings
+
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(
+                self.dir / f"{key}.json",
+                {"keys": emb.keys, "captions": emb.captions, "dense_texts": emb.dense_texts},
+            )
+            e = Embeddings(
+                torch.from_numpy(emb.img),
+                torch.from_numpy(emb.txt),
+                torch.from_numpy(emb.txt_to_img),
+                torch.from_numpy(emb.dense) if len(emb.dense_texts) else None,
+                torch.from_numpy(emb.dense_img) if len(emb.dense_texts) else None,
+            )
+            save_embeddings(e, self.dir / f"{key}.safetensors")  # last: the completion marker
+        except OSError as exc:
+            log.warning("cannot write the embedding cache in %s (%s): kept in memory only", self.dir, exc)
+
+
+# ---------------------------------------------------------------------------- queries
+def engine_for(cfg: UIConfig, n_images: int) -> str:
+    if cfg.engine != "auto":
+        return cfg.engine
+    return "faiss" if n_images >= cfg.faiss_min_images and _has_faiss() else "exact"
+
+
+def _has_faiss() -> bool:
+    try:
+        import faiss  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def text_to_images(model: Model, emb: Embedded, query: str, k: int, engine: str) -> list[dict[str, Any]]:
+    q = model.embed_texts([query])[0].float().numpy()
+    idx, scores = emb.top_images(q, k, engine)
+    own = {int(emb.txt_to_img[j]) for j, c in enumerate(emb.captions) if c == query}
+    out = []
+    for rank, (i, s) in enumerate(zip(idx.tolist(), scores.tolist()), 1):
+        caps = [emb.captions[j] for j in np.flatnonzero(emb.txt_to_img == i)[:2]]
+        out.append({"rank": rank, "key": emb.keys[i], "score": round(float(s), 4), "captions": caps, "own": i in own})
+    return out
+
+
+def image_to_texts(emb: Embedded, key: str, k: int) -> list[dict[str, Any]]:
+    try:
+        i = emb.keys.index(key)
+    except ValueError:
+        raise UIError(f"no image with key {key!r} in this split", 404) from None
+    q = emb.img[i]
+    out = []
+    for kind, mat, owners, texts in (
+        ("sparse", emb.txt, emb.txt_to_img, emb.captions),
+        ("dense", emb.dense, emb.dense_img, emb.dense_texts),
+    ):
+        if not len(texts):
+            continue
+        idx, scores = top_k(mat, q, k)
+        for j, s in zip(idx.tolist(), scores.tolist()):
+            owner = emb.keys[int(owners[j])]
+            out.append({"kind": kind, "text": texts[j], "key": owner, "score": round(float(s), 4), "own": owner == key})
+    out.sort(key=lambda r: -r["score"])
+    for rank, r in enumerate(out[:k], 1):
+        r["rank"] = rank
+    return out[:k]
