@@ -68,15 +68,19 @@ def test_embeddings_are_cached_outside_the_run_and_reused(ui_run, best_query, tm
     before = _tree(ui_run)
     cfg = build_config(ui_run, cache_dir=tmp_path / "cache")
     params = {**Q, "model": "trained", "q": best_query[0], "k": 5}
+    by_image = {**Q, "model": "trained", "key": best_query[1], "k": 20}
     with TestClient(build_app(cfg)) as c:
         first = c.get("/api/search", params=params).json()
+        first_texts = c.get("/api/search_image", params=by_image).json()["results"]
     assert first["cached"] is False
     files = sorted(p.suffix for p in (tmp_path / "cache").iterdir())
     assert files == [".json", ".safetensors"]
     with TestClient(build_app(cfg)) as c:  # a new app: reads the cache file
         again = c.get("/api/search", params=params).json()
         other = c.get("/api/search", params={**params, "model": "init"}).json()
+        texts = c.get("/api/search_image", params=by_image).json()["results"]  # text embeddings read now
     assert again["cached"] is True and again["results"] == first["results"]
+    assert texts == first_texts
     assert other["cached"] is False and len(list((tmp_path / "cache").iterdir())) == 4  # keyed by bundle
     assert _tree(ui_run) == before  # nothing written into the run
 

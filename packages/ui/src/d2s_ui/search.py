@@ -21,7 +21,6 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +36,48 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
-@dataclass
 class Embedded:
-    """A split under one model: embeddings with the keys and texts they belong to."""
+    """A split under one model: embeddings with the keys and texts they belong to.
 
-    img: np.ndarray  # (N, D) float32, L2-normalised
-    txt: np.ndarray  # (T, D) sparse captions
-    txt_to_img: np.ndarray
-    dense: np.ndarray  # (M, D) kept dense texts (may be empty)
-    dense_img: np.ndarray
-    keys: list[str]
-    captions: list[str]
-    dense_texts: list[str]
-    cached: bool = False
-    _faiss: Any = None
+    ``txt`` and ``dense`` may come from a loader, read from the cache file on first use: a
+    sentence -> image search needs the image embeddings only, so the first results of a new app
+    wait for those alone."""
+
+    def __init__(
+        self,
+        img: np.ndarray,  # (N, D) float32, L2-normalised
+        txt_to_img: np.ndarray,
+        dense_img: np.ndarray,
+        keys: list[str],
+        captions: list[str],
+        dense_texts: list[str],
+        *,
+        txt: np.ndarray | None = None,  # (T, D) sparse captions
+        dense: np.ndarray | None = None,  # (M, D) kept dense texts (may be empty)
+        loader=None,  # () -> (txt, dense), when they are not given
+        cached: bool = False,
+    ):
+        self.img, self.txt_to_img, self.dense_img = img, txt_to_img, dense_img
+        self.keys, self.captions, self.dense_texts = keys, captions, dense_texts
+        self._txt, self._dense, self._loader = txt, dense, loader
+        self.cached = cached
+        self._faiss = None
+        self._lock = threading.Lock()
+
+    def _texts(self) -> None:
+        with self._lock:
+            if self._txt is None:
+                self._txt, self._dense = self._loader()
+
+    @property
+    def txt(self) -> np.ndarray:
+        self._texts()
+        return self._txt
+
+    @property
+    def dense(self) -> np.ndarray:
+        self._texts()
+        return self._dense
 
     def top_images(self, q: np.ndarray, k: int, engine: str) -> tuple[np.ndarray, np.ndarray]:
         """(indices, scores) of the ``k`` images closest to ``q`` (D,), best first."""
@@ -64,7 +91,7 @@ class Embedded:
 
 
 def top_k(matrix: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product; ties keep the lower index (a stable order)."""
+    """Exact top-k by inner product, best first (equal scores within the k in index order)."""
     sims = torch.from_numpy(matrix) @ torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
     k = min(k, sims.shape[0])
     if k == 0:
@@ -198,29 +225,48 @@ class EmbeddingCache:
             return emb
 
     def _read(self, key: str) -> Embedded | None:
+        from safetensors import safe_open
+
         st, js = self.dir / f"{key}.safetensors", self.dir / f"{key}.json"
         if not st.exists() or not js.exists():
             return None
-        from safetensors.numpy import load_file
-
         try:
             doc = json.loads(js.read_text())
-            t = load_file(str(st))
+            with safe_open(str(st), framework="numpy") as f:
+                names = set(f.keys())
+                img = f.get_tensor("img")
+                n_txt = f.get_slice("txt").get_shape()[0]
+                mapping = f.get_tensor("txt_to_img")
+                dense_img = f.get_tensor("dense_img") if "dense_img" in names else np.zeros(0, np.int64)
+            dim = img.shape[1]
+
+            def load_texts() -> tuple[np.ndarray, np.ndarray]:
+                try:
+                    with safe_open(str(st), framework="numpy") as f:
+                        txt = f.get_tensor("txt")
+                        dense = f.get_tensor("dense") if "dense" in names else np.zeros((0, dim), np.float32)
+                except (OSError, ValueError) as exc:
+                    raise UIError(
+                        f"embedding cache {st}: the text embeddings cannot be read any more ({exc}); "
+                        "restart d2s ui to embed the split again",
+                        500,
+                    ) from None
+                return txt, dense
+
             emb = Embedded(
-                t["img"],
-                t["txt"],
-                t["txt_to_img"],
-                t.get("dense", np.zeros((0, t["img"].shape[1]), np.float32)),
-                t.get("dense_img", np.zeros(0, np.int64)),
+                img,
+                mapping,
+                dense_img,
                 doc["keys"],
                 doc["captions"],
                 doc["dense_texts"],
+                loader=load_texts,
                 cached=True,
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("cache %s unreadable (%s): embedding again", st, exc)
             return None
-        if len(emb.keys) != emb.img.shape[0] or len(emb.captions) != emb.txt.shape[0]:
+        if len(emb.keys) != img.shape[0] or len(emb.captions) != n_txt or len(mapping) != n_txt:
             log.warning("cache %s does not match its key file: embedding again", st)
             return None
         return emb
@@ -241,13 +287,13 @@ class EmbeddingCache:
         dim = e.img.shape[1]
         return Embedded(
             e.img.float().numpy(),
-            e.txt.float().numpy(),
             e.txt_to_img.numpy(),
-            e.dense.float().numpy() if e.dense is not None else np.zeros((0, dim), np.float32),
             e.dense_img.numpy() if e.dense_img is not None else np.zeros(0, np.int64),
             list(data.image_ids),
             list(data.captions),
             list(data.dense),
+            txt=e.txt.float().numpy(),
+            dense=e.dense.float().numpy() if e.dense is not None else np.zeros((0, dim), np.float32),
         )
 
     def _write(self, key: str, emb: Embedded) -> None:
