@@ -264,3 +264,54 @@ def test_command_line_errors_name_the_field(ui_run, tmp_path, caplog):
     assert "cache_dir" in caplog.text and "never writes under what it shows" in caplog.text
     assert main(["ui", "--bundle", f"a={tmp_path / 'missing'}"]) == 2
     assert "bundles: a:" in caplog.text
+
+
+def test_a_pipeline_run_dir_is_found_as_the_stages_left_it(ui_run, tmp_path):
+    """vse-train leaves <stage>/bundle and its copy <stage>/run/bundle, plus run/bundle-raw."""
+    import shutil
+
+    from d2s_ui.config import discover
+
+    src = ui_run / "trained" / "bundle"
+    run = tmp_path / "run"
+    shutil.copytree(src, run / "d2s" / "bundle")
+    shutil.copytree(src, run / "d2s" / "run" / "bundle")
+    shutil.copytree(src, run / "d2s" / "run" / "bundle-raw")
+    shutil.copytree(src, run / "d2s" / "run" / "best")  # a checkpoint folder: never a bundle
+    other = run / "baseline" / "run" / "bundle"
+    shutil.copytree(src, other)
+    cfg = json.loads((other / "vse_config.json").read_text())
+    (other / "vse_config.json").write_text(json.dumps({**cfg, "recipe": "baseline"}))
+    shutil.copytree(ui_run / "world", run / "world")
+    found = discover(run)
+    assert {n.name: n.path.relative_to(run).as_posix() for n in found["bundles"]} == {
+        "baseline": "baseline/run/bundle",
+        "d2s": "d2s/bundle",
+        "d2s raw": "d2s/run/bundle-raw",
+    }
+    assert [n.name for n in found["shards"]] == ["world"]
+
+
+def test_search_under_an_hf_dual_encoder(ui_run, tmp_path):
+    """``--hf NAME=MODEL``: a tiny random CLIP saved with save_pretrained, through vse.scoring."""
+    import torch
+    from starlette.testclient import TestClient
+
+    from d2s.shards import read_samples
+    from d2s_ui.app import build_app
+    from d2s_ui.config import build_config
+    from densecap.testing.tiny_clip import build_tiny_clip
+    from vse.scoring import HFDualEncoderScorer
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    world = ui_run / "world" / "shards"
+    cfg = build_config(shards=[f"world={world}"], hf_models=[f"clip={clip}"], cache_dir=tmp_path / "c")
+    query = "a red circle above a blue square"
+    with TestClient(build_app(cfg)) as c:
+        doc = c.get("/api/search", params={**Q, "model": "clip", "q": query, "k": 5}).json()
+        assert c.get("/api/config").json()["models"] == [{"name": "clip", "kind": "hf", "path": str(clip)}]
+    ref = HFDualEncoderScorer({"model": str(clip), "progress": False})
+    samples = read_samples(world, "train")
+    sims = (ref.embed_texts([query]) @ ref.embed_images([s.image for s in samples], [s.key for s in samples]).T)[0]
+    want = [samples[i].key for i in torch.argsort(-sims, stable=True)[:5].tolist()]
+    assert [x["key"] for x in doc["results"]] == want

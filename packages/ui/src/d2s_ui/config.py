@@ -146,19 +146,33 @@ def discover(run_dir: Path) -> dict[str, list[Named]]:
     (``summary.json`` beside ``lengths.png``) under ``run_dir``, named by their path in it."""
     run_dir = run_dir.resolve()
     found: dict[str, list[Named]] = {"shards": [], "bundles": [], "results": [], "reports": []}
+    bundle_configs: dict[str, bytes] = {}
+
+    def add(kind: str, name: str, d: Path, rel: str) -> None:
+        names = {n.name for n in found[kind]}
+        if name in names:  # e.g. two stages' folders of the same last name: the whole path
+            name = rel
+        if name not in names:
+            found[kind].append(Named(name, d))
+
     for d in _walk(run_dir):
         rel = d.relative_to(run_dir).as_posix()
         name = rel if rel != "." else run_dir.name
         if (d / "manifest.json").is_file():
-            found["shards"].append(Named(name.removesuffix("/shards"), d))
+            add("shards", name.removesuffix("/shards"), d, rel)
         doc = _read_json(d / "vse_config.json") if (d / "vse_config.json").is_file() else None
         if doc is not None and doc.get("format") == "vse-bundle":
-            found["bundles"].append(Named(_bundle_name(rel), d))
+            config = (d / "vse_config.json").read_bytes()
+            bname = _bundle_name(rel)
+            # a vse-train stage copies <stage>/run/bundle to <stage>/bundle: the copy is one model
+            if bundle_configs.get(bname) != config:
+                add("bundles", bname, d, rel)
+                bundle_configs.setdefault(bname, config)
         doc = _read_json(d / "results.json") if (d / "results.json").is_file() else None
         if doc is not None and doc.get("format") == "d2s-bench-retrieval":
-            found["results"].append(Named(name.removesuffix("/results"), d))
+            add("results", name.removesuffix("/results"), d, rel)
         if (d / "summary.json").is_file() and (d / "lengths.png").is_file():
-            found["reports"].append(Named(name.removesuffix("/report"), d))
+            add("reports", name.removesuffix("/report"), d, rel)
     return found
 
 
