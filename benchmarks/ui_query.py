@@ -79,12 +79,11 @@ def plant_cache(cache: Path, bundle: Path, world: Path, n: int, per_image: int, 
     from safetensors.numpy import save_file
 
     from d2s.atomic import atomic_write_json
-    from d2s.shards import split_shards
+    from d2s_ui.corpus import ShardDir
     from d2s_ui.search import EmbeddingCache, Model
 
     model = Model("bench", "bundle", str(bundle))
-    shards = [Path(p) for p in split_shards(world, "train")]
-    key = EmbeddingCache.key(model, shards, "train")
+    key = EmbeddingCache.key(model, ShardDir("world", world), "train")
     rng = np.random.default_rng(0)
     cache.mkdir(parents=True, exist_ok=True)
     keys = [f"img_{i:08d}" for i in range(n)]

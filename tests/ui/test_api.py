@@ -315,3 +315,51 @@ def test_search_under_an_hf_dual_encoder(ui_run, tmp_path):
     sims = (ref.embed_texts([query]) @ ref.embed_images([s.image for s in samples], [s.key for s in samples]).T)[0]
     want = [samples[i].key for i in torch.argsort(-sims, stable=True)[:5].tolist()]
     assert [x["key"] for x in doc["results"]] == want
+
+
+def test_search_a_folder_of_images(ui_run, tmp_path):
+    """``--images DIR``: image files in folders, searched like a split named ``images``."""
+    import torch
+    from starlette.testclient import TestClient
+
+    from d2s.shards import read_samples
+    from d2s_ui.app import build_app
+    from d2s_ui.config import build_config
+    from vse.bundle import load_bundle
+
+    samples = read_samples(ui_run / "world" / "shards", "train")[:12]
+    folder = tmp_path / "photos"
+    for i, s in enumerate(samples):
+        sub = folder / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"{s.key}.{s.image_ext}").write_bytes(s.image)
+    (folder / "notes.txt").write_text("not an image")
+    cfg = build_config(
+        images=[f"photos={folder}"], bundles=[f"trained={ui_run / 'trained' / 'bundle'}"], cache_dir=tmp_path / "c"
+    )
+    query = samples[3].sparse[0]
+    q = {"ds": "photos", "split": "images", "model": "trained", "q": query, "k": 12}
+    with TestClient(build_app(cfg)) as c:
+        assert c.get("/api/config").json()["datasets"][0]["splits"] == {"images": 12}
+        doc = c.get("/api/search", params=q).json()
+        first = doc["results"][0]["key"]
+        r = c.get("/api/image", params={"ds": "photos", "split": "images", "key": first})
+        assert r.status_code == 200 and r.content == (folder / first).read_bytes()
+        for bad in ("../c/x.png", "/etc/passwd"):
+            r = c.get("/api/image", params={"ds": "photos", "split": "images", "key": bad})
+            assert r.status_code == 403 and "refused" in r.text
+        assert c.get("/api/image", params={"ds": "photos", "split": "images", "key": "notes.txt"}).status_code == 403
+        r = c.get("/api/corpus", params={"ds": "photos", "split": "images"})
+        assert r.status_code == 400 and "no captions to browse" in r.json()["error"]
+    b = load_bundle(ui_run / "trained" / "bundle")
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    sims = (b.embed_texts([query]) @ b.embed_images([(folder / f).read_bytes() for f in files]).T)[0]
+    assert [x["key"] for x in doc["results"]] == [files[i] for i in torch.argsort(-sims, stable=True).tolist()]
+    # an image that cannot be decoded is named by its path
+    (folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    cfg = build_config(
+        images=[f"photos={folder}"], bundles=[f"trained={ui_run / 'trained' / 'bundle'}"], cache_dir=tmp_path / "c2"
+    )
+    with TestClient(build_app(cfg)) as c:
+        r = c.get("/api/search", params=q)
+    assert r.status_code == 422 and "a/broken.png" in r.json()["error"]

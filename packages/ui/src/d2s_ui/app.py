@@ -29,7 +29,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from .config import UIConfig, UIError
-from .corpus import CorpusFilter, ShardDir
+from .corpus import CorpusFilter, ImageFolder, ShardDir
 from .paths import Roots
 from .runs import runs_view
 from .search import EmbeddingCache, engine_for, image_to_texts, models_of, text_to_images
@@ -47,13 +47,14 @@ class State:
     def __init__(self, cfg: UIConfig):
         self.cfg = cfg
         self.roots = Roots(cfg.roots())
-        self.datasets = {n.name: ShardDir(n.name, n.path) for n in cfg.shards}
+        self.datasets: dict[str, ShardDir | ImageFolder] = {n.name: ShardDir(n.name, n.path) for n in cfg.shards}
+        self.datasets.update({n.name: ImageFolder(n.name, n.path) for n in cfg.images})
         self.models = models_of(cfg)
         self.cache = EmbeddingCache(cfg.cache_dir)
 
-    def dataset(self, name: str) -> ShardDir:
+    def dataset(self, name: str) -> ShardDir | ImageFolder:
         if name not in self.datasets:
-            raise UIError(f"ds {name!r}: no such shard directory; known: {sorted(self.datasets)}", 404)
+            raise UIError(f"ds {name!r}: no such shard directory or image folder; known: {sorted(self.datasets)}", 404)
         return self.datasets[name]
 
     def model(self, name: str):
@@ -62,8 +63,7 @@ class State:
         return self.models[name]
 
     def embedded(self, model: str, ds: str, split: str):
-        d = self.dataset(ds)
-        return self.cache.get(self.model(model), d.path, d.shards(split), split)
+        return self.cache.get(self.model(model), self.dataset(ds), split)
 
 
 def _arg(request: Request, name: str, default: str | None = None) -> str:
@@ -116,10 +116,11 @@ def build_app(cfg: UIConfig) -> Starlette:
     def config(request: Request) -> dict[str, Any]:
         datasets = []
         for name, d in st.datasets.items():
+            kind = "images" if isinstance(d, ImageFolder) else "shards"
             try:
-                datasets.append({"name": name, "path": str(d.path), "splits": d.splits()})
+                datasets.append({"name": name, "kind": kind, "path": str(d.path), "splits": d.splits()})
             except UIError as exc:
-                datasets.append({"name": name, "path": str(d.path), "splits": {}, "problem": str(exc)})
+                datasets.append({"name": name, "kind": kind, "path": str(d.path), "splits": {}, "problem": str(exc)})
         reports = []
         for n in cfg.reports:
             figs = sorted(p.name for p in n.path.glob("*.png"))

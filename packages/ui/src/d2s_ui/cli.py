@@ -25,6 +25,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", nargs="?", help="a pipeline run dir: its shards, bundles, bench results and reports")
     p.add_argument("--shards", action="append", default=[], metavar="[NAME=]DIR", help="a shard directory (repeat)")
+    p.add_argument("--images", action="append", default=[], metavar="[NAME=]DIR", help="a folder of images to search")
     p.add_argument("--bundle", action="append", default=[], metavar="[NAME=]DIR", help="an inference bundle (repeat)")
     p.add_argument("--results", action="append", default=[], metavar="[NAME=]DIR", help="a bench results dir (repeat)")
     p.add_argument("--report", action="append", default=[], metavar="[NAME=]DIR", help="a densecap report dir (repeat)")
@@ -43,6 +44,7 @@ def config_from_args(args: argparse.Namespace):
     return build_config(
         args.run_dir,
         shards=args.shards,
+        images=args.images,
         bundles=args.bundle,
         results=args.results,
         reports=args.report,

@@ -40,6 +40,7 @@ class UIConfig:
 
     run_dir: Path | None = None
     shards: list[Named] = field(default_factory=list)
+    images: list[Named] = field(default_factory=list)  # folders of image files (search only)
     bundles: list[Named] = field(default_factory=list)
     results: list[Named] = field(default_factory=list)
     reports: list[Named] = field(default_factory=list)
@@ -55,12 +56,12 @@ class UIConfig:
             raise ConfigError(f"engine: expected auto, exact or faiss, got {self.engine!r}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port: {self.port} is not a TCP port")
-        for kind in ("shards", "bundles", "results", "reports", "hf_models"):
+        for kind in ("shards", "images", "bundles", "results", "reports", "hf_models"):
             names = [n.name for n in getattr(self, kind)]
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ConfigError(f"{kind}: name(s) {dup} given twice; name them NAME=PATH")
-        for kind in ("shards", "bundles", "results", "reports"):
+        for kind in ("shards", "images", "bundles", "results", "reports"):
             for n in getattr(self, kind):
                 if not n.path.exists():
                     raise ConfigError(f"{kind}: {n.name}: {n.path} does not exist")
@@ -75,7 +76,7 @@ class UIConfig:
         out: list[Named] = []
         if self.run_dir is not None:
             out.append(Named("run", self.run_dir))
-        for kind in ("shards", "bundles", "results", "reports"):
+        for kind in ("shards", "images", "bundles", "results", "reports"):
             for n in getattr(self, kind):
                 out.append(Named(f"{kind}:{n.name}", n.path if n.path.is_dir() else n.path.parent))
         return out
@@ -191,6 +192,7 @@ def build_config(
     run_dir: str | Path | None = None,
     *,
     shards: list[str] = (),
+    images: list[str] = (),
     bundles: list[str] = (),
     results: list[str] = (),
     reports: list[str] = (),
@@ -225,10 +227,12 @@ def build_config(
         if not sep or not name or not model:
             raise ConfigError(f"--hf {item!r}: expected NAME=MODEL (a hub name or a local folder)")
         hf.append(Named(name, Path(model)))
-    if not any(merged.values()):
-        raise ConfigError("nothing to show: give a RUN_DIR, or --shards / --bundle / --results")
+    folders = parse_named(list(images), "images")
+    if not any(merged.values()) and not folders:
+        raise ConfigError("nothing to show: give a RUN_DIR, or --shards / --images / --bundle / --results")
     return UIConfig(
         run_dir=rd,
+        images=folders,
         hf_models=hf,
         cache_dir=Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir(),
         host=host,

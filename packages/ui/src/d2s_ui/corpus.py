@@ -20,7 +20,7 @@ import numpy as np
 from d2s.schema import IMAGE_EXTENSIONS, Sample, SampleError
 from d2s.shards import read_manifest
 
-from .config import UIError
+from .config import Named, UIError
 
 MEDIA_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
@@ -286,3 +286,57 @@ class CorpusFilter:
             if x is None or (self.lo is not None and x < self.lo) or (self.hi is not None and x > self.hi):
                 return False
         return True
+
+
+class ImageFolder:
+    """A folder of image files (``--images``), searchable like a split named ``images``; no
+    captions, so nothing to browse on the corpus page. Keys are paths inside the folder."""
+
+    SPLIT = "images"
+
+    def __init__(self, name: str, path: Path):
+        self.name, self.path = name, path.resolve()
+        self._files: list[tuple[str, Path]] | None = None
+
+    def files(self) -> list[tuple[str, Path]]:
+        if self._files is None:
+            if not self.path.is_dir():
+                raise UIError(f"images {self.name}: {self.path} is not a directory", 404)
+            out = []
+            for p in sorted(self.path.rglob("*")):
+                if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+                    out.append((p.relative_to(self.path).as_posix(), p))
+            if not out:
+                raise UIError(f"images {self.name}: no .jpg, .png or .webp file under {self.path}", 422)
+            self._files = out
+        return self._files
+
+    def splits(self) -> dict[str, int]:
+        return {self.SPLIT: len(self.files())}
+
+    def shards(self, split: str) -> list[Path]:
+        self._split(split)
+        return [p for _, p in self.files()]
+
+    def _split(self, split: str) -> None:
+        if split != self.SPLIT:
+            raise UIError(f"images {self.name}: a folder has one split, {self.SPLIT!r} (asked for {split!r})", 404)
+
+    def image(self, split: str, key: str) -> tuple[bytes, str]:
+        from .paths import Roots
+
+        self._split(split)
+        path = Roots([Named(self.name, self.path)]).resolve(self.name, key)
+        ext = path.suffix.lower().lstrip(".")
+        if ext not in MEDIA_TYPES:
+            raise UIError(f"images {self.name}: {key!r} is not an image file", 403)
+        return path.read_bytes(), MEDIA_TYPES[ext]
+
+    def _no_corpus(self) -> UIError:
+        return UIError(f"images {self.name}: a folder of images has no captions to browse; search it instead", 400)
+
+    def query(self, split: str, f: CorpusFilter, page: int, size: int) -> dict[str, Any]:
+        raise self._no_corpus()
+
+    def stats(self, split: str, bins: int = 20) -> dict[str, Any]:
+        raise self._no_corpus()

@@ -5,11 +5,12 @@ as ``bench retrieval`` embeds it) and cached in the cache directory (never next 
 
     <cache_dir>/<key>.json          image keys, their shards, the texts and their images
     <cache_dir>/<key>.safetensors   img, txt, txt_to_img (+ dense, dense_img): written last,
-                                    through a temporary name (``bench.api.save_embeddings``)
+                                    through a temporary name
 
 ``key`` is a sha256 of the model's identity (a bundle's resolved path, its config and the size
 and modification time of its weights; an HF model's ``identity``) and of the split's shards
-(names, sizes, modification times), so a retrained bundle or a rewritten shard embeds again.
+(names, sizes, modification times), so a retrained bundle or a rewritten shard embeds again. A
+folder of images (``--images``) is embedded the same way, its image files standing for shards.
 Top-k is exact (a matrix product) below ``faiss_min_images`` and a FAISS flat inner-product
 index from there on (``engine``), the index ``d2s.retrieval.faiss_ranks`` uses for bench.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ import torch
 from d2s.atomic import atomic_write_json
 
 from .config import UIConfig, UIError
+from .corpus import ImageFolder
 
 log = logging.getLogger(__name__)
 
@@ -196,19 +199,20 @@ class EmbeddingCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(model: Model, shards: list[Path], split: str) -> str:
+    def key(model: Model, source, split: str) -> str:
+        """``source``: a ``ShardDir`` or an ``ImageFolder`` (its files stand for its content)."""
         parts = []
-        for s in shards:
+        for s in source.shards(split):
             try:
                 st = s.stat()
             except OSError:
-                raise UIError(f"shard {s} is missing", 404) from None
-            parts.append([s.name, st.st_size, st.st_mtime_ns])
-        doc = {"version": CACHE_VERSION, "model": model.identity(), "split": split, "shards": parts}
+                raise UIError(f"{source.name}: {s} is missing", 404) from None
+            parts.append([s.relative_to(source.path).as_posix(), st.st_size, st.st_mtime_ns])
+        doc = {"version": CACHE_VERSION, "model": model.identity(), "split": split, "files": parts}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
-    def get(self, model: Model, shards_dir: Path, shards: list[Path], split: str) -> Embedded:
-        key = self.key(model, shards, split)
+    def get(self, model: Model, source, split: str) -> Embedded:
+        key = self.key(model, source, split)
         with self._lock:
             if key in self._mem:
                 return self._mem[key]
@@ -218,7 +222,7 @@ class EmbeddingCache:
                 return self._mem[key]
             emb = self._read(key)
             if emb is None:
-                emb = self._embed(model, shards_dir, split)
+                emb = self._embed(model, source, split)
                 self._write(key, emb)
             with self._lock:
                 self._mem[key] = emb
@@ -271,33 +275,38 @@ class EmbeddingCache:
             return None
         return emb
 
-    def _embed(self, model: Model, shards_dir: Path, split: str) -> Embedded:
+    def _embed(self, model: Model, source, split: str) -> Embedded:
         from bench.api import RetrievalSettings, embed_eval_set
         from bench.data import DatasetError, load_shards
         from d2s.schema import SampleError
 
         t0 = time.perf_counter()
         encoder = model.as_bench_encoder()  # a model that cannot load fails first, named
-        try:
-            data = load_shards(shards_dir, split, max_captions=0)
-            e = embed_eval_set(encoder, data, RetrievalSettings(long_text=True))
-        except (DatasetError, SampleError, FileNotFoundError, KeyError) as exc:
-            raise UIError(f"model {model.name} on {shards_dir} ({split}): {exc}", 422) from None
-        log.info("embedded %s/%s with %s in %.1fs", shards_dir, split, model.name, time.perf_counter() - t0)
-        dim = e.img.shape[1]
-        return Embedded(
-            e.img.float().numpy(),
-            e.txt_to_img.numpy(),
-            e.dense_img.numpy() if e.dense_img is not None else np.zeros(0, np.int64),
-            list(data.image_ids),
-            list(data.captions),
-            list(data.dense),
-            txt=e.txt.float().numpy(),
-            dense=e.dense.float().numpy() if e.dense is not None else np.zeros((0, dim), np.float32),
-        )
+        if isinstance(source, ImageFolder):
+            emb = _embed_folder(encoder, model, source)
+        else:
+            try:
+                data = load_shards(source.path, split, max_captions=0)
+                e = embed_eval_set(encoder, data, RetrievalSettings(long_text=True))
+            except (DatasetError, SampleError, FileNotFoundError, KeyError) as exc:
+                raise UIError(f"model {model.name} on {source.path} ({split}): {exc}", 422) from None
+            dim = e.img.shape[1]
+            emb = Embedded(
+                e.img.float().numpy(),
+                e.txt_to_img.numpy(),
+                e.dense_img.numpy() if e.dense_img is not None else np.zeros(0, np.int64),
+                list(data.image_ids),
+                list(data.captions),
+                list(data.dense),
+                txt=e.txt.float().numpy(),
+                dense=e.dense.float().numpy() if e.dense is not None else np.zeros((0, dim), np.float32),
+            )
+        log.info("embedded %s/%s with %s in %.1fs", source.path, split, model.name, time.perf_counter() - t0)
+        return emb
 
     def _write(self, key: str, emb: Embedded) -> None:
-        from bench.api import Embeddings, save_embeddings
+        """The key file, then the tensors through a temporary name (the completion marker)."""
+        from safetensors.numpy import save_file
 
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -305,16 +314,62 @@ class EmbeddingCache:
                 self.dir / f"{key}.json",
                 {"keys": emb.keys, "captions": emb.captions, "dense_texts": emb.dense_texts},
             )
-            e = Embeddings(
-                torch.from_numpy(emb.img),
-                torch.from_numpy(emb.txt),
-                torch.from_numpy(emb.txt_to_img),
-                torch.from_numpy(emb.dense) if len(emb.dense_texts) else None,
-                torch.from_numpy(emb.dense_img) if len(emb.dense_texts) else None,
-            )
-            save_embeddings(e, self.dir / f"{key}.safetensors")  # last: the completion marker
+            final = self.dir / f"{key}.safetensors"
+            tmp = final.with_name(final.name + ".tmp")
+            tensors = {"img": emb.img, "txt": emb.txt, "txt_to_img": emb.txt_to_img}
+            if len(emb.dense_texts):
+                tensors.update(dense=emb.dense, dense_img=emb.dense_img)
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+            os.replace(tmp, final)
         except OSError as exc:
             log.warning("cannot write the embedding cache in %s (%s): kept in memory only", self.dir, exc)
+
+
+def _embed_folder(encoder, model: Model, folder: ImageFolder) -> Embedded:
+    """Every image of a folder (no texts), read batch by batch; an image that cannot be
+    decoded is named by its path."""
+    from tqdm import tqdm
+
+    files = folder.files()
+    out = []
+    step = 256
+    for i in tqdm(range(0, len(files), step), desc=f"embed {folder.name}", unit="batch"):
+        chunk = files[i : i + step]
+        data = [p.read_bytes() for _, p in chunk]
+        try:
+            out.append(encoder.embed_images(data, batch_size=64).float())
+        except Exception as exc:  # noqa: BLE001 - named below when an image is the cause
+            bad = _first_undecodable(data)
+            if bad is None:
+                raise
+            raise UIError(f"model {model.name}: cannot decode {folder.path / chunk[bad][0]} ({exc})", 422) from None
+    img = torch.cat(out).numpy()
+    dim = img.shape[1]
+    empty = np.zeros(0, np.int64)
+    return Embedded(
+        img,
+        empty,
+        empty,
+        [k for k, _ in files],
+        [],
+        [],
+        txt=np.zeros((0, dim), np.float32),
+        dense=np.zeros((0, dim), np.float32),
+    )
+
+
+def _first_undecodable(data: list[bytes]) -> int | None:
+    import io
+
+    from PIL import Image
+
+    for j, b in enumerate(data):
+        try:
+            with Image.open(io.BytesIO(b)) as im:
+                im.convert("RGB")
+        except Exception:  # noqa: BLE001 - any failure to decode
+            return j
+    return None
 
 
 # ---------------------------------------------------------------------------- queries

@@ -32,9 +32,9 @@ function fillSelect(sel, values, keep) {
   if (keep && values.includes(old)) sel.value = old;
 }
 
-function datasetControls(cfg, onChange) {
+function datasetControls(cfg, onChange, kinds) {
   const ds = $("#ds"), split = $("#split");
-  const usable = cfg.datasets.filter((d) => Object.keys(d.splits).length);
+  const usable = cfg.datasets.filter((d) => Object.keys(d.splits).length && (!kinds || kinds.includes(d.kind)));
   cfg.datasets.filter((d) => d.problem).forEach((d) => showError(d.problem));
   // the dataset with dense texts (the captions stage) first when a run has several
   fillSelect(ds, usable.map((d) => d.name));
@@ -212,7 +212,7 @@ function denseBlock(d) {
 
 async function initCorpus(cfg) {
   let page = 0;
-  datasetControls(cfg, () => { page = 0; loadStats().then(load); });
+  datasetControls(cfg, () => { page = 0; loadStats().then(load); }, ["shards"]);
   const filters = () => ({ ds: $("#ds").value, split: $("#split").value, verdict: $("#verdict").value, source: $("#source").value, score: $("#score").value, lo: $("#lo").value, hi: $("#hi").value, key: $("#key").value.trim() });
 
   async function load() {
