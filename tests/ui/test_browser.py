@@ -22,6 +22,14 @@ def _wait(browser, css: str, timeout: float = WAIT):
     return WebDriverWait(browser, timeout).until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
 
 
+def _visible(browser, css: str, timeout: float = WAIT):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, timeout).until(ec.visibility_of_element_located((By.CSS_SELECTOR, css)))
+
+
 def _page_errors(browser) -> str:
     from selenium.webdriver.common.by import By
 
@@ -59,8 +67,7 @@ def test_search_page_shows_a_refusal_as_a_message(browser, ui_server):
     browser.get(f"{ui_server}/search")
     _wait(browser, "body[data-ready]")
     browser.find_element(By.ID, "go").click()  # no sentence typed
-    _wait(browser, "#results .column")
-    msg = _page_errors(browser)
+    msg = _visible(browser, "#error").text
     assert "q: type a sentence to search for" in msg and "Traceback" not in browser.page_source
 
 

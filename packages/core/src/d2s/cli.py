@@ -140,7 +140,14 @@ def _plugin_commands(sub) -> list[argparse.ArgumentParser]:
 
     out = []
     for ep in sorted(entry_points(group="d2s.commands"), key=lambda e: e.name):
-        out.append(ep.load()(sub))
+        try:
+            add = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in must not take `d2s run` down with it
+            log.warning(
+                "d2s %s: cannot load %s (%s: %s); the command is left out", ep.name, ep.value, type(exc).__name__, exc
+            )
+            continue
+        out.append(add(sub))
     return out
 
 
