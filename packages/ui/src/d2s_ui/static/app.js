@@ -129,9 +129,9 @@ function lineChart(title, series, ylabel) {
 // ------------------------------------------------------------------ search page
 async function initSearch(cfg) {
   const box = $("#models");
-  cfg.models.forEach((m, i) => {
+  cfg.models.forEach((m) => {
     const l = document.createElement("label"); l.style.flexDirection = "row"; l.style.display = "inline";
-    l.innerHTML = `<input type="checkbox" class="model" value="${esc(m.name)}" ${i < 4 ? "checked" : ""}> ${esc(m.name)} `;
+    l.innerHTML = `<input type="checkbox" class="model" value="${esc(m.name)}" checked> ${esc(m.name)} `;
     box.appendChild(l);
   });
   if (!cfg.models.length) showError("no model to search with: give a run dir with bundles, or --bundle / --hf");
