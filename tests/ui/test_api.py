@@ -25,6 +25,7 @@ def test_pages_are_served(ui_client, page):
     r = ui_client.get(f"/{page}")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert f'data-page="{page}"' in r.text and '<script src="/static/app.js">' in r.text
+    assert r.headers["content-security-policy"].startswith("default-src 'self'")
     assert ui_client.get("/static/app.js").status_code == 200
     assert ui_client.get("/static/../config.py").status_code == 404
 
@@ -96,6 +97,13 @@ def test_faiss_engine_gives_the_exact_ranking(ui_run, best_query, tmp_path):
     for engine in ("exact", "faiss"):
         with TestClient(build_app(build_config(ui_run, cache_dir=tmp_path / "c", engine=engine))) as c:
             got[engine] = c.get("/api/search", params=params).json()
+    cfg = build_config(ui_run, cache_dir=tmp_path / "c")
+    assert cfg.engine == "auto" and cfg.faiss_min_images > 40
+    with TestClient(build_app(cfg)) as c:
+        assert c.get("/api/search", params=params).json()["engine"] == "exact"
+    cfg.faiss_min_images = 40  # auto: FAISS from this many images on
+    with TestClient(build_app(cfg)) as c:
+        assert c.get("/api/search", params=params).json()["engine"] == "faiss"
     assert got["faiss"]["engine"] == "faiss" and got["exact"]["engine"] == "exact"
     assert [x["key"] for x in got["faiss"]["results"]] == [x["key"] for x in got["exact"]["results"]]
 

@@ -37,6 +37,8 @@ from .search import EmbeddingCache, engine_for, image_to_texts, models_of, text_
 log = logging.getLogger(__name__)
 
 PAGES = ("search", "corpus", "runs")
+# the pages load nothing from anywhere but this app (inline styles: the charts' and colours' own)
+CSP = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
 MAX_K = 100
 MAX_PAGE_SIZE = 200
 
@@ -102,7 +104,7 @@ def build_app(cfg: UIConfig) -> Starlette:
     def page(name: str):
         def endpoint(request: Request) -> Response:
             html = resources.files("d2s_ui").joinpath("static", f"{name}.html").read_text()
-            return Response(html, media_type="text/html")
+            return Response(html, media_type="text/html", headers={"Content-Security-Policy": CSP})
 
         return endpoint
 
