@@ -31,6 +31,9 @@ def test_pages_are_served(ui_client, page):
 
 
 def test_config_finds_what_the_run_holds(ui_client, ui_run):
+    from d2s_ui.config import build_config
+
+    assert build_config(ui_run).host == "127.0.0.1"  # this machine only, unless --host says otherwise
     doc = ui_client.get("/api/config").json()
     assert [d["name"] for d in doc["datasets"]] == ["world"]
     assert doc["datasets"][0]["splits"] == {"train": 40}
