@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install the four packages (editable) plus test tools. Idempotent:
+# Create .venv and install the five packages (editable) plus test tools. Idempotent:
 # a stamp of the install inputs makes a second call a no-op.
 #   TORCH_SPEC   torch requirement (default torch==2.13.0; on the project's CPU machines
 #                pip finds a local CPU wheel; elsewhere PyPI serves the default build)
@@ -19,8 +19,8 @@ echo "[bootstrap] creating $VENV (torch: $TORCH_SPEC)" >&2
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt \
   -e packages/core -e "packages/densecap[hf,ray,testing,faiss]" -e "packages/vse[train]" -e "packages/bench[faiss]" \
-  pytest pytest-timeout ruff scipy 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -c "import d2s, densecap, vse, vse_train, bench, torch, transformers, accelerate, webdataset, datasets, ray, tabulate, scipy, datasketch, imagehash" \
+  -e "packages/ui[faiss]" pytest pytest-timeout ruff scipy selenium 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -c "import d2s, densecap, vse, vse_train, bench, d2s_ui, selenium, torch, transformers, accelerate, webdataset, datasets, ray, tabulate, scipy, datasketch, imagehash" \
   || { echo "[bootstrap] install failed" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[bootstrap] ready: $VENV" >&2

@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+bash scripts/setup_browser.sh  # headless Chromium for tests/ui (apt-get; skipped when installed)
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

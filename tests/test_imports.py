@@ -18,11 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: top-level package -> packages it must never import
 FORBIDDEN = {
-    "d2s": {"densecap", "vse", "vse_train", "bench"},
-    "densecap": {"vse", "vse_train", "bench"},
-    "vse": {"densecap", "bench", "vse_train"},
-    "vse_train": {"densecap", "bench"},
-    "bench": {"densecap", "vse_train"},
+    "d2s": {"densecap", "vse", "vse_train", "bench", "d2s_ui"},
+    "densecap": {"vse", "vse_train", "bench", "d2s_ui"},
+    "vse": {"densecap", "bench", "vse_train", "d2s_ui"},
+    "vse_train": {"densecap", "bench", "d2s_ui"},
+    "bench": {"densecap", "vse_train", "d2s_ui"},
+    "d2s_ui": {"vse_train"},  # the page sits on top; it needs inference only (vse), never the trainer
 }
 
 

@@ -127,8 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--split")
     i.add_argument("-n", type=int, default=3)
     i.set_defaults(fn=_cmd_inspect)
-    add_log_level(ap, [r, s, w, i])
+    plugged = _plugin_commands(sub)
+    add_log_level(ap, [r, s, w, i, *plugged])
     return ap
+
+
+def _plugin_commands(sub) -> list[argparse.ArgumentParser]:
+    """Subcommands other packages add through the entry-point group ``d2s.commands``: each entry
+    is a function ``add_parser(subparsers) -> parser`` that sets ``fn`` (``d2s ui``: d2s-ui).
+    d2s never imports them by name, so the layering of docs/architecture.md holds."""
+    from importlib.metadata import entry_points
+
+    out = []
+    for ep in sorted(entry_points(group="d2s.commands"), key=lambda e: e.name):
+        try:
+            add = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in must not take `d2s run` down with it
+            log.warning(
+                "d2s %s: cannot load %s (%s: %s); the command is left out", ep.name, ep.value, type(exc).__name__, exc
+            )
+            continue
+        out.append(add(sub))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
