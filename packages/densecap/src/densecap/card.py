@@ -21,6 +21,7 @@ reruns whenever its inputs (the shards, the index stages) change.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections import Counter, defaultdict
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from d2s.atomic import atomic_write_json, atomic_write_text
+from d2s.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from d2s.integrity import (
     CONTAMINATION_FILE,
     DEDUP_FILE,
@@ -191,10 +192,10 @@ def _plots(out: Path, scores: dict[str, list[float]]) -> list[str]:
         ax.set_xlabel(name)
         ax.set_ylabel("captions")
         fig.tight_layout()
-        tmp = d / f".scores_{name}.png.tmp"
-        fig.savefig(tmp, dpi=90, format="png")
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=90, format="png")
         plt.close(fig)
-        tmp.replace(d / f"scores_{name}.png")
+        atomic_write_bytes(d / f"scores_{name}.png", buf.getvalue())
         names.append(f"{PLOTS_DIR}/scores_{name}.png")
     return names
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from d2s.atomic import atomic_write_json
+from d2s.atomic import atomic_write_bytes, atomic_write_json
 
 from .config import UIConfig, UIError
 from .corpus import ImageFolder
@@ -306,7 +305,7 @@ class EmbeddingCache:
 
     def _write(self, key: str, emb: Embedded) -> None:
         """The key file, then the tensors through a temporary name (the completion marker)."""
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -314,13 +313,11 @@ class EmbeddingCache:
                 self.dir / f"{key}.json",
                 {"keys": emb.keys, "captions": emb.captions, "dense_texts": emb.dense_texts},
             )
-            final = self.dir / f"{key}.safetensors"
-            tmp = final.with_name(final.name + ".tmp")
             tensors = {"img": emb.img, "txt": emb.txt, "txt_to_img": emb.txt_to_img}
             if len(emb.dense_texts):
                 tensors.update(dense=emb.dense, dense_img=emb.dense_img)
-            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-            os.replace(tmp, final)
+            data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+            atomic_write_bytes(self.dir / f"{key}.safetensors", data)
         except OSError as exc:
             log.warning("cannot write the embedding cache in %s (%s): kept in memory only", self.dir, exc)
 
