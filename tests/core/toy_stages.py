@@ -92,3 +92,43 @@ class Files(Stage):
             if (ctx.run_dir / "fail").exists():
                 raise RuntimeError("interrupted")
         return {}
+
+
+@dataclass
+class MeetParams:
+    partner: str = ""  # a stage whose arrival this one waits for ("": none)
+    release: str = ""  # a file under the run dir that must appear before this stage finishes
+    linger: float = 0.0  # seconds to wait after that, before writing the output
+    timeout: float = 60.0
+    fail: bool = False
+
+
+class Meet(Stage):
+    """Says it arrived (``<run_dir>/arrived/<name>`` holds its pid), fails there on demand, waits
+    for its partner stage to arrive and for the release file, then writes its pid to outputs.out.
+    Two stages that are each other's partner finish only when they run at the same time."""
+
+    Params = MeetParams
+    inputs = {"src?": "a file to wait on (its stage runs first)"}
+    outputs = {"out": "a text file: the pid of the process the stage ran in"}
+
+    def run(self, ctx: StageContext) -> dict:
+        import os
+        import time
+
+        p = ctx.params
+        arrived = ctx.run_dir / "arrived"
+        arrived.mkdir(exist_ok=True)
+        (arrived / ctx.name).write_text(str(os.getpid()))
+        ctx.log.info("arrived in process %d", os.getpid())
+        if p.fail:
+            raise RuntimeError(f"{ctx.name} asked to fail")
+        deadline = time.monotonic() + p.timeout
+        for f in [arrived / p.partner] * bool(p.partner) + [ctx.run_dir / p.release] * bool(p.release):
+            while not f.exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{ctx.name}: {f} did not appear within {p.timeout} s")
+                time.sleep(0.02)
+        time.sleep(p.linger)
+        ctx.outputs["out"].write_text(str(os.getpid()))
+        return {"pid": os.getpid()}

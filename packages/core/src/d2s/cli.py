@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from .config import ConfigError
@@ -20,7 +21,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     logfile = None if args.dry_run else write_run_record(p)
     setup_logging(args.log_level, logfile)
     log.info("pipeline %s -> %s", p.name, p.run_dir)
-    report = Runner(p).run(from_stage=args.from_stage, until=args.until, dry_run=args.dry_run, force=args.force)
+    try:
+        report = Runner(p).run(
+            from_stage=args.from_stage, until=args.until, dry_run=args.dry_run, force=args.force, jobs=args.jobs
+        )
+    except KeyboardInterrupt as exc:  # SIGINT; SIGTERM too while stages run at once (--jobs)
+        signum = getattr(exc, "signum", signal.SIGINT)
+        log.error("interrupted by %s; a rerun of the same command resumes", signal.Signals(signum).name)
+        return 128 + signum
     if args.dry_run:
         print(json.dumps(report, indent=2))
     else:
@@ -106,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="validate everything and show what would run")
     r.add_argument("--force", action="store_true", help="rerun selected stages even if cached")
     r.add_argument("--run-dir", help="override the pipeline's run_dir")
+    r.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=1,
+        help="run up to N stages at once, each in its own process, a stage as soon as its inputs are done (default 1)",
+    )
     r.set_defaults(fn=_cmd_run)
 
     s = sub.add_parser("stages", help="list registered stage types with their params, inputs and outputs")

@@ -8,7 +8,21 @@ import os
 import sys
 from pathlib import Path
 
-FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+FORMAT = "%(asctime)s %(levelname)-7s %(stage_tag)s%(name)s: %(message)s"
+
+_STAGE_TAG = [""]
+
+
+def tag_stage(name: str | None) -> None:
+    """Start this process's log lines with ``[name]`` (a stage of a pipeline that runs several
+    at once, ``d2s run --jobs``), or with nothing again (None)."""
+    _STAGE_TAG[0] = f"[{name}] " if name else ""
+
+
+class _StageTag(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.stage_tag = _STAGE_TAG[0]
+        return True
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -34,6 +48,7 @@ def setup_logging(level: str | int | None = None, file: str | Path | None = None
     if not any(getattr(h, "_d2s", False) for h in root.handlers):
         h = _StderrHandler()
         h.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
+        h.addFilter(_StageTag())
         h._d2s = True  # type: ignore[attr-defined]
         root.addHandler(h)
     root.setLevel(level)
@@ -41,6 +56,7 @@ def setup_logging(level: str | int | None = None, file: str | Path | None = None
         Path(file).parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(file)
         fh.setFormatter(logging.Formatter(FORMAT))
+        fh.addFilter(_StageTag())
         fh._d2s = True  # type: ignore[attr-defined]
         root.addHandler(fh)
     for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "filelock", "fsspec"):

@@ -388,7 +388,13 @@ class Runner:
         until: str | None = None,
         dry_run: bool = False,
         force: bool = False,
+        jobs: int = 1,
     ) -> list[dict[str, Any]]:
+        """Run the stages from ``from_stage`` to ``until`` that are not cached; ``jobs`` > 1 runs up
+        to that many at once, each in a process of its own, a stage starting as soon as the stages
+        it depends on have finished (:mod:`d2s.stage_pool`)."""
+        if jobs < 1:
+            raise PipelineError(f"--jobs must be >= 1, got {jobs}")
         names = [s.name for s in self.p.stages]
         for flag, val in (("--from", from_stage), ("--until", until)):
             if val is not None and val not in names:
@@ -398,6 +404,7 @@ class Runner:
         if start > stop:
             raise PipelineError(f"--from {from_stage!r} comes after --until {until!r}")
         report = []
+        todo: list[tuple[PlannedStage, dict]] = []
         for i, s in enumerate(self.p.stages):
             if i < start:
                 # Earlier stages are taken as they are on disk.
@@ -424,10 +431,45 @@ class Runner:
                 report.append(entry)
                 continue
             entry["action"] = "run"
-            report.append(self._run_stage(s, entry))
+            report.append(entry)
+            todo.append((s, entry))
+        if jobs == 1 or len(todo) < 2:
+            for s, entry in todo:
+                self._run_stage(s, entry)
+        else:
+            from .stage_pool import run_at_once
+
+            run_at_once(
+                todo,
+                jobs,
+                run_dir=self.p.run_dir,
+                depends_on=self.depends_on,
+                begin=self.begin_stage,
+                body=run_stage_body,
+                finish=self.finish_stage,
+            )
         return report
 
+    def depends_on(self, s: PlannedStage) -> set[str]:
+        """The stages whose outputs ``s`` reads: named in its params or inputs, or holding a path
+        that it takes as an input."""
+        produced = {str(p): st.name for st in self.p.stages for p in st.outputs.values()}
+        deps = set(s.upstream)
+        for v in s.inputs.values():
+            made_by = producer(v, produced) if isinstance(v, str) else None
+            if made_by is not None:
+                deps.add(made_by[0])
+        deps.discard(s.name)
+        return deps
+
     def _run_stage(self, s: PlannedStage, entry: dict) -> dict:
+        self.begin_stage(s)
+        t0 = time.time()
+        summary = run_stage_body(s, self.p.run_dir)
+        return self.finish_stage(s, entry, summary, round(time.time() - t0, 2))
+
+    def begin_stage(self, s: PlannedStage) -> None:
+        """Before a stage runs: clear another configuration's outputs, mark it running."""
         mp = self.marker_path(s)
         mp.parent.mkdir(parents=True, exist_ok=True)
         old = self.read_marker(s)
@@ -440,18 +482,10 @@ class Runner:
         for p in s.outputs.values():
             p.parent.mkdir(parents=True, exist_ok=True)
         log.info("stage %s (%s): running", s.name, s.type_name)
-        ctx = StageContext(
-            name=s.name,
-            run_dir=self.p.run_dir,
-            work_dir=s.work_dir,
-            params=s.params,
-            inputs=s.inputs,
-            outputs=s.outputs,
-            log=logging.getLogger(f"d2s.stage.{s.name}"),
-        )
-        t0 = time.time()
-        summary = s.cls().run(ctx) or {}
-        seconds = round(time.time() - t0, 2)
+
+    def finish_stage(self, s: PlannedStage, entry: dict, summary: dict, seconds: float) -> dict:
+        """After a stage's ``run`` returned: check its outputs, mark it done."""
+        mp = self.marker_path(s)
         missing = [k for k, p in s.outputs.items() if not p.exists()]
         if missing:
             raise PipelineError(f"stage {s.name!r} finished without writing output(s) {missing}")
@@ -488,6 +522,21 @@ class Runner:
                 aside = p.with_name(f"{p.name}.stale-{old_hash}")
                 p.rename(aside)
                 log.warning("stage %s: configuration changed, moved old output %s to %s", s.name, p, aside)
+
+
+def run_stage_body(s: PlannedStage, run_dir: Path) -> dict:
+    """A stage's own work: its ``run`` with its context (in the runner's process, or in a stage
+    process of :mod:`d2s.stage_pool`)."""
+    ctx = StageContext(
+        name=s.name,
+        run_dir=run_dir,
+        work_dir=s.work_dir,
+        params=s.params,
+        inputs=s.inputs,
+        outputs=s.outputs,
+        log=logging.getLogger(f"d2s.stage.{s.name}"),
+    )
+    return s.cls().run(ctx) or {}
 
 
 def write_run_record(p: Pipeline) -> Path:

@@ -364,10 +364,10 @@ def _add_integrity_parsers(sub) -> None:
 
 def _dedup_main(args: argparse.Namespace) -> int:
     from d2s.integrity import CorpusError
+    from d2s.processes import signals_interrupt
     from d2s.schema import SampleError
 
     from .dedup import dedup, parse_dedup_config
-    from .locks import signals_interrupt
 
     try:
         doc: dict[str, Any] = load_yaml(args.config) if args.config else {}
@@ -476,9 +476,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, build) -> int:
     """``densecap run`` / ``ground``: the exit status the module docstring lists."""
     from d2s.grounding import ScorerError
+    from d2s.processes import signals_interrupt
     from d2s.schema import SampleError
 
-    from .locks import RunLocked, signals_interrupt
+    from .locks import RunLocked
     from .run import RunInterrupted, run
     from .worker import RunAborted
 

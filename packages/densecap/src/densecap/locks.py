@@ -1,28 +1,23 @@
-"""Who may write what, and processes that end with their parent or on a signal.
+"""Who may write what.
 
 - :class:`RunLock`: ``<out>/densecap-rank<R>.lock``, one process at a time writes a rank of an
   output directory (the driver, whatever the executor).
 - :func:`unit_lock`: ``<out>/.densecap-units/<shard>.lock``, one attempt at a time writes a unit,
   for executors whose workers are not children of the process holding the rank lock (Ray).
-- :func:`die_with_parent`: a worker process ends when the process that started it ends.
-- :func:`signals_interrupt`: SIGTERM interrupts like SIGINT (a :class:`Interrupted`), so the
-  ``finally`` blocks that stop workers and clusters run for both.
 
 Every lock is an ``flock``, which the kernel drops when its holder dies (SIGKILL included): a
-stale lock file never blocks a rerun.
+stale lock file never blocks a rerun. Processes that end with their parent and signals that
+end a run through its clean-up are :mod:`d2s.processes`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,14 +27,6 @@ UNIT_LOCKS = ".densecap-units"
 
 class RunLocked(RuntimeError):
     """Another densecap process is writing the same rank of the same output directory."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; ``signum`` says which (the exit status is 128 + signum)."""
-
-    def __init__(self, signum: int = signal.SIGINT):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = int(signum)
 
 
 class RunLock:
@@ -106,63 +93,3 @@ def unit_lock(out: Path, shard: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Make this process end when ``parent_pid`` (the process that started it) ends, however it
-    ends: a parent-death signal on Linux, and a watchdog thread on the parent pid everywhere."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(1)
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent_pid:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="densecap-parent-watchdog", daemon=True).start()
-
-
-def _raise_interrupted(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def signals_interrupt() -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread (SIGTERM
-    would otherwise end the process at once, skipping every ``finally``). Outside the main
-    thread it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in before:
-        signal.signal(s, _raise_interrupted)
-    try:
-        yield
-    finally:
-        for s, h in before.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Within the block (clean-up that must finish: stopping workers, a cluster), SIGINT and
-    SIGTERM are ignored; a no-op outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in before:
-        signal.signal(s, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        for s, h in before.items():
-            signal.signal(s, h)

@@ -14,7 +14,7 @@ restarted run skips complete shards, so a SIGKILL at any moment followed by a re
 every sample exactly once. A complete shard whose stats report caption errors is redone from
 its own samples: good captions are kept, failed ones are requested again ("fill"), and every
 caption of the shard goes through the filters again in shard order, exactly as in a first pass.
-An interrupt (SIGINT, or SIGTERM under :func:`densecap.locks.signals_interrupt`) becomes
+An interrupt (SIGINT, or SIGTERM under :func:`d2s.processes.signals_interrupt`) becomes
 :class:`RunInterrupted`, saying how many shards are finished.
 """
 

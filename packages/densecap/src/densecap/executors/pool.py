@@ -8,8 +8,9 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+from d2s.processes import die_with_parent, signals_deferred
+
 from ..images import Unit
-from ..locks import die_with_parent, signals_deferred
 from .base import UnitWorker, WorkerSpec, build_worker
 
 _WORKER: UnitWorker | None = None
@@ -58,7 +59,7 @@ def run_units(
                     g.cancel()
                 return r["fatal"]
         return ""
-    except KeyboardInterrupt:  # SIGINT, or SIGTERM under densecap.locks.signals_interrupt
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM under d2s.processes.signals_interrupt
         with signals_deferred():
             for p in mp.active_children():
                 p.kill()

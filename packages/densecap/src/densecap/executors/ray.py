@@ -38,10 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from d2s.config import ConfigError
+from d2s.processes import signals_deferred
 from d2s.shards import shard_name
 
 from ..images import Unit
-from ..locks import signals_deferred, unit_lock
+from ..locks import unit_lock
 from ..worker import RunAborted, clear_unit, read_stats, shard_state
 from .base import UnitWorker, WorkerSpec, build_worker, run_check
 from .ray_cluster import RayCluster, resolve_address
