@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from d2s.pipeline import Runner, load_pipeline
+from d2s.stage_pool import StageProcessDied
 
 ROOT = Path(__file__).resolve().parents[2]
 MEET = "tests.core.toy_stages:Meet"
@@ -82,6 +83,20 @@ def test_after_a_failure_running_stages_finish_and_nothing_new_starts(tmp_path):
     doc["stages"]["b"]["params"]["fail"] = False
     report = Runner(load_pipeline(doc=doc, run_dir=rd)).run(jobs=2)
     assert {r["stage"]: r["action"] for r in report} == {"a": "skip", "b": "run", "c": "run", "d": "run"}
+
+
+def test_a_stage_whose_process_is_killed_fails_naming_the_stage(tmp_path):
+    doc = {
+        "name": "die",
+        "stages": {
+            "a": {"type": MEET, "params": {"partner": "b", "linger": 1.0}},
+            "b": {"type": MEET, "params": {"die": True}},
+        },
+    }
+    rd = tmp_path / "run"
+    with pytest.raises(StageProcessDied, match="stage 'b': its process ended without finishing"):
+        Runner(load_pipeline(doc=doc, run_dir=rd)).run(jobs=2)
+    assert marker(rd, "a")["state"] == "done" and marker(rd, "b")["state"] == "running"
 
 
 def test_a_bad_jobs_value_is_refused(tmp_path):

@@ -101,10 +101,11 @@ class MeetParams:
     linger: float = 0.0  # seconds to wait after that, before writing the output
     timeout: float = 60.0
     fail: bool = False
+    die: bool = False  # SIGKILL its own process on arrival
 
 
 class Meet(Stage):
-    """Says it arrived (``<run_dir>/arrived/<name>`` holds its pid), fails there on demand, waits
+    """Says it arrived (``<run_dir>/arrived/<name>`` holds its pid), fails or dies there on demand, waits
     for its partner stage to arrive and for the release file, then writes its pid to outputs.out.
     Two stages that are each other's partner finish only when they run at the same time."""
 
@@ -123,6 +124,10 @@ class Meet(Stage):
         ctx.log.info("arrived in process %d", os.getpid())
         if p.fail:
             raise RuntimeError(f"{ctx.name} asked to fail")
+        if p.die:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         deadline = time.monotonic() + p.timeout
         for f in [arrived / p.partner] * bool(p.partner) + [ctx.run_dir / p.release] * bool(p.release):
             while not f.exists():

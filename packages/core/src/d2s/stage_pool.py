@@ -29,12 +29,17 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 from .processes import die_with_parent, signals_deferred, signals_interrupt
 
 log = logging.getLogger(__name__)
+
+
+class StageProcessDied(RuntimeError):
+    """A stage's process ended without returning (a signal, the kernel's out-of-memory killer)."""
 
 
 BACKGROUND_NICE = 10
@@ -129,6 +134,11 @@ def run_at_once(
                         finish(s, entry, summary, seconds)
                         done.add(s.name)
                     except Exception as exc:  # noqa: BLE001 - raised below, after the running stages
+                        if isinstance(exc, BrokenProcessPool):
+                            exc = StageProcessDied(
+                                f"stage {s.name!r}: its process ended without finishing (killed? out of memory?); "
+                                "a rerun resumes the stage"
+                            )
                         log.error("stage %s failed: %s: %s", s.name, type(exc).__name__, exc)
                         failure = failure or exc
                 if failure is not None and running:
