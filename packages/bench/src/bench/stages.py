@@ -64,6 +64,7 @@ class BenchRetrievalStage(Stage):
     inputs = {
         "bundle": "model bundle directory (vse.bundle)",
         "shards?": "shards directory with the split (unless params.benchmark)",
+        "dedup?": "the densecap-dedup stage's index of those shards: the results are made again when it changes",
         "data?": "params.benchmark's files as published (a directory, or hf://owner/name where supported)",
         "docci?": "iiw: the DOCCI directory (images/, images_aar/)",
         "dci?": "iiw: the DCI directory (densely_captioned_images/photos/)",
@@ -77,6 +78,8 @@ class BenchRetrievalStage(Stage):
         p: BenchRetrievalParams = ctx.params
         s = p.settings()
         t0 = time.perf_counter()
+        if ctx.inputs.get("dedup") and not ctx.inputs.get("shards"):
+            raise DatasetError("inputs.dedup: an index of shards; give it with inputs.shards, not params.benchmark")
         if p.benchmark:
             roots = {_ROOT_INPUTS[k]: str(v) for k, v in ctx.inputs.items() if k in _ROOT_INPUTS and v}
             data = load_benchmark(p.benchmark, roots)

@@ -134,6 +134,8 @@ class VseTrainStage(Stage):
         "init?": "checkpoint dir to initialise from (stage 2)",
         "teacher?": "checkpoint dir of a teacher text encoder (recipes with teacher: teacher)",
         "assets?": "assets dir of the tiny configs (vse-assets); default: built in the work dir",
+        "dedup?": "the densecap-dedup stage's index of these shards: the model is trained again when it changes",
+        "contamination?": "the densecap-contamination stage's index of these shards (likewise)",
     }
     outputs = {
         "checkpoint": "model checkpoint dir (best on val rSum)",
@@ -147,6 +149,11 @@ class VseTrainStage(Stage):
 
     def run(self, ctx: StageContext) -> dict:
         p: VseTrainParams = ctx.params
+        # The index is read from <shards>/integrity/ like any reader does; the inputs only tie this
+        # stage to the stages that write it (order, cache key).
+        for k in ("dedup", "contamination"):
+            if ctx.inputs.get(k):
+                ctx.log.info("integrity index: %s (written by the stage of input %s)", ctx.inputs[k], k)
         paths = {k: ctx.inputs.get(k) for k in ("init", "teacher", "assets")}
         cfg = p.train_config(ctx.inputs["shards"], str(ctx.outputs["run"]), f"stage {ctx.name!r} params", **paths)
         summary = train(cfg) if p.launch is None else launch_train(ctx, p.launch, cfg)
