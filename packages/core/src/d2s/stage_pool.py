@@ -95,8 +95,9 @@ def run_at_once(
     runner's ``begin`` (marker) and ``finish`` (outputs check, marker) here, ``body(stage,
     run_dir)`` (the stage's ``run``, a module-level function) in a slot's process."""
     pending = list(todo)
-    names = {s.name for s, _ in todo}
-    deps = {s.name: depends_on(s) & names for s, _ in todo}
+    order = {s.name: i for i, (s, _) in enumerate(todo)}
+    # only earlier stages (a literal input path inside a later stage's output is taken as it is)
+    deps = {s.name: {d for d in depends_on(s) if order.get(d, i) < i} for i, (s, _) in enumerate(todo)}
     done: set[str] = set()
     level, log_file = _log_target()
     ctx = mp.get_context("spawn")
