@@ -1,4 +1,5 @@
-"""Fixtures shared by every test package: the real vLLM CPU server, once per session.
+"""Fixtures shared by every test package: the real vLLM CPU server and a real Ray cluster, once
+per session.
 
 The tiny LLaVA is built once and one server is started for the whole session (tests/densecap
 and tests/pipelines share it), and always terminated: right after the last test that uses it
@@ -22,6 +23,9 @@ _LAST_USER: list = []  # the last collected test that uses vllm_server
 _MAIN: list = []  # (server, starting thread, error) of the session's server
 _SPARES: list = []  # (server, starting thread, error) of the spares started with the session's server
 _SPARES_WANTED = [0]  # how many collected tests take a spare (vllm_spare_server)
+_RAY: list = []  # the session's Ray cluster, stopped after the last test that uses it
+_RAY_LEFT: list = []  # pids that survived that stop
+_LAST_RAY_USER: list = []  # the last collected test that uses ray_cluster
 
 
 @pytest.fixture(scope="session")
@@ -136,6 +140,24 @@ def take_over(server, spare) -> None:
     spare._log = None
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real Ray head node (2 CPUs) for the session, joined by every test that needs a cluster
+    but not one of its own (tests/densecap); stopped right after the last test that uses it (or at
+    the session's end), and nothing of it may survive."""
+    from densecap.executors.ray_cluster import RayCluster
+
+    rc = RayCluster(num_cpus=2, num_gpus=0, object_store_memory=200_000_000)
+    _RAY[:] = [rc]
+    try:
+        rc.start()
+        yield rc
+    finally:
+        left = rc.stop() + _RAY_LEFT  # stop() after an earlier stop (pytest_runtest_teardown) does nothing
+        _RAY.clear()
+    assert not left, f"Ray processes survived the cluster's stop: {left}"
+
+
 # Tests that start a vLLM server or a Ray cluster: ``--part servers`` runs only these, ``--part
 # rest`` all others, so that scripts/test.sh can run the two halves at once (the servers' tests
 # wait on start-ups and the rest mostly keep one core busy).
@@ -169,6 +191,7 @@ def pytest_collection_modifyitems(session, config, items):
     names = [getattr(it, "fixturenames", ()) for it in items]
     users = [it for it, fixtures in zip(items, names) if "vllm_server" in fixtures]
     _LAST_USER[:] = users[-1:]
+    _LAST_RAY_USER[:] = [it for it, fixtures in zip(items, names) if "ray_cluster" in fixtures][-1:]
     _SPARES_WANTED[0] = sum("vllm_spare_server" in fixtures for fixtures in names)
 
 
@@ -178,3 +201,5 @@ def pytest_runtest_teardown(item, nextitem):
     if _LAST_USER and item is _LAST_USER[0]:
         for srv in _SERVERS:
             srv.stop()  # idempotent: the fixture's own stop() at the end of the session is then a no-op
+    if _RAY and _LAST_RAY_USER and item is _LAST_RAY_USER[0]:
+        _RAY_LEFT.extend(_RAY[0].stop())  # checked by the fixture at the session's end

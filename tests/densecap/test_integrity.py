@@ -338,25 +338,17 @@ def test_pipeline_stages_dedup_then_card(planted, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_dedup_on_a_local_ray_cluster_gives_the_inline_index(planted, tmp_path):
-    from densecap.executors.ray_cluster import RayCluster
-
+def test_dedup_on_a_local_ray_cluster_gives_the_inline_index(planted, tmp_path, ray_cluster):
     corpus, _, _ = planted
     corpus = _fresh(corpus, tmp_path)
     dedup(DedupConfig(inputs=[str(corpus)], progress=False))
     inline = read_dedup(corpus)
     shutil.rmtree(corpus / "integrity")
-    rc = RayCluster(num_cpus=2, num_gpus=0, object_store_memory=200_000_000)
-    try:
-        rc.start()
-        r = run_densecap(
-            ["dedup", str(corpus), "--no-progress", "--ray-address", rc.address, "--set", "executor.replicas=2"],
-            env=rc.client_env(),
-        )
-    finally:
-        left = rc.stop()
+    r = run_densecap(
+        ["dedup", str(corpus), "--no-progress", "--ray-address", ray_cluster.address, "--set", "executor.replicas=2"],
+        env=ray_cluster.client_env(),
+    )
     assert r.returncode == 0, r.stderr
-    assert not left, f"Ray processes survived: {left}"
     summary = json.loads(r.stdout)
     assert summary["replicas"] == 2 and summary["signatures_written"] == 3
     ray_doc = read_dedup(corpus)
