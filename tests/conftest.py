@@ -23,6 +23,10 @@ _LAST_USER: list = []  # the last collected test that uses vllm_server
 _MAIN: list = []  # (server, starting thread, error) of the session's server
 _SPARES: list = []  # (server, starting thread, error) of the spares started with the session's server
 _SPARES_WANTED = [0]  # how many collected tests take a spare (vllm_spare_server)
+_EARLY: dict = {}  # test name -> launch(tiny_vlm, port, scratch) of the selected tests' own servers (START_EARLY)
+_STARTED: dict = {}  # test name -> (process, port), once launched
+_STARTED_ALL = threading.Event()  # set once every _EARLY launch has been made (or failed)
+_EARLY_THREAD: list = []  # the thread making them, when there is one
 _RAY: list = []  # the session's Ray cluster, stopped after the last test that uses it
 _RAY_LEFT: list = []  # pids that survived that stop
 _LAST_RAY_USER: list = []  # the last collected test that uses ray_cluster
@@ -65,6 +69,35 @@ def _launch_all(tiny_vlm: Path, tmp_path_factory) -> None:
         spare = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-spare"))
         _SERVERS.append(spare)
         _SPARES.append(_launch(spare))
+    if _EARLY:
+        _EARLY_THREAD.append(threading.Thread(target=_launch_early, args=(tiny_vlm, tmp_path_factory), daemon=True))
+        _EARLY_THREAD[0].start()
+
+
+def _launch_early(tiny_vlm: Path, tmp_path_factory) -> None:
+    """The servers that tests start themselves (a module's ``START_EARLY``: {test name: launch}),
+    launched once the session's servers are up (their starts are mostly imports: after those, the
+    tests before them mostly wait on Ray and the servers), so that they are up when their tests
+    come; the test's own fixture takes its process from ``started_early`` and always ends it."""
+    from densecap.testing.vllm_server import free_port
+
+    try:
+        for _, thread, _ in _MAIN + _SPARES:
+            thread.join()
+        for name, launch in _EARLY.items():
+            port = free_port()
+            _STARTED[name] = (launch(tiny_vlm, port, tmp_path_factory.mktemp("early")), port)
+    finally:
+        _STARTED_ALL.set()
+
+
+def started_early(name: str):
+    """(process, port) of test ``name``'s server launched by ``_launch_early``, or None (not launched:
+    the test launches its own)."""
+    if not _EARLY_THREAD:
+        return None
+    _STARTED_ALL.wait()
+    return _STARTED.pop(name, None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -84,6 +117,9 @@ def _vllm_servers_start_early(request, tmp_path_factory):
     yield
     for server in _SERVERS:
         server.stop()
+    for proc, _ in _STARTED.values():  # launched early for tests that did not take them
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -192,6 +228,11 @@ def pytest_collection_modifyitems(session, config, items):
     users = [it for it, fixtures in zip(items, names) if "vllm_server" in fixtures]
     _LAST_USER[:] = users[-1:]
     _LAST_RAY_USER[:] = [it for it, fixtures in zip(items, names) if "ray_cluster" in fixtures][-1:]
+    _EARLY.clear()
+    for it in items:
+        early = getattr(getattr(it, "module", None), "START_EARLY", {})
+        if it.name in early:
+            _EARLY[it.name] = early[it.name]
     _SPARES_WANTED[0] = sum("vllm_spare_server" in fixtures for fixtures in names)
 
 
