@@ -360,12 +360,12 @@ def test_dedup_on_a_local_ray_cluster_gives_the_inline_index(planted, tmp_path, 
 
 @pytest.mark.slow
 def test_densecap_run_keeps_an_existing_card_current(world_dir, tmp_path):
+    from densecap.cli import main  # in this process, as tests/densecap/test_run.py runs it
+
     out = tmp_path / "out"
     args = ["run", "--source", "synthetic-world", "--input", str(world_dir), "--out", str(out), "--no-progress"]
-    r = run_densecap(args)
-    assert r.returncode == 0, r.stderr
-    r = run_densecap(["card", str(out), "--license", "mit"])
-    assert r.returncode == 0, r.stderr
+    assert main(args) == 0
+    assert main(["card", str(out), "--license", "mit"]) == 0
     first = json.loads((out / "card.json").read_text())
     assert [f["type"] for f in first["filters"]] == [
         "length",
@@ -375,8 +375,7 @@ def test_densecap_run_keeps_an_existing_card_current(world_dir, tmp_path):
         "near-duplicate",
         "grounding",
     ]
-    r = run_densecap(args + ["--filters", "length", "--set", "filters.0.params.min_words=500"])  # a new configuration
-    assert r.returncode == 0, r.stderr
+    assert main(args + ["--filters", "length", "--set", "filters.0.params.min_words=500"]) == 0  # a new configuration
     now = json.loads((out / "card.json").read_text())
     assert [f["type"] for f in now["filters"]] == ["length"] and now["license"] == "mit"
     assert now["verdicts"]["synthetic-oracle"].get("too_short", 0) == now["images"]
