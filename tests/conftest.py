@@ -1,4 +1,5 @@
-"""Fixtures shared by every test package: the real vLLM CPU server, once per session.
+"""Fixtures shared by every test package: the real vLLM CPU server and a real Ray cluster, once
+per session.
 
 The tiny LLaVA is built once and one server is started for the whole session (tests/densecap
 and tests/pipelines share it), and always terminated: right after the last test that uses it
@@ -22,6 +23,13 @@ _LAST_USER: list = []  # the last collected test that uses vllm_server
 _MAIN: list = []  # (server, starting thread, error) of the session's server
 _SPARES: list = []  # (server, starting thread, error) of the spares started with the session's server
 _SPARES_WANTED = [0]  # how many collected tests take a spare (vllm_spare_server)
+_EARLY: dict = {}  # test name -> launch(tiny_vlm, port, scratch) of the selected tests' own servers (START_EARLY)
+_STARTED: dict = {}  # test name -> (process, port), once launched
+_STARTED_ALL = threading.Event()  # set once every _EARLY launch has been made (or failed)
+_EARLY_THREAD: list = []  # the thread making them, when there is one
+_RAY: list = []  # the session's Ray cluster, stopped after the last test that uses it
+_RAY_LEFT: list = []  # pids that survived that stop
+_LAST_RAY_USER: list = []  # the last collected test that uses ray_cluster
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +69,35 @@ def _launch_all(tiny_vlm: Path, tmp_path_factory) -> None:
         spare = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-spare"))
         _SERVERS.append(spare)
         _SPARES.append(_launch(spare))
+    if _EARLY:
+        _EARLY_THREAD.append(threading.Thread(target=_launch_early, args=(tiny_vlm, tmp_path_factory), daemon=True))
+        _EARLY_THREAD[0].start()
+
+
+def _launch_early(tiny_vlm: Path, tmp_path_factory) -> None:
+    """The servers that tests start themselves (a module's ``START_EARLY``: {test name: launch}),
+    launched once the session's servers are up (their starts are mostly imports: after those, the
+    tests before them mostly wait on Ray and the servers), so that they are up when their tests
+    come; the test's own fixture takes its process from ``started_early`` and always ends it."""
+    from densecap.testing.vllm_server import free_port
+
+    try:
+        for _, thread, _ in _MAIN + _SPARES:
+            thread.join()
+        for name, launch in _EARLY.items():
+            port = free_port()
+            _STARTED[name] = (launch(tiny_vlm, port, tmp_path_factory.mktemp("early")), port)
+    finally:
+        _STARTED_ALL.set()
+
+
+def started_early(name: str):
+    """(process, port) of test ``name``'s server launched by ``_launch_early``, or None (not launched:
+    the test launches its own)."""
+    if not _EARLY_THREAD:
+        return None
+    _STARTED_ALL.wait()
+    return _STARTED.pop(name, None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -80,6 +117,9 @@ def _vllm_servers_start_early(request, tmp_path_factory):
     yield
     for server in _SERVERS:
         server.stop()
+    for proc, _ in _STARTED.values():  # launched early for tests that did not take them
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -136,6 +176,24 @@ def take_over(server, spare) -> None:
     spare._log = None
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real Ray head node (2 CPUs) for the session, joined by every test that needs a cluster
+    but not one of its own (tests/densecap); stopped right after the last test that uses it (or at
+    the session's end), and nothing of it may survive."""
+    from densecap.executors.ray_cluster import RayCluster
+
+    rc = RayCluster(num_cpus=2, num_gpus=0, object_store_memory=200_000_000)
+    _RAY[:] = [rc]
+    try:
+        rc.start()
+        yield rc
+    finally:
+        left = rc.stop() + _RAY_LEFT  # stop() after an earlier stop (pytest_runtest_teardown) does nothing
+        _RAY.clear()
+    assert not left, f"Ray processes survived the cluster's stop: {left}"
+
+
 # Tests that start a vLLM server or a Ray cluster: ``--part servers`` runs only these, ``--part
 # rest`` all others, so that scripts/test.sh can run the two halves at once (the servers' tests
 # wait on start-ups and the rest mostly keep one core busy).
@@ -169,6 +227,12 @@ def pytest_collection_modifyitems(session, config, items):
     names = [getattr(it, "fixturenames", ()) for it in items]
     users = [it for it, fixtures in zip(items, names) if "vllm_server" in fixtures]
     _LAST_USER[:] = users[-1:]
+    _LAST_RAY_USER[:] = [it for it, fixtures in zip(items, names) if "ray_cluster" in fixtures][-1:]
+    _EARLY.clear()
+    for it in items:
+        early = getattr(getattr(it, "module", None), "START_EARLY", {})
+        if it.name in early:
+            _EARLY[it.name] = early[it.name]
     _SPARES_WANTED[0] = sum("vllm_spare_server" in fixtures for fixtures in names)
 
 
@@ -178,3 +242,5 @@ def pytest_runtest_teardown(item, nextitem):
     if _LAST_USER and item is _LAST_USER[0]:
         for srv in _SERVERS:
             srv.stop()  # idempotent: the fixture's own stop() at the end of the session is then a no-op
+    if _RAY and _LAST_RAY_USER and item is _LAST_RAY_USER[0]:
+        _RAY_LEFT.extend(_RAY[0].stop())  # checked by the fixture at the session's end

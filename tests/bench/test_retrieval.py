@@ -108,17 +108,21 @@ def test_metric_formulas_on_known_ranks():
 def test_coco_1k_fold_averaging_known_case():
     """5000 images in 5 folds; fold f is perfect for f < 2 and worst possible otherwise."""
     n = 1000
-    eye = np.eye(n, dtype=np.float32)
-    img = np.concatenate([eye] * 5)  # [5000, 1000]
-    good = np.repeat(eye, 5, axis=0)  # caption j of image i is its image's one-hot
-    bad = np.repeat(np.ones((n, n), np.float32) - eye, 5, axis=0)  # every caption scores 0 on its image, 1 elsewhere
+    # 1000 distinct unit vectors (32 dims: the [25000 x 5000] scores stay cheap); any two differ by
+    # far more than rounding, so each one's score with itself (1) is strictly the highest
+    v = np.random.default_rng(0).standard_normal((n, 32)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    img = np.concatenate([v] * 5)  # [5000, 32]
+    good = np.repeat(v, 5, axis=0)  # caption j of image i is its image's vector: 1 on it, less elsewhere
+    bad = -good  # every caption scores -1 on its image: strictly its lowest
+    assert (v @ v.T - np.eye(n, dtype=np.float32)).max() < 0.9  # the margins the ranks rely on
     txt = np.concatenate([good, good, bad, bad, bad])
     res = evaluate_protocol("coco_1k_5fold", img, txt, chunk_size=300)
     assert len(res.folds) == 5
     assert [f.i2t_r1 for f in res.folds] == [100, 100, 0, 0, 0]
     assert res.metrics.i2t_r1 == pytest.approx(40) and res.metrics.t2i_r10 == pytest.approx(40)
     assert res.metrics.rsum == pytest.approx(240)
-    # worst folds: the positive ties at 0 below 999 others -> rank 999 (1-based 1000)
+    # worst folds: the positive at -1 below 999 others -> rank 999 (1-based 1000)
     assert res.metrics.t2i_medr == pytest.approx((1 + 1 + 1000 * 3) / 5)
     assert res.metrics == RetrievalMetrics.mean(res.folds)
     # the 5K protocol on the same data is not the same number

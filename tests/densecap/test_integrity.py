@@ -221,25 +221,33 @@ def test_contamination_against_a_folder_with_embeddings(planted, tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_inputs_give_clear_errors(planted, tmp_path):
+def test_bad_inputs_give_clear_errors(planted, tmp_path, capsys):
+    from densecap.cli import main
+
+    def densecap(*args: str) -> tuple[int, str]:
+        """`densecap ARGS` (its main, in this process): exit status and what it wrote to stderr."""
+        capsys.readouterr()
+        rc = main(list(args))
+        return rc, capsys.readouterr().err
+
     corpus, _, _ = planted
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = run_densecap(["dedup", str(empty), "--no-progress"])
-    assert r.returncode == 2 and "holds no complete shard" in r.stderr and str(empty) in r.stderr
-    r = run_densecap(["card", str(empty)])
-    assert r.returncode == 2 and "manifest.json" in r.stderr
+    rc, err = densecap("dedup", str(empty), "--no-progress")
+    assert rc == 2 and "holds no complete shard" in err and str(empty) in err
+    rc, err = densecap("card", str(empty))
+    assert rc == 2 and "manifest.json" in err
     missing = tmp_path / "no-such-benchmark"
-    r = run_densecap(["contamination", str(corpus), "--against", f"shards:{missing}", "--no-progress"])
-    assert r.returncode == 2 and f"{missing} does not exist" in r.stderr and "against[0]" in r.stderr
-    r = run_densecap(["contamination", str(corpus), "--against", f"karpathy:{missing}.json:{tmp_path}"])
-    assert r.returncode == 2 and f"{missing}.json does not exist" in r.stderr
+    rc, err = densecap("contamination", str(corpus), "--against", f"shards:{missing}", "--no-progress")
+    assert rc == 2 and f"{missing} does not exist" in err and "against[0]" in err
+    rc, err = densecap("contamination", str(corpus), "--against", f"karpathy:{missing}.json:{tmp_path}")
+    assert rc == 2 and f"{missing}.json does not exist" in err
     # an evaluation folder with an image that does not decode
     folder = tmp_path / "eval"
     folder.mkdir()
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
-    r = run_densecap(["contamination", str(corpus), "--against", f"folder:{folder}", "--no-progress"])
-    assert r.returncode == 2 and "broken.png" in r.stderr and "unreadable" in r.stderr
+    rc, err = densecap("contamination", str(corpus), "--against", f"folder:{folder}", "--no-progress")
+    assert rc == 2 and "broken.png" in err and "unreadable" in err
     # an image that does not decode, in an otherwise complete shard
     bad = tmp_path / "bad"
     s = next(iter_samples([sorted(completed_shards(corpus))[0]]))
@@ -247,13 +255,8 @@ def test_bad_inputs_give_clear_errors(planted, tmp_path):
     with ShardWriter(bad, "train", 0) as w:
         w.write(s)
     write_manifest(bad)
-    r = run_densecap(["dedup", str(bad), "--no-progress"])
-    assert (
-        r.returncode == 2
-        and "train-000000.tar" in r.stderr
-        and repr(s.key) in r.stderr
-        and "unreadable image" in r.stderr
-    )
+    rc, err = densecap("dedup", str(bad), "--no-progress")
+    assert rc == 2 and "train-000000.tar" in err and repr(s.key) in err and "unreadable image" in err
     assert not list((bad / "integrity" / "signatures").glob("*.npz"))
 
 
@@ -338,25 +341,17 @@ def test_pipeline_stages_dedup_then_card(planted, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_dedup_on_a_local_ray_cluster_gives_the_inline_index(planted, tmp_path):
-    from densecap.executors.ray_cluster import RayCluster
-
+def test_dedup_on_a_local_ray_cluster_gives_the_inline_index(planted, tmp_path, ray_cluster):
     corpus, _, _ = planted
     corpus = _fresh(corpus, tmp_path)
     dedup(DedupConfig(inputs=[str(corpus)], progress=False))
     inline = read_dedup(corpus)
     shutil.rmtree(corpus / "integrity")
-    rc = RayCluster(num_cpus=2, num_gpus=0, object_store_memory=200_000_000)
-    try:
-        rc.start()
-        r = run_densecap(
-            ["dedup", str(corpus), "--no-progress", "--ray-address", rc.address, "--set", "executor.replicas=2"],
-            env=rc.client_env(),
-        )
-    finally:
-        left = rc.stop()
+    r = run_densecap(
+        ["dedup", str(corpus), "--no-progress", "--ray-address", ray_cluster.address, "--set", "executor.replicas=2"],
+        env=ray_cluster.client_env(),
+    )
     assert r.returncode == 0, r.stderr
-    assert not left, f"Ray processes survived: {left}"
     summary = json.loads(r.stdout)
     assert summary["replicas"] == 2 and summary["signatures_written"] == 3
     ray_doc = read_dedup(corpus)
@@ -365,12 +360,12 @@ def test_dedup_on_a_local_ray_cluster_gives_the_inline_index(planted, tmp_path):
 
 @pytest.mark.slow
 def test_densecap_run_keeps_an_existing_card_current(world_dir, tmp_path):
+    from densecap.cli import main  # in this process, as tests/densecap/test_run.py runs it
+
     out = tmp_path / "out"
     args = ["run", "--source", "synthetic-world", "--input", str(world_dir), "--out", str(out), "--no-progress"]
-    r = run_densecap(args)
-    assert r.returncode == 0, r.stderr
-    r = run_densecap(["card", str(out), "--license", "mit"])
-    assert r.returncode == 0, r.stderr
+    assert main(args) == 0
+    assert main(["card", str(out), "--license", "mit"]) == 0
     first = json.loads((out / "card.json").read_text())
     assert [f["type"] for f in first["filters"]] == [
         "length",
@@ -380,8 +375,7 @@ def test_densecap_run_keeps_an_existing_card_current(world_dir, tmp_path):
         "near-duplicate",
         "grounding",
     ]
-    r = run_densecap(args + ["--filters", "length", "--set", "filters.0.params.min_words=500"])  # a new configuration
-    assert r.returncode == 0, r.stderr
+    assert main(args + ["--filters", "length", "--set", "filters.0.params.min_words=500"]) == 0  # a new configuration
     now = json.loads((out / "card.json").read_text())
     assert [f["type"] for f in now["filters"]] == ["length"] and now["license"] == "mit"
     assert now["verdicts"]["synthetic-oracle"].get("too_short", 0) == now["images"]

@@ -3,7 +3,8 @@
 Real `ray start --head` clusters on 127.0.0.1 (densecap.executors.ray_cluster), real `densecap run`
 processes, real SIGKILLs of Ray worker processes and of the driver, the fault-injecting HTTP server
 of test_reliability (tests/densecap/fake_openai.py) for the kill tests, and the real vLLM CPU server
-for the tests marked vllm. After each cluster is stopped, no process of it may be left.
+for the tests marked vllm. After each cluster is stopped, no process of it may be left. The
+cluster the tests join is the session's (``ray_cluster``, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -26,20 +27,6 @@ from tests.densecap.fake_openai import FakeOpenAI
 from tests.densecap.test_reliability import alive, cmdline, image_folder, wait_until
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """One real Ray head node (2 CPUs) for the module; stopped at the end, and nothing of it may survive."""
-    from densecap.executors.ray_cluster import RayCluster
-
-    rc = RayCluster(num_cpus=2, num_gpus=0, object_store_memory=200_000_000)
-    try:
-        rc.start()
-        yield rc
-    finally:
-        left = rc.stop()
-    assert not left, f"Ray processes survived the cluster's stop: {left}"
 
 
 def samples_of(out: Path):
@@ -121,8 +108,9 @@ def test_ray_shards_equal_local_shards_with_oracle_and_import(world_dir, tmp_pat
         "--batch-size",
         "3",
     ]
-    r = run_densecap(["run", "--no-progress", *common, "--out", str(tmp_path / "local")])
-    assert r.returncode == 0, r.stderr[-3000:]
+    from densecap.cli import main
+
+    assert main(["run", "--no-progress", *common, "--out", str(tmp_path / "local")]) == 0  # here: the reference
     r = run_densecap(
         [
             "run",
@@ -472,8 +460,9 @@ def test_ray_and_local_give_the_same_counts_and_verdicts_with_real_vllm(vllm_ser
         "length.min_words=1",
         *vllm_args(vllm_server.base_url, extra=("-C", "concurrency=4")),
     ]
-    r = run_densecap([*common, "--out", str(tmp_path / "local")])
-    assert r.returncode == 0, r.stderr[-3000:]
+    from densecap.cli import main
+
+    assert main([*common, "--out", str(tmp_path / "local")]) == 0  # in this process: the reference
     r = run_densecap(
         [*common, "--out", str(tmp_path / "ray"), *ray_args(ray_cluster), "--set", "executor.replicas=2"],
         env=ray_env(ray_cluster),

@@ -76,7 +76,7 @@ def _sigkill_starter(tiny_vlm: Path, port: int, scratch: Path) -> subprocess.Pop
         "from densecap.testing.vllm_server import VLLMServer\n"
         f"srv = VLLMServer({str(tiny_vlm)!r}, port={port}, scratch={str(scratch)!r}).start()\n"
         "print('ready', flush=True)\n"
-        "time.sleep(600)\n"
+        "time.sleep(1800)\n"
     )
     return subprocess.Popen(
         [sys.executable, "-c", code],
@@ -102,22 +102,29 @@ STARTERS = {
     "test_server_dies_when_its_starter_is_sigkilled": _sigkill_starter,
     "test_module_cli_stopped_with_sigterm_stops_its_server": _cli_starter,
 }
+# the session launches them in the background once its own vLLM servers are up (tests/conftest.py),
+# so that their servers are up by the time these tests come
+START_EARLY = STARTERS
 
 
 @pytest.fixture(scope="module")
 def starters(request, tiny_vlm, vllm_python, tmp_path_factory):
-    """Each selected test's starter with its port, all launched at module start: their servers start
-    at the same time (a vLLM start is mostly imports, one process at a time; two fill 2 cores).
-    Whatever a test leaves behind (its starter, its server) is killed at the end of the module."""
+    """Each selected test's starter with its port: the one the session launched early
+    (``started_early``), else launched here, all at once (a vLLM start is mostly imports, one
+    process at a time; two fill 2 cores). Whatever a test leaves behind (its starter, its server) is
+    killed at the end of the module."""
     from densecap.testing.vllm_server import free_port
+    from tests.conftest import started_early
 
     selected = {it.name for it in request.session.items}
     out: dict[str, tuple[subprocess.Popen, int]] = {}
     try:
         for name, launch in STARTERS.items():
             if name in selected:
-                port = free_port()
-                out[name] = (launch(tiny_vlm, port, tmp_path_factory.mktemp("lifetime")), port)
+                out[name] = started_early(name) or (
+                    launch(tiny_vlm, port := free_port(), tmp_path_factory.mktemp("lifetime")),
+                    port,
+                )
         yield out
     finally:
         for proc, port in out.values():

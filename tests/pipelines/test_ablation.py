@@ -12,14 +12,15 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "world.params.train=256",
-    "world.params.val=64",
-    "world.params.test=64",
+    "world.params.train=128",
+    "world.params.val=32",
+    "world.params.test=32",
     "world.params.shard_size=128",
+    "captions.params.num_workers=1",  # in the stage's process: no pool of processes to start
     "vars.dense_steps=3",
     "vars.sparse_steps=3",
     "stage1.params.data.batch_size=32",
-    "stage1.params.data.val_max_images=64",
+    "stage1.params.data.val_max_images=32",
 ]
 
 

@@ -18,6 +18,7 @@ TINY = [
     "world.params.val=64",
     "world.params.test=64",
     "world.params.shard_size=128",
+    "captions.params.num_workers=1",  # in this process: no pool of processes to start
     "vars.dense_steps=4",
     "vars.sparse_steps=4",
     "stage1.params.data.batch_size=32",

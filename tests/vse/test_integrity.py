@@ -16,14 +16,18 @@ import pytest
 from d2s.integrity import Integrity
 from d2s.schema import SampleError
 from d2s.shards import iter_samples, split_shards
+from tests.vse.forked_cli import run_cli
 from tests.vse.test_train import cfg_doc
 from vse_train.config import parse_config
 from vse_train.data import image_id_int
 
 
-def _contaminated_copy(world: Path, tmp_path: Path) -> tuple[Path, str, str]:
+@pytest.fixture(scope="module")
+def contaminated(world, tmp_path_factory) -> tuple[Path, str, str]:
     """A copy of the world whose train split holds an image of an 'evaluation' folder, flagged by
-    a real `densecap contamination` run. Returns (shards, shard name, key)."""
+    a real `densecap contamination` run (once for the module: the tests only read it). Returns
+    (shards, shard name, key)."""
+    tmp_path = tmp_path_factory.mktemp("contaminated")
     shards = tmp_path / "world"
     shutil.copytree(world, shards)
     first = split_shards(shards, "train")[0]
@@ -43,29 +47,24 @@ def _contaminated_copy(world: Path, tmp_path: Path) -> tuple[Path, str, str]:
 
 
 @pytest.mark.slow
-def test_vse_train_refuses_contaminated_shards_with_error(world, assets, tmp_path):
-    shards, shard, key = _contaminated_copy(world, tmp_path)
+def test_vse_train_refuses_contaminated_shards_with_error(contaminated, assets, tmp_path):
+    shards, shard, key = contaminated
     doc = cfg_doc(shards, assets, tmp_path / "run", data={"contamination": "error"})
     cfg = tmp_path / "train.json"
     cfg.write_text(json.dumps(doc))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    r = subprocess.run(
-        [sys.executable, "-m", "vse_train.cli", "train", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    # `python -m vse_train.cli train --config CFG`, forked from a process that imported the trainer
+    r = run_cli(["train", "--config", str(cfg)], tmp_path, env)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "data.contamination: error" in r.stderr
     assert f"shard {shard}, key {key!r}" in r.stderr and "item 'item7.png'" in r.stderr
     assert not (tmp_path / "run" / "state").exists()  # refused before any step
 
 
-def test_contaminated_shards_warn_by_default(world, assets, tmp_path, caplog):
+def test_contaminated_shards_warn_by_default(contaminated, assets, tmp_path, caplog):
     from vse_train.build import check_integrity
 
-    shards, shard, key = _contaminated_copy(world, tmp_path)
+    shards, shard, key = contaminated
     cfg = parse_config(cfg_doc(shards, assets, tmp_path / "run"))
     with caplog.at_level(logging.WARNING, logger="vse_train.build"):
         integrity = check_integrity(cfg, split_shards(shards, "train"))

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from d2s.schema import DenseText, SampleError
 from d2s.shards import ShardWriter, write_manifest
 from d2s.synthetic import SplitSpec, WorldConfig, describe, iter_world
+from tests.vse.forked_cli import run_cli
 from vse_train.config import parse_config
 from vse_train.failpoints import KILL_ENV, SAVE_POINTS
 from vse_train.state import StateError, find_state
@@ -34,14 +35,9 @@ def _env(**extra):
 
 
 def _cli(args, cwd, **env):
-    return subprocess.run(
-        [sys.executable, "-m", "vse_train.cli", "train", *args],
-        cwd=cwd,
-        env=_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """``python -m vse_train.cli train ARGS``: a real process (forked from one that has imported
+    the trainer: tests/vse/forked_cli.py), its exit status, stdout and stderr."""
+    return run_cli(["train", *args], cwd, _env(**env))
 
 
 def _common(world, assets, steps=7):
@@ -183,12 +179,17 @@ def test_every_state_file_refuses_a_pickle(world, assets, tmp_path):
 # ---- item 6: SIGKILL at every point of a save --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def reference_run(world, assets, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "run"
-    r = _cli(_common(world, assets) + ["--out", str(out)], out.parent)
+def _uninterrupted(world, assets, tmp: Path) -> Path:
+    out = tmp / "run"
+    r = _cli(_common(world, assets) + ["--out", str(out)], tmp)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(killed_runs) -> Path:
+    """The uninterrupted run the killed ones must end equal to (made with them: ``killed_runs``)."""
+    return killed_runs["reference"]
 
 
 # points of the save of step 6 (a complete state of step 3 exists) and where the rerun must resume
@@ -219,9 +220,10 @@ def _kill_then_rerun(world, assets, tmp: Path, kill_at: str) -> dict:
 
 @pytest.fixture(scope="module")
 def killed_runs(request, world, assets, tmp_path_factory) -> dict[str, dict]:
-    """The kill-and-rerun of every selected kill point (``_kill_then_rerun``), two at a time: each
-    run is one process of one thread, so two of them keep both cores of a small machine busy. The
-    tests below check each one exactly as if it had run inside the test."""
+    """The kill-and-rerun of every selected kill point (``_kill_then_rerun``) and the uninterrupted
+    run (``"reference"``), two at a time: each run is one process of one thread, so two of them keep
+    both cores of a small machine busy. The tests below check each one exactly as if it had run
+    inside the test."""
     from concurrent.futures import ThreadPoolExecutor
 
     selected = {it.name for it in request.session.items}
@@ -229,8 +231,9 @@ def killed_runs(request, world, assets, tmp_path_factory) -> dict[str, dict]:
     if FIRST_SAVE_TEST in selected:
         wanted.append(FIRST_SAVE)
     with ThreadPoolExecutor(2) as pool:
+        ref = pool.submit(_uninterrupted, world, assets, tmp_path_factory.mktemp("ref"))
         jobs = {at: pool.submit(_kill_then_rerun, world, assets, tmp_path_factory.mktemp("kill"), at) for at in wanted}
-        return {at: job.result() for at, job in jobs.items()}
+        return {"reference": ref.result(), **{at: job.result() for at, job in jobs.items()}}
 
 
 SAVE_TEST = "test_sigkill_during_a_save_resumes_from_the_newest_complete_state"

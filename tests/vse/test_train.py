@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from d2s.config import ConfigError
 from d2s.shards import read_samples
+from tests.vse.forked_cli import run_cli
 from vse.bundle import load_bundle
 from vse.checkpoint import load_checkpoint
 from vse.models import get_model_config, load_backbone
@@ -150,10 +151,10 @@ def test_bad_model_and_recipe_fields(tmp_path):
 
 
 def _cli(args, cwd, **extra_env):
+    """``python -m vse_train.cli train ARGS``: a real process (forked from one that has imported
+    the trainer: tests/vse/forked_cli.py), its exit status, stdout and stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra_env}
-    return subprocess.run(
-        [sys.executable, "-m", "vse_train.cli", "train", *args], cwd=cwd, env=env, capture_output=True, text=True
-    )
+    return run_cli(["train", *args], cwd, env)
 
 
 @pytest.mark.slow
