@@ -136,4 +136,6 @@ class Meet(Stage):
                 time.sleep(0.02)
         time.sleep(p.linger)
         ctx.outputs["out"].write_text(str(os.getpid()))
-        return {"pid": os.getpid()}
+        import multiprocessing
+
+        return {"pid": os.getpid(), "start_method": multiprocessing.get_start_method()}

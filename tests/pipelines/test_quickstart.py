@@ -145,3 +145,33 @@ def test_rerun_is_fully_cached(quickstart_run):
     actions = {r["stage"]: r["action"] for r in Runner(p).run(dry_run=True)}
     assert actions["world"] == actions["captions"] == actions["assets"] == "skip"
     assert actions["stage1"] == actions["d2s"] == actions["report"] == "run"
+
+
+def _outcome(run_dir: Path) -> tuple[dict[str, str], dict[str, float]]:
+    """Every weight file of the training stages (SHA-256) and every bench metric of a run."""
+    import hashlib
+
+    weights = {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.glob("*/**/*.safetensors"))
+        if p.relative_to(run_dir).parts[0] not in ("world", "captions", "assets")
+    }
+    metrics = {}
+    for res in sorted(run_dir.glob("bench_*/results/results.json")):
+        for bench, r in json.loads(res.read_text())["benchmarks"].items():
+            for k, v in r["metrics"].items():
+                metrics[f"{res.parts[-3]}/{bench}/{k}"] = v
+    return weights, metrics
+
+
+def test_jobs_2_gives_the_weights_and_results_of_one_stage_at_a_time(quickstart_run, tmp_path):
+    """scripts/quickstart.sh runs the stages with --jobs 2 (d2s.stage_pool); the module's run is
+    one stage at a time."""
+    run_dir, argv = quickstart_run
+    one_at_a_time = _outcome(run_dir)
+    assert len(one_at_a_time[0]) >= 8 and len(one_at_a_time[1]) >= 20  # four trainings, five benches
+    other = tmp_path / "jobs2"
+    assert d2s_main([*argv[:3], str(other), *argv[4:], "--jobs", "2"]) == 0
+    log = sorted((other / "logs").glob("*.log"))[-1].read_text()
+    assert "[baseline] " in log and "[stage1] " in log  # the trainings ran in stage processes
+    assert _outcome(other) == one_at_a_time

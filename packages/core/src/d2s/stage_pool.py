@@ -46,9 +46,14 @@ BACKGROUND_NICE = 10
 """How much lower the CPU priority of every slot but the first is (``os.nice``)."""
 
 
-def _init_slot(slot: int, parent_pid: int, level: int, log_file: str | None, modules: list[str]) -> None:
+def _init_slot(
+    slot: int, parent_pid: int, start_method: str, level: int, log_file: str | None, modules: list[str]
+) -> None:
     os.environ["TQDM_POSITION"] = str(slot)  # read by tqdm when first imported (in this process)
     die_with_parent(parent_pid)
+    # A spawned process's default start method is "spawn": a stage's own processes (a DataLoader's
+    # workers, densecap's pool) start as they would in the runner's process instead.
+    mp.set_start_method(start_method, force=True)
     if slot > 0:
         os.nice(BACKGROUND_NICE)
     from .log import setup_logging
@@ -104,7 +109,10 @@ def run_at_once(
     modules = sorted({s.cls.__module__ for s, _ in todo})
     slots = [
         ProcessPoolExecutor(
-            1, mp_context=ctx, initializer=_init_slot, initargs=(i, os.getpid(), level, log_file, modules)
+            1,
+            mp_context=ctx,
+            initializer=_init_slot,
+            initargs=(i, os.getpid(), mp.get_start_method(), level, log_file, modules),
         )
         for i in range(min(jobs, len(todo)))
     ]
