@@ -4,8 +4,6 @@
 #   TORCH_SPEC   torch requirement (default torch==2.13.0; on the project's CPU machines
 #                pip finds a local CPU wheel; elsewhere PyPI serves the default build)
 #   PYTHON       interpreter used to create the venv (default python3)
-# pip --no-compile: the modules a process imports are byte-compiled then (once); compiling all
-# ~18,000 files at install took 39 s of the 88 s install on 2 cores (2026-12-04).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,8 +16,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "[bootstrap] creating $VENV (torch: $TORCH_SPEC)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --no-compile "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -m pip install -q --no-compile -c requirements/constraints.txt \
+"$VENV/bin/python" -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -m pip install -q -c requirements/constraints.txt \
   -e packages/core -e "packages/densecap[hf,ray,testing,faiss]" -e "packages/vse[train]" -e "packages/bench[faiss]" \
   -e "packages/ui[faiss]" pytest pytest-timeout ruff scipy selenium 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import d2s, densecap, vse, vse_train, bench, d2s_ui, selenium, torch, transformers, accelerate, webdataset, datasets, ray, tabulate, scipy, datasketch, imagehash" \

