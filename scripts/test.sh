@@ -3,22 +3,31 @@
 # lint (ruff check and ruff format --check), then pytest. Extra arguments go to one pytest run
 # (e.g. tests/core -x), after both installs.
 # Without arguments the suite runs as two pytest processes at once: the tests that start a vLLM
-# server or a Ray cluster (--part servers, lines prefixed [servers]), which first build
-# .venv-vllm, and all the others (--part rest), which start as soon as .venv is ready. The
-# first mostly wait on installs and start-ups, the second mostly keep one core busy.
+# server or a Ray cluster (--part servers, lines prefixed [servers]), after .venv-vllm (built
+# from the start, beside .venv) and .venv are ready, and all the others (--part rest), which start
+# as soon as .venv is ready and the lint has passed. The first mostly wait on installs and
+# start-ups, the second mostly keep one core busy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ $# -gt 0 ]; then
+  bash scripts/bootstrap.sh
+  bash scripts/setup_browser.sh
+  bash scripts/setup_vllm_cpu.sh
+  exec .venv/bin/python -m pytest "$@"
+fi
+# .venv-vllm does not need .venv: it is built from the start, beside .venv; the servers half
+# starts once both are ready and the lint has passed.
+ready=$(mktemp -u)
+(bash scripts/setup_vllm_cpu.sh && while [ ! -e "$ready" ]; do sleep 1; done \
+  && exec .venv/bin/python -m pytest tests --part servers) > >(sed -u 's/^/[servers] /') 2>&1 &
+servers=$!
+trap '[ -e "$ready" ] || kill "$servers" 2>/dev/null; rm -f "$ready"' EXIT  # .venv or lint failed
 bash scripts/bootstrap.sh
 bash scripts/setup_browser.sh  # headless Chromium for tests/ui (apt-get; skipped when installed)
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if [ $# -gt 0 ]; then
-  bash scripts/setup_vllm_cpu.sh
-  exec .venv/bin/python -m pytest "$@"
-fi
-(bash scripts/setup_vllm_cpu.sh && exec .venv/bin/python -m pytest tests --part servers) > >(sed -u 's/^/[servers] /') 2>&1 &
-servers=$!
+touch "$ready"
 rc_rest=0
 .venv/bin/python -m pytest tests --part rest || rc_rest=$?
 rc_servers=0
