@@ -6,14 +6,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from d2s.pipeline import Runner, load_pipeline
+from d2s.processes import alive
 from d2s.stage_pool import StageProcessDied
+from tests.densecap.test_reliability import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MEET = "tests.core.toy_stages:Meet"
@@ -107,22 +108,6 @@ def test_a_bad_jobs_value_is_refused(tmp_path):
         Runner(p).run(jobs=0)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _wait(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_sigterm_ends_the_stage_processes_and_a_rerun_resumes(tmp_path):
     doc = meet_doc(release="release", timeout=120)
@@ -133,7 +118,7 @@ def test_sigterm_ends_the_stage_processes_and_a_rerun_resumes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait(lambda: all((rd / "arrived" / s).exists() for s in "ab"), 120, "both stages to start")
+        wait_until(lambda: all((rd / "arrived" / s).exists() for s in "ab"), "both stages to start", 120)
         pids = [int((rd / "arrived" / s).read_text()) for s in "ab"]
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
@@ -141,7 +126,7 @@ def test_sigterm_ends_the_stage_processes_and_a_rerun_resumes(tmp_path):
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "interrupted by SIGTERM" in out and "ended stage(s) a, b" in out
-    _wait(lambda: not any(_alive(p) for p in pids), 10, "the stage processes to end")
+    wait_until(lambda: not any(alive(p) for p in pids), "the stage processes to end", 10)
     assert marker(rd, "a")["state"] == marker(rd, "b")["state"] == "running"
     # the stage processes logged into the run's log file, each line tagged with its stage
     logs = "".join(f.read_text() for f in (rd / "logs").glob("*.log"))

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from d2s.processes import alive
 from d2s.shards import completed_shards, iter_samples
 from tests.densecap.conftest import REPO, densecap_cmd, run_densecap
 from tests.densecap.fake_openai import FakeOpenAI
-from tests.densecap.test_reliability import alive, cmdline, image_folder, wait_until
+from tests.densecap.test_reliability import cmdline, image_folder, wait_until
 
 pytestmark = pytest.mark.ray
 

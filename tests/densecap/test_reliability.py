@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from d2s.processes import alive
 from d2s.shards import completed_shards, iter_samples
 from densecap.cli import main
 from tests.densecap.conftest import REPO, densecap_cmd, png_bytes
@@ -90,14 +91,6 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
     except OSError:  # it ended meanwhile
         return ""
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 def wait_until(cond, what: str, limit: float = 60.0) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from d2s.processes import alive
 from tests.densecap.conftest import REPO
-from tests.densecap.test_reliability import alive, children, cmdline, wait_until
+from tests.densecap.test_reliability import children, cmdline, wait_until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

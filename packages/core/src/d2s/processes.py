@@ -4,6 +4,7 @@
 - :func:`signals_interrupt`: SIGTERM interrupts like SIGINT (an :class:`Interrupted`), so the
   ``finally`` blocks that stop workers and clusters run for both.
 - :func:`signals_deferred`: clean-up that must finish is not cut short by a second signal.
+- :func:`alive`: whether a pid is a live process (not a zombie), on Linux.
 
 Used by the pipeline runner's stage processes (``d2s run --jobs``) and densecap's executors.
 """
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class Interrupted(KeyboardInterrupt):
@@ -86,3 +88,13 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process: it exists and is not a zombie waiting to be reaped
+    (read from ``/proc``; False where there is no ``/proc``)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from d2s.config import ConfigError
+from d2s.processes import alive
 
 GUARD = Path(__file__).parents[1] / "testing" / "server_guard.py"
 
@@ -58,14 +59,6 @@ def session_pids(sid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def remove_stale_dirs(parent: Path = Path("/tmp")) -> list[Path]:
     """Remove the temporary directories (Ray's logs and sockets, ~200 KB) of clusters whose starter
     was killed before it could clean up: ``dcray-*`` directories whose ``owner.pid`` is not alive."""
@@ -75,7 +68,7 @@ def remove_stale_dirs(parent: Path = Path("/tmp")) -> list[Path]:
             pid = int((d / "owner.pid").read_text())
         except (OSError, ValueError):
             continue
-        if not _alive(pid):
+        if not alive(pid):
             shutil.rmtree(d, ignore_errors=True)
             gone.append(d)
     return gone
