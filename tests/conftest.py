@@ -204,11 +204,13 @@ def ray_cluster():
     assert not left, f"Ray processes survived the cluster's stop: {left}"
 
 
-# Tests that start a vLLM server or a Ray cluster: ``--part servers`` runs only these, ``--part
-# rest`` all others, so that scripts/test.sh can run the two halves at once (the servers' tests
-# wait on start-ups and the rest mostly keep one core busy).
+# ``--part servers``: the tests that start a vLLM server or a Ray cluster, and the whole-pipeline
+# tests (tests/pipelines: `d2s run`s of many stages); ``--part rest``: all others. scripts/test.sh
+# runs the two parts at once: the servers' tests mostly wait on start-ups, and the pipeline tests
+# (~1 min on a busy machine) make the two parts take about as long as each other.
 SERVER_FIXTURES = {"vllm_server", "vllm_spare_server", "vllm_python", "ray_cluster"}
 SERVER_MARKS = ("vllm", "ray")
+PIPELINE_TESTS = Path(__file__).parent / "pipelines"
 
 
 def pytest_addoption(parser):
@@ -216,20 +218,22 @@ def pytest_addoption(parser):
         "--part",
         choices=("all", "servers", "rest"),
         default="all",
-        help="servers: only the tests that start a vLLM server or a Ray cluster; rest: all others",
+        help="servers: the tests that start a vLLM server or a Ray cluster, and tests/pipelines; rest: all others",
     )
 
 
-def uses_servers(item) -> bool:
+def in_servers_part(item) -> bool:
     fixtures = set(getattr(item, "fixturenames", ()))
-    return bool(fixtures & SERVER_FIXTURES) or any(item.get_closest_marker(m) for m in SERVER_MARKS)
+    if fixtures & SERVER_FIXTURES or any(item.get_closest_marker(m) for m in SERVER_MARKS):
+        return True
+    return Path(item.path).is_relative_to(PIPELINE_TESTS)
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected what will not run
 def pytest_collection_modifyitems(session, config, items):
     part = config.getoption("--part")
     if part != "all":
-        keep = [it for it in items if uses_servers(it) == (part == "servers")]
+        keep = [it for it in items if in_servers_part(it) == (part == "servers")]
         dropped = [it for it in items if it not in keep]
         if dropped:
             config.hook.pytest_deselected(items=dropped)

@@ -30,12 +30,13 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .registry import PluginRegistry
 from .schema import DenseText, Sample, Sentence
+
+if TYPE_CHECKING:  # torch is imported where a score is computed: a captioning process never needs it
+    import torch
 
 # ---- sentences ------------------------------------------------------------------------
 
@@ -166,6 +167,8 @@ def calibrate(
     raw cosine."""
     if mode not in CALIBRATIONS:
         raise ValueError(f"calibration: {mode!r} is not one of {list(CALIBRATIONS)}")
+    import torch
+
     sim = (text_emb * own_image).sum(1)
     if mode == "none":
         return sim.clone(), sim
@@ -208,6 +211,8 @@ def score_batch(
         if not ts:
             raise ScorerError(f"key {s.key!r}: dense text from {d.source!r} is empty; there is nothing to score")
     flat = [t for ts in sentences for t in ts]
+    import torch
+
     img = scorer.embed_images(images, keys)
     txt = scorer.embed_texts(flat)
     rows = torch.tensor([owners[s.key] for (s, _), ts in zip(items, sentences) for _ in ts], dtype=torch.long)
