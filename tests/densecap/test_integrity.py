@@ -3,7 +3,9 @@
 Planted duplicates (densecap.testing.planted): the synthetic world for exact copies, re-encodings,
 resizes and near-duplicate texts; real photos (scikit-image's samples) for 10 % crops, which the
 synthetic world's look-alike renders do not separate (docs/corpus-integrity.md). Real subprocesses
-and a real SIGKILL for resumption, a real local Ray cluster, real `datasets` and `huggingface_hub`.
+and real signals where the test is about the process (SIGKILL and resumption, SIGTERM, exit
+statuses), the CLI in this process elsewhere; a real local Ray cluster, real `datasets` and
+`huggingface_hub`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 
 from d2s.integrity import read_contamination, read_dedup, read_integrity
 from d2s.shards import ShardWriter, completed_shards, iter_samples, write_manifest
+from densecap.cli import main
 from densecap.dedup import DedupConfig, DedupParams, dedup
 from densecap.testing.planted import plant, plant_photos
 from tests.densecap.conftest import REPO, densecap_cmd, run_densecap
@@ -113,8 +116,7 @@ def test_dedup_over_several_ranks_outputs_writes_an_index_beside_each(planted, t
         shutil.copy(p, dest / p.name)
         shutil.copy(p.with_name(p.name[:-4] + ".stats.json"), dest)
     # the synthetic world's look-alike renders: whole-image hashes only (crops: the photo test)
-    r = run_densecap(["dedup", str(a), str(b), "--no-progress", "--set", "params.crops=false"])
-    assert r.returncode == 0, r.stderr
+    assert main(["dedup", str(a), str(b), "--no-progress", "--set", "params.crops=false"]) == 0
     da, db = read_dedup(a), read_dedup(b)
     assert not [e for e in da["images"] if e["verdict"] == "duplicate"]  # the originals are kept
     dup_b = {e["key"]: e["of"] for e in db["images"] if e["verdict"] == "duplicate"}
@@ -175,8 +177,7 @@ def test_sigkilled_dedup_reruns_without_redoing_finished_signatures(tmp_path):
 def test_contamination_flags_planted_test_images_and_shows_the_pairs(planted, tmp_path):
     corpus, world, truth = planted
     corpus = _fresh(corpus, tmp_path)
-    r = run_densecap(["contamination", str(corpus), "--against", f"shards:{world}:test", "--no-progress"])
-    assert r.returncode == 0, r.stderr
+    assert main(["contamination", str(corpus), "--against", f"shards:{world}:test", "--no-progress"]) == 0
     doc = read_contamination(corpus)
     flagged = {m["key"]: m for m in doc["matches"]}
     for kind, key, orig in truth:
@@ -199,20 +200,8 @@ def test_contamination_against_a_folder_with_embeddings(planted, tmp_path):
     key = next(k for kind, k, _ in truth if kind == "exact")
     (folder / "x.png").write_bytes(samples[key].image)  # the evaluation "set": one image
     clip = build_tiny_clip(tmp_path / "clip")
-    r = run_densecap(
-        [
-            "contamination",
-            str(corpus),
-            "--against",
-            f"folder:{folder}",
-            "--hf-encoder",
-            str(clip),
-            "--similarity",
-            "0.9999",
-            "--no-progress",
-        ]
-    )
-    assert r.returncode == 0, r.stderr
+    args = ["contamination", str(corpus), "--against", f"folder:{folder}", "--hf-encoder", str(clip)]
+    assert main([*args, "--similarity", "0.9999", "--no-progress"]) == 0
     matches = read_contamination(corpus)["matches"]
     orig = next(o for kind, k, o in truth if k == key)
     # the planted copy and its original, identical bytes: both methods, cosine 1; nothing else
@@ -222,8 +211,6 @@ def test_contamination_against_a_folder_with_embeddings(planted, tmp_path):
 
 @pytest.mark.slow
 def test_bad_inputs_give_clear_errors(planted, tmp_path, capsys):
-    from densecap.cli import main
-
     def densecap(*args: str) -> tuple[int, str]:
         """`densecap ARGS` (its main, in this process): exit status and what it wrote to stderr."""
         capsys.readouterr()
@@ -278,8 +265,7 @@ def test_card_is_read_by_datasets_and_huggingface_hub(planted, tmp_path):
         )
     )
     dedup(DedupConfig(inputs=[str(corpus)], progress=False))
-    r = run_densecap(["card", str(corpus), "--license", "cc-by-4.0", "--citation", "@misc{d2s, title={D2S}}"])
-    assert r.returncode == 0, r.stderr
+    assert main(["card", str(corpus), "--license", "cc-by-4.0", "--citation", "@misc{d2s, title={D2S}}"]) == 0
     card = DatasetCard.load(corpus / "README.md")
     assert card.data.license == "cc-by-4.0"
     assert card.data.configs[0]["data_files"][0]["split"] == "train"
@@ -303,8 +289,7 @@ def test_card_is_read_by_datasets_and_huggingface_hub(planted, tmp_path):
     assert after["license"] == "cc-by-4.0" and after["citation"] == "@misc{d2s, title={D2S}}"
     assert DatasetCard.load(corpus / "README.md").data.license == "cc-by-4.0"
     # `densecap card` again without the user's fields keeps them; a field given replaces it
-    r = run_densecap(["card", str(corpus), "--pretty-name", "D2S corpus"])
-    assert r.returncode == 0, r.stderr
+    assert main(["card", str(corpus), "--pretty-name", "D2S corpus"]) == 0
     card = DatasetCard.load(corpus / "README.md")
     assert card.data.license == "cc-by-4.0" and card.data.pretty_name == "D2S corpus"
 
@@ -360,7 +345,6 @@ def test_dedup_on_a_local_ray_cluster_gives_the_inline_index(planted, tmp_path, 
 
 @pytest.mark.slow
 def test_densecap_run_keeps_an_existing_card_current(world_dir, tmp_path):
-    from densecap.cli import main  # in this process, as tests/densecap/test_run.py runs it
 
     out = tmp_path / "out"
     args = ["run", "--source", "synthetic-world", "--input", str(world_dir), "--out", str(out), "--no-progress"]

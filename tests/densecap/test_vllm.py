@@ -53,6 +53,7 @@ def offline_run(request, tmp_path_factory):
     # the engine core in the densecap process itself: one process fewer to start (vLLM's
     # start-up is mostly imports); the path through vllm.LLM.chat is the same
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env["OMP_NUM_THREADS"] = "1"  # as vLLM's worker process binds itself (VLLMServer's inline_worker)
     log_file = open(tmp / "offline.log", "w")
     proc = subprocess.Popen(
         [
