@@ -91,7 +91,8 @@ def _sigkill_starter(tiny_vlm: Path, port: int, scratch: Path) -> subprocess.Pop
 def _cli_starter(tiny_vlm: Path, port: int, cwd: Path) -> subprocess.Popen:
     """`python -m densecap.testing.vllm_server` serving until SIGTERM."""
     return subprocess.Popen(
-        [sys.executable, "-m", "densecap.testing.vllm_server", str(tiny_vlm), "--port", str(port), "--inline-worker"],
+        # vLLM's own three-process layout (the suite's other servers run the model inline)
+        [sys.executable, "-m", "densecap.testing.vllm_server", str(tiny_vlm), "--port", str(port)],
         stdout=subprocess.PIPE,
         text=True,
         cwd=cwd,

@@ -1,6 +1,6 @@
 """Start and stop a real vLLM OpenAI-compatible server from ``.venv-vllm`` (tests, benchmarks).
 
-    python -m densecap.testing.vllm_server MODEL_DIR [--port P] [--inline-worker]   # serve until Ctrl-C or SIGTERM
+    python -m densecap.testing.vllm_server MODEL_DIR [--port P]   # serve until Ctrl-C or SIGTERM
 
 The server dies with what started it: it runs under ``server_guard.py``, which ends the
 whole server (all of its processes) when the starting process ends in any way, SIGKILL
@@ -231,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model_dir")
     ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--name", default="tiny-llava")
-    ap.add_argument("--inline-worker", action="store_true", help="the model in the engine-core process (VLLMServer)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
 
@@ -239,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    with VLLMServer(args.model_dir, name=args.name, port=args.port, inline_worker=args.inline_worker) as srv:
+    with VLLMServer(args.model_dir, name=args.name, port=args.port) as srv:
         print(f"serving {args.name} at {srv.base_url} (Ctrl-C or SIGTERM to stop)", flush=True)
         try:
             while srv.proc and srv.proc.poll() is None:
