@@ -3,10 +3,11 @@
 # lint (ruff check and ruff format --check), then pytest. Extra arguments go to one pytest run
 # (e.g. tests/core -x), after both installs.
 # Without arguments the suite runs as two pytest processes at once: the tests that start a vLLM
-# server or a Ray cluster (--part servers, lines prefixed [servers]), after .venv-vllm (built
-# from the start, beside .venv) and .venv are ready, and all the others (--part rest), which start
-# as soon as .venv is ready and the lint has passed. The first mostly wait on installs and
-# start-ups, the second mostly keep one core busy.
+# server or a Ray cluster plus tests/pipelines (--part servers, lines prefixed [servers]), after
+# .venv-vllm (built from the start, beside .venv) and .venv are ready, and all the others (--part
+# rest), which start as soon as .venv is ready and the lint has passed. The two take about as
+# long as each other (tests/conftest.py); each line saying when a part starts or ends gives the
+# seconds since this script began.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -49,7 +49,7 @@ def vllm_cache(python: str | Path) -> Path:
     """vLLM's cache of the environment whose interpreter is ``python`` (``<venv>/vllm-cache``).
     What vLLM keeps there depends on its own code only (the model-class inspection it otherwise
     repeats in a subprocess at every start, ~7 s of CPU), so every server of that install shares
-    it; ``scripts/setup_vllm_cpu.sh`` fills it for the tiny LLaVA."""
+    it: the first to start fills it."""
     return Path(python).parents[1] / "vllm-cache"
 
 
