@@ -464,9 +464,7 @@ class Runner:
 
     def _run_stage(self, s: PlannedStage, entry: dict) -> dict:
         self.begin_stage(s)
-        t0 = time.time()
-        summary = run_stage_body(s, self.p.run_dir)
-        return self.finish_stage(s, entry, summary, round(time.time() - t0, 2))
+        return self.finish_stage(s, entry, *run_stage_body(s, self.p.run_dir))
 
     def begin_stage(self, s: PlannedStage) -> None:
         """Before a stage runs: clear another configuration's outputs, mark it running."""
@@ -524,9 +522,9 @@ class Runner:
                 log.warning("stage %s: configuration changed, moved old output %s to %s", s.name, p, aside)
 
 
-def run_stage_body(s: PlannedStage, run_dir: Path) -> dict:
+def run_stage_body(s: PlannedStage, run_dir: Path) -> tuple[dict, float]:
     """A stage's own work: its ``run`` with its context (in the runner's process, or in a stage
-    process of :mod:`d2s.stage_pool`)."""
+    process of :mod:`d2s.stage_pool`); its summary and the seconds it took."""
     ctx = StageContext(
         name=s.name,
         run_dir=run_dir,
@@ -536,7 +534,9 @@ def run_stage_body(s: PlannedStage, run_dir: Path) -> dict:
         outputs=s.outputs,
         log=logging.getLogger(f"d2s.stage.{s.name}"),
     )
-    return s.cls().run(ctx) or {}
+    t0 = time.time()
+    summary = s.cls().run(ctx) or {}
+    return summary, round(time.time() - t0, 2)
 
 
 def write_run_record(p: Pipeline) -> Path:

@@ -26,7 +26,6 @@ import importlib
 import logging
 import multiprocessing as mp
 import os
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -67,14 +66,12 @@ def _ready() -> None:
     pass
 
 
-def _run_in_slot(body: Callable[[Any, Path], dict], s: Any, run_dir: Path) -> tuple[dict, float]:
+def _run_in_slot(body: Callable[[Any, Path], tuple[dict, float]], s: Any, run_dir: Path) -> tuple[dict, float]:
     from .log import tag_stage
 
     tag_stage(s.name)
     try:
-        t0 = time.time()
-        summary = body(s, run_dir)
-        return summary, round(time.time() - t0, 2)
+        return body(s, run_dir)
     finally:
         tag_stage(None)
 
@@ -93,12 +90,12 @@ def run_at_once(
     run_dir: Path,
     depends_on: Callable[[Any], set[str]],
     begin: Callable[[Any], None],
-    body: Callable[[Any, Path], dict],
+    body: Callable[[Any, Path], tuple[dict, float]],
     finish: Callable[[Any, dict, dict, float], Any],
 ) -> None:
     """Run ``todo`` (planned stage, report entry), in pipeline order, up to ``jobs`` at once: the
     runner's ``begin`` (marker) and ``finish`` (outputs check, marker) here, ``body(stage,
-    run_dir)`` (the stage's ``run``, a module-level function) in a slot's process."""
+    run_dir)`` (the stage's ``run`` and its seconds, a module-level function) in a slot's process."""
     pending = list(todo)
     order = {s.name: i for i, (s, _) in enumerate(todo)}
     # only earlier stages (a literal input path inside a later stage's output is taken as it is)
